@@ -1,0 +1,596 @@
+"""The drop engine: run an HF LLaVA-family model while image tokens are removed
+between decoder layers according to a :class:`~redundancy.schedule.DropSchedule`.
+
+    from redundancy.engine import apply_schedule
+    with apply_schedule(model, DropSchedule.pdrop(lam=0.5)) as trace:
+        out = model.generate(**inputs, max_new_tokens=8)
+    trace.kept_counts()        # per sample: image tokens in each stage
+
+How it works (``shared/method.md`` sections 2-6):
+
+* While the context is active the language model's ``forward`` is replaced by a
+  loop over the same HF decoder layers. Between stages the hidden states, position
+  ids, validity mask and bookkeeping are gathered to the kept tokens; rows of a
+  batch are re-padded on the left, so per-row image spans and counts may differ.
+* The ranking score is computed inside the attention call of the ranking layer
+  from the query row(s) and the keys the layer already made (a thin wrapper
+  registered in transformers' ``AttentionInterface`` that then calls the real
+  SDPA / flash / eager kernel). No layer runs twice, no attention matrix is
+  materialised, no layer switches to eager.
+* Prefill ranks and drops once; each stage's layers cache only the tokens they
+  saw, so caches get shorter after each boundary; decoding appends to them with
+  positions that follow the stage's policy.
+* The last hidden states are scattered back to the original sequence length
+  (dropped positions hold zeros), so logits, ``logits_to_keep``, the HF loss and
+  ``generate`` work unchanged. Image tokens are never supervised, so the loss
+  equals the loss on the reduced sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401  (import check: v5 layout)
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from redundancy.models import FamilyAdapter, adapter_for
+from redundancy.ranking import query_attention, random_scores, select_top
+from redundancy.schedule import DropSchedule, kept_count
+
+_ATTN_NAME = "redundancy"
+_SUPPORTED_IMPLS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+_ATTENTION_RANKERS = ("last", "instruction", "inverse")
+
+
+def _probing_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hand the layer's own queries/keys to the probes, then run the real kernel."""
+    impl = kwargs.pop("redundancy_impl", None)
+    probes = kwargs.pop("redundancy_probes", None)
+    if impl is None:
+        raise RuntimeError("the redundancy attention wrapper ran outside the drop engine")
+    if probes:
+        scaling = kwargs.get("scaling") or module.scaling
+        for probe in probes:
+            probe(query, key, scaling)
+    if impl == "eager":
+        fn = FamilyAdapter.eager_attention(module)
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[impl]
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(_ATTN_NAME, _probing_attention)
+
+
+# --------------------------------------------------------------------- trace
+@dataclass
+class BoundaryRecord:
+    """What happened at one boundary, per sample (indices are original image-token
+    indices ``0..N-1`` of that sample, in raster order of its image tokens)."""
+
+    layer: int
+    ratio: float
+    kept: list[torch.Tensor] = field(default_factory=list)
+    """Sorted indices of the image tokens kept from this boundary on."""
+    scores: list[torch.Tensor] = field(default_factory=list)
+    """``[N]`` float32 ranking score (higher = kept first); NaN for tokens already dropped."""
+
+
+@dataclass
+class Trace:
+    """A record of the last prefill (reset at every prefill)."""
+
+    schedule: DropSchedule
+    n_image: list[int] = field(default_factory=list)
+    boundaries: list[BoundaryRecord] = field(default_factory=list)
+    attention: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    """Layer -> per sample ``[N]`` attention of the ranking query over the image
+    tokens at that layer (``record_attention``); NaN for tokens already dropped."""
+    prefills: int = 0
+    ranking_seconds: float = 0.0
+    """Time spent ranking (scores + top-k) in the last prefill; measured only with ``profile=True``."""
+
+    def kept_counts(self) -> list[list[int]]:
+        """Per sample, the image tokens present in each stage ``[N, k_1, ...]``."""
+        return [list(self.schedule.stage_counts(n)) for n in self.n_image]
+
+    def reset(self) -> None:
+        self.n_image, self.boundaries, self.attention = [], [], {}
+        self.ranking_seconds = 0.0
+        self.prefills += 1
+
+
+class _Stopwatch:
+    """Accumulates wall time of the ranking work into the trace (synchronising the
+    device around it, so only when profiling)."""
+
+    def __init__(self, trace: Trace, enabled: bool) -> None:
+        self.trace, self.enabled = trace, enabled
+
+    @contextlib.contextmanager
+    def __call__(self, device: torch.device) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.trace.ranking_seconds += time.perf_counter() - start
+
+
+# ----------------------------------------------------------- layout helpers
+class _QueryProbe:
+    """Attention of the query rows over all keys, computed inside a layer's attention."""
+
+    def __init__(
+        self, index: torch.Tensor, weight: torch.Tensor, visible: torch.Tensor, stopwatch: _Stopwatch | None = None
+    ) -> None:
+        self.index, self.weight, self.visible, self.stopwatch = index, weight, visible, stopwatch
+        self.result: torch.Tensor | None = None
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        timing = self.stopwatch(query.device) if self.stopwatch else contextlib.nullcontext()
+        with timing:
+            # query [batch, heads, n, head_dim] -> the query rows [batch, heads, n_query, head_dim]
+            idx = self.index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
+            self.result = query_attention(query.gather(2, idx), key, self.visible, self.weight, scaling)
+
+
+@dataclass
+class _Stage:
+    """Decode-time state of one stage: its layers, validity of its cached keys and
+    the offset between its position ids and the original ones."""
+
+    start: int
+    end: int
+    valid: torch.Tensor  # [batch, kv] bool
+    offset: torch.Tensor  # [batch] long
+
+
+@dataclass
+class _DecodeState:
+    cache: Cache
+    stages: list[_Stage]
+    next_position: int  # HF's default position for the next token (first layer's cache length)
+
+
+def _query_rows(query: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices ``[batch, n_query]``, weights and key visibility ``[batch, n_query, n]``
+    of the query rows marked in ``query`` ``[batch, n]``."""
+    n = query.shape[1]
+    counts = query.sum(1)
+    nq = int(counts.max().item())
+    order = torch.sort((~query).to(torch.int8), dim=1, stable=True).indices[:, :nq]
+    weight = (torch.arange(nq, device=query.device)[None] < counts[:, None]).float() / counts.clamp(min=1)[:, None]
+    visible = (torch.arange(n, device=query.device)[None, None, :] <= order[:, :, None]) & valid[:, None, :]
+    return order, weight, visible
+
+
+def _to_ordinals(values: torch.Tensor, ordinal: torch.Tensor, present: torch.Tensor, n_image: list[int]) -> list[torch.Tensor]:
+    """Per row, ``values`` ``[batch, n]`` placed at the original image-token index
+    (NaN where the token is not present)."""
+    b, _ = values.shape
+    width = max(n_image) + 1
+    out = torch.full((b, width), float("nan"), device=values.device)
+    out.scatter_(1, torch.where(present, ordinal, width - 1), values.float())
+    out = out.cpu()
+    return [out[i, :n].clone() for i, n in enumerate(n_image)]
+
+
+class DropEngine:
+    """Installs a drop schedule on a model; use :func:`apply_schedule`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: DropSchedule,
+        *,
+        trace: bool = True,
+        record_attention: Sequence[int] = (),
+        profile: bool = False,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.schedule = schedule
+        schedule.validate_for(self.adapter.num_layers)
+        for layer in record_attention:
+            if not 0 <= layer < self.adapter.num_layers:
+                raise ValueError(f"record_attention layer {layer} is outside [0, {self.adapter.num_layers - 1}]")
+        self.record_layers = frozenset(int(x) for x in record_attention)
+        self.keep_trace = trace
+        self.trace = Trace(schedule)
+        self._stopwatch = _Stopwatch(self.trace, profile)
+        self._pending: dict[str, Any] = {}
+        self._state: _DecodeState | None = None
+        self._undo: list[Any] = []
+        self._impl = ""
+
+    # ---------------------------------------------------------- install/remove
+    def attach(self) -> None:
+        configs = self.adapter.attention_configs()
+        impls = {cfg._attn_implementation for cfg in configs}
+        if len(impls) != 1:
+            raise ValueError(f"decoder layers use mixed attention implementations {sorted(map(str, impls))}")
+        impl = impls.pop() or "eager"
+        if impl == _ATTN_NAME:
+            raise RuntimeError("a drop schedule is already applied to this model")
+        if impl not in _SUPPORTED_IMPLS:
+            raise ValueError(f"attn_implementation={impl!r} is not supported; use one of {list(_SUPPORTED_IMPLS)}")
+        self._impl = impl
+        lm = self.adapter.language_model
+        try:
+            for cfg in configs:
+                cfg._attn_implementation_internal = _ATTN_NAME
+                self._undo.append(lambda cfg=cfg: setattr(cfg, "_attn_implementation_internal", impl))
+            lm.forward = self._forward
+            self._undo.append(lambda: delattr(lm, "forward"))
+            hooks = [
+                self.adapter.multimodal.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
+                self.model.register_forward_pre_hook(self._capture_labels, with_kwargs=True),
+            ]
+            self._undo.extend(h.remove for h in hooks)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self._state = None
+
+    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pending["input_ids"] = kwargs.get("input_ids", args[0] if args else None)
+        self._pending["image_sizes"] = kwargs.get("image_sizes")
+
+    def _capture_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pending["labels"] = kwargs.get("labels")
+
+    # ----------------------------------------------------------------- forward
+    def _forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **_: Any,
+    ) -> BaseModelOutputWithPast:
+        lm = self.adapter.language_model
+        pending, self._pending = self._pending, {}
+        if input_ids is not None:
+            pending.setdefault("input_ids", input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = lm.embed_tokens(input_ids)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("the drop engine takes a 2D padding attention_mask [batch, seq]")
+        if use_cache is None:
+            use_cache = bool(getattr(lm.config, "use_cache", True))
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=lm.config)
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            raise ValueError(f"only DynamicCache is supported (stage caches differ in length), got {type(past_key_values).__name__}")
+        cache = past_key_values if use_cache else None
+        if cache is None or cache.get_seq_length() == 0:
+            hidden = self._prefill(inputs_embeds, attention_mask, position_ids, cache, pending)
+        else:
+            hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        valid: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
+        probes: dict[int, list[_QueryProbe]],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        pe = self.adapter.rotary(hidden, position_ids)
+        mask = self._mask(valid, hidden.shape[1], hidden.dtype)
+        for li in range(start, end):
+            out = self.adapter.layers[li](
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=pe,
+                redundancy_impl=self._impl,
+                redundancy_probes=probes.get(li),
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden, pe
+
+    def _mask(self, valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The attention mask of one stage in the format the kernel expects.
+
+        ``valid`` ``[batch, kv]`` marks real tokens; the last ``q_len`` keys are the
+        queries. Padding query rows may see their own key so no row is empty.
+        """
+        kv = valid.shape[1]
+        all_valid = bool(valid.all())
+        if "flash" in self._impl:
+            return None if all_valid else valid.to(torch.int32)
+        if self._impl == "sdpa" and all_valid and (q_len == kv or q_len == 1):
+            return None  # SDPA's own causal path (or no mask for one query)
+        dev = valid.device
+        q_pos = torch.arange(kv - q_len, kv, device=dev)[:, None]  # [query, 1]
+        k_pos = torch.arange(kv, device=dev)[None, :]  # [1, key]
+        allowed = (k_pos <= q_pos)[None] & valid[:, None, :]  # [batch, query, key]
+        allowed = (allowed | (k_pos == q_pos)[None])[:, None]  # [batch, 1, query, key]
+        if self._impl == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    # ----------------------------------------------------------------- prefill
+    def _prefill(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Cache | None,
+        pending: dict[str, Any],
+    ) -> torch.Tensor:
+        sched, adapter = self.schedule, self.adapter
+        b, length, _ = hidden.shape
+        dev = hidden.device
+        arange = torch.arange(length, device=dev)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
+        pos = position_ids if position_ids is not None else arange[None]
+        pos = pos.expand(b, length)
+        input_ids = pending.get("input_ids")
+        needs_images = not sched.is_vanilla or bool(self.record_layers)
+        window = getattr(adapter.text_config, "sliding_window", None)
+        if window is not None and getattr(adapter.text_config, "use_sliding_window", True) and length >= window:
+            raise ValueError(f"prompt of {length} tokens exceeds the sliding window ({window}); not supported")
+        if input_ids is None and needs_images:
+            raise ValueError("the drop engine needs input_ids to find the image tokens; pass input_ids, not inputs_embeds")
+        if input_ids is not None:
+            is_img = (input_ids.to(dev) == adapter.image_token_id) & valid
+        else:
+            is_img = torch.zeros(b, length, dtype=torch.bool, device=dev)
+        n_image = is_img.sum(1).tolist()
+        if needs_images:
+            for row, n in enumerate(n_image):
+                if n == 0:
+                    raise ValueError(
+                        f"sample {row} of the batch has no image tokens (image_token_id={adapter.image_token_id}) "
+                        "in its prompt; the drop schedule needs an image"
+                    )
+        self.trace.reset()
+        self.trace.n_image = n_image
+
+        query = self._query_mask(is_img, valid, pending.get("labels"))
+        ordinal = is_img.long().cumsum(1) - 1  # original image-token index
+        index = arange[None].expand(b, length)  # original sequence index of each slot
+        present = is_img
+        starts = (0, *sched.boundaries, adapter.num_layers)
+        stages: list[_Stage] = []
+        last_pos0 = pos.gather(1, self._last_valid(valid)[:, None])[:, 0]
+        rank_rows = _query_rows(query, valid) if needs_images else None
+        for s in range(len(starts) - 1):
+            start, end = starts[s], starts[s + 1]
+            probes: dict[int, list[_QueryProbe]] = {}
+            recorders = {li: _QueryProbe(*rank_rows) for li in self.record_layers if start <= li < end} if rank_rows else {}
+            for li, probe in recorders.items():
+                probes.setdefault(li, []).append(probe)
+            scorer = None
+            if s < len(sched.boundaries) and sched.ranker in _ATTENTION_RANKERS and sched.rank_layer == "stage_last":
+                scorer = recorders.get(end - 1)
+                if scorer is None:
+                    scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch)
+                    probes.setdefault(end - 1, []).append(scorer)
+            hidden, pe = self._run_layers(hidden, start, end, valid, pos, cache, probes)
+            last = self._last_valid(valid)
+            offset = pos.gather(1, last[:, None])[:, 0] - last_pos0
+            stages.append(_Stage(start, end, valid, offset))
+            for li, probe in recorders.items():
+                self.trace.attention[li] = _to_ordinals(probe.result, ordinal, present, n_image)
+            if s == len(sched.boundaries):
+                break
+
+            # ---- rank and drop at boundary `end`
+            with self._stopwatch(dev):
+                scores = self._scores(s, end, hidden, pe, scorer, rank_rows, present, ordinal, input_ids, valid, n_image, pending)
+                counts = torch.tensor([kept_count(n, sched.ratios[s]) for n in n_image], device=dev)
+                keep_img = select_top(scores, present, counts)
+            if self.keep_trace:
+                kept_masks = _to_ordinals(keep_img.float(), ordinal, present, n_image)
+                self.trace.boundaries.append(
+                    BoundaryRecord(
+                        layer=end,
+                        ratio=sched.ratios[s],
+                        kept=[torch.nonzero(m == 1).flatten() for m in kept_masks],
+                        scores=_to_ordinals(scores, ordinal, present, n_image),
+                    )
+                )
+            keep = valid & (~present | keep_img)
+            src, valid = self._relayout(keep)
+            hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
+            index = torch.where(valid, index.gather(1, src), length)
+            present = present.gather(1, src) & valid
+            ordinal = ordinal.gather(1, src)
+            query = query.gather(1, src) & valid
+            pos = self._positions(pos.gather(1, src), valid)
+            rank_rows = _query_rows(query, valid)
+
+        hidden = adapter.language_model.norm(hidden)
+        if cache is not None:
+            self._state = _DecodeState(cache, stages, next_position=length)
+        if hidden.shape[1] == length and bool((index == arange[None]).all()):
+            return hidden
+        # Back to the original length: dropped and padding slots -> zeros.
+        out = hidden.new_zeros(b, length + 1, hidden.shape[-1])
+        out = out.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
+        return out[:, :length]
+
+    @staticmethod
+    def _last_valid(valid: torch.Tensor) -> torch.Tensor:
+        n = valid.shape[1]
+        return (valid * torch.arange(1, n + 1, device=valid.device)).argmax(1)
+
+    def _query_mask(self, is_img: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The ranking query rows in the original layout ``[batch, n]`` bool.
+
+        Inference: the last prompt token. Training (labels given): every token
+        right before an answer span. ``instruction`` adds the text tokens between
+        the last image token and the (last) query.
+        """
+        b, n = valid.shape
+        dev = valid.device
+        arange = torch.arange(n, device=dev)
+        last = self._last_valid(valid)
+        query = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        answer = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        if labels is not None:
+            answer = (labels.to(dev) != -100) & valid
+            query[:, :-1] = ~answer[:, :-1] & answer[:, 1:] & valid[:, :-1]
+        none = ~query.any(1)
+        query[none, last[none]] = True
+        if self.schedule.ranker == "instruction":
+            last_img = torch.where(is_img, arange[None], -1).max(1).values
+            last_q = torch.where(query, arange[None], -1).max(1).values
+            instr = valid & ~is_img & ~answer & (arange[None] > last_img[:, None]) & (arange[None] <= last_q[:, None])
+            query |= instr
+        if bool((query & is_img).any()):
+            raise ValueError("the ranking query is an image token; the prompt must end with text after the image")
+        return query
+
+    def _scores(
+        self,
+        stage: int,
+        boundary: int,
+        hidden: torch.Tensor,
+        pe: tuple[torch.Tensor, torch.Tensor],
+        scorer: _QueryProbe | None,
+        rank_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        present: torch.Tensor,
+        ordinal: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        valid: torch.Tensor,
+        n_image: list[int],
+        pending: dict[str, Any],
+    ) -> torch.Tensor:
+        """Ranking score ``[batch, n]`` of every slot at boundary ``boundary`` (higher = kept first)."""
+        ranker = self.schedule.ranker
+        if ranker in _ATTENTION_RANKERS:
+            if scorer is not None:
+                att = scorer.result
+            else:  # rank_layer == "next": layer K's norm and q/k on the states leaving layer K-1
+                assert rank_rows is not None
+                q, k, scaling = self.adapter.ranking_qk(boundary, hidden, pe, rank_rows[0])
+                att = query_attention(q, k, rank_rows[2], rank_rows[1], scaling)
+            assert att is not None
+            return -att if ranker == "inverse" else att
+        if ranker == "random":
+            assert input_ids is not None
+            ids = input_ids.cpu()
+            mask = valid.cpu()
+            per_row = [
+                random_scores(n, self.schedule.seed, stage, ids[i][mask[i]].numpy().tobytes())
+                for i, n in enumerate(n_image)
+            ]
+        else:  # uniform
+            per_row = [-p for p in self.adapter.image_priorities(n_image, pending)]
+        table = torch.zeros(len(n_image), max(n_image), device=present.device)
+        for i, row in enumerate(per_row):
+            table[i, : len(row)] = row.to(present.device)
+        return table.gather(1, ordinal.clamp(min=0))
+
+    @staticmethod
+    def _relayout(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source slot of each new slot ``[batch, m]`` (kept tokens in order, rows
+        left-padded to the longest) and the new validity mask."""
+        b, n = keep.shape
+        count = keep.sum(1)
+        m = int(count.max().item())
+        slot = (m - count)[:, None] + keep.long().cumsum(1) - 1
+        target = torch.where(keep, slot, m)
+        src = torch.zeros(b, m + 1, dtype=torch.long, device=keep.device)
+        src.scatter_(1, target, torch.arange(n, device=keep.device).expand(b, n))
+        valid = torch.arange(m, device=keep.device)[None] >= (m - count)[:, None]
+        return torch.where(valid, src[:, :m], 0), valid
+
+    def _positions(self, kept_positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Position ids of the kept tokens under the schedule's policy."""
+        if self.schedule.positions == "keep":
+            return kept_positions
+        first = valid.long().argmax(1)
+        start = kept_positions.gather(1, first[:, None])
+        rank = valid.long().cumsum(1) - 1
+        return torch.where(valid, start + rank, 0)
+
+    # ------------------------------------------------------------------ decode
+    def _decode(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Cache,
+    ) -> torch.Tensor:
+        state = self._state
+        if state is None or state.cache is not cache:
+            raise ValueError(
+                "continuing from a cache that this drop engine did not prefill is not supported; "
+                "start generation from the prompt inside the engine"
+            )
+        b, q, _ = hidden.shape
+        dev = hidden.device
+        new_valid = (
+            attention_mask[:, -q:].bool() if attention_mask is not None else torch.ones(b, q, dtype=torch.bool, device=dev)
+        )
+        if position_ids is None:
+            position_ids = (torch.arange(q, device=dev) + state.next_position)[None]
+        position_ids = position_ids.expand(b, q)
+        for stage in state.stages:
+            stage.valid = torch.cat([stage.valid, new_valid], dim=1)
+            pos = position_ids + stage.offset[:, None]
+            hidden, _ = self._run_layers(hidden, stage.start, stage.end, stage.valid, pos, cache, {})
+        state.next_position += q
+        return self.adapter.language_model.norm(hidden)
+
+
+@contextlib.contextmanager
+def apply_schedule(
+    model: nn.Module,
+    schedule: DropSchedule,
+    *,
+    trace: bool = True,
+    record_attention: Sequence[int] = (),
+    profile: bool = False,
+) -> Iterator[Trace]:
+    """Run ``model`` under ``schedule`` inside the ``with`` block; yields the :class:`Trace`.
+
+    ``record_attention``: layers at which to record the ranking query's attention
+    over the image tokens (computed from the layer's own q/k, any kernel).
+    ``profile``: time the ranking work into ``trace.ranking_seconds`` (synchronises).
+    The model is restored in every case when the block exits.
+    """
+    engine = DropEngine(model, schedule, trace=trace, record_attention=record_attention, profile=profile)
+    engine.attach()
+    try:
+        yield engine.trace
+    finally:
+        engine.detach()

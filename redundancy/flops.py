@@ -1,0 +1,394 @@
+"""FLOPs accounting for drop schedules (``shared/method.md`` section 7).
+
+    python -m redundancy.flops model=llava-1.5-7b method=pdrop lam=0.5
+    python -m redundancy.flops model=llava-1.5-7b method=fastv K=2 R=0.5
+    python -m redundancy.flops model=llava-next-7b method=pdrop budget=10   # lam meeting 10 TFLOPs
+
+Conventions (every figure names the one it uses):
+
+* One multiply-accumulate (MAC) counts as ONE FLOP, as in FastV and PyramidDrop.
+  Multiply by 2 for "hardware" FLOPs.
+* A decoder layer over ``n`` tokens costs ``4 n d^2 + 2 n^2 d + 3 n d m``
+  (PyramidDrop eq. 4, convention ``"eq4"``): q/k/v/o projections, QK^T and AV,
+  and LLaMA's gated FFN with three ``d x m`` matrices. FastV's paper counts the
+  FFN as ``2 n d m`` (convention ``"fastv"``). Both ignore grouped-query savings
+  in k/v, norms, rotary embeddings and softmax, as the papers do.
+* **Image part** (the paper's tables): ``n`` = the image tokens each LM layer
+  sees during prefill; text tokens, the vision encoder and decoding left out.
+* **Full sequence**: ``n`` = every prompt token of the layer (``n_text`` + image
+  tokens), LM prefill only (no embedding or LM head: generation needs only the
+  last position's logits).
+* **Ranking overhead** and **vision encoder + projector**: see their functions.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from redundancy.presets import ModelDims, get_preset
+from redundancy.schedule import METHODS, DropSchedule, check_ratio
+
+Convention = Literal["eq4", "fastv"]
+CONVENTIONS: tuple[str, ...] = get_args(Convention)
+# FFN matrices per convention: LLaMA's gated FFN has three (gate, up, down);
+# FastV's paper counts two, as for a plain MLP.
+_FFN_MATRICES: dict[str, int] = {"eq4": 3, "fastv": 2}
+_CONVENTION_TEXT: dict[str, str] = {
+    "eq4": "1 MAC = 1 FLOP; LM layer 4nd^2 + 2n^2d + 3ndm (PyramidDrop eq. 4)",
+    "fastv": "1 MAC = 1 FLOP; LM layer 4nd^2 + 2n^2d + 2ndm (FastV's count)",
+}
+# Rankers that never look at attention scores, hence cost no FLOPs to rank.
+_FREE_RANKERS = ("random", "uniform")
+TERA = 1e12
+
+
+# ------------------------------------------------------------------ formulas
+def layer_flops(n: int, d: int, m: int, *, convention: Convention = "eq4", attention: bool = True) -> int:
+    """FLOPs (1 MAC = 1 FLOP) of one LM decoder layer over ``n`` tokens.
+
+    ``4 n d^2 + 2 n^2 d + 3 n d m`` (PyramidDrop eq. 4, after FastV); convention
+    ``"fastv"`` counts the FFN as ``2 n d m``. ``attention=False`` drops the
+    quadratic ``2 n^2 d`` term, the approximation under which PyramidDrop's cost
+    ratio has the closed form of :func:`pdrop_ratio_closed_form`.
+    """
+    if convention not in _FFN_MATRICES:
+        raise ValueError(f"convention={convention!r} is unknown; choose one of {list(CONVENTIONS)}")
+    quadratic = 2 * n * n * d if attention else 0
+    return 4 * n * d * d + quadratic + _FFN_MATRICES[convention] * n * d * m
+
+
+def vision_layer_flops(n: int, d: int, m: int) -> int:
+    """FLOPs (1 MAC = 1 FLOP) of one ViT (CLIP) layer: ``4 n d^2 + 2 n^2 d + 2 n d m`` (2-matrix FFN)."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def pdrop_ratio_closed_form(lam: float, stages: int) -> float:
+    """PyramidDrop image-part cost relative to vanilla with the attention term ignored
+    and equal stages: ``(1 - lam^S) / (S (1 - lam))`` (method.md section 7); 0.46875 at lam=0.5, S=4."""
+    if lam == 1.0:
+        return 1.0  # the limit of the geometric sum
+    return (1.0 - lam**stages) / (stages * (1.0 - lam))
+
+
+def _lm_flops(tokens: Sequence[int], dims: ModelDims, convention: Convention, attention: bool = True) -> int:
+    return sum(layer_flops(n, dims.hidden, dims.ffn, convention=convention, attention=attention) for n in tokens)
+
+
+def image_part_flops(
+    dims: ModelDims, schedule: DropSchedule, *, convention: Convention = "eq4", attention: bool = True
+) -> int:
+    """LM prefill FLOPs with ``n`` = image tokens of each layer (the paper's tables)."""
+    return _lm_flops(schedule.tokens_per_layer(dims.n_image, dims.num_layers), dims, convention, attention)
+
+
+def full_sequence_flops(dims: ModelDims, schedule: DropSchedule, *, convention: Convention = "eq4") -> int:
+    """LM prefill FLOPs with ``n`` = ``n_text`` + image tokens of each layer (no embedding, no LM head)."""
+    tokens = [dims.n_text + n for n in schedule.tokens_per_layer(dims.n_image, dims.num_layers)]
+    return _lm_flops(tokens, dims, convention)
+
+
+def ranking_flops(dims: ModelDims, schedule: DropSchedule, n_query: int = 1) -> int:
+    """FLOPs (1 MAC = 1 FLOP) spent choosing the kept tokens, summed over boundaries.
+
+    At boundary ``K`` the ``n_query`` query rows score every key they can see,
+    ``kv_len = n_text + image tokens of layer K-1``, in every head:
+    ``n_query * kv_len * d`` (QK^T only: head_dim x heads = d; grouped-query
+    attention repeats keys, so it saves nothing here; AV is not needed).
+    ``rank_layer="next"`` also projects with layer ``K``'s weights the queries,
+    ``n_query * d * d``, and the keys of all ``kv_len`` tokens,
+    ``kv_len * d * d_kv`` with ``d_kv = kv_heads * head_dim`` (the official code
+    recomputes them; ``stage_last`` reads them from layer ``K-1``). Softmax, head
+    mean and top-k are ``O(heads * kv_len)`` (no factor ``d``) and left out.
+    ``random`` / ``uniform`` rankers cost 0.
+    """
+    if n_query < 1:
+        raise ValueError(f"n_query={n_query} is outside the allowed range [1, inf)")
+    if schedule.ranker in _FREE_RANKERS:
+        return 0
+    per_layer = schedule.tokens_per_layer(dims.n_image, dims.num_layers)
+    d, total = dims.hidden, 0
+    for k in schedule.boundaries:
+        kv_len = dims.n_text + per_layer[k - 1]
+        total += n_query * kv_len * d
+        if schedule.rank_layer == "next":
+            total += n_query * d * d + kv_len * d * dims.kv_dim
+    return total
+
+
+def vision_flops(dims: ModelDims) -> int:
+    """Vision encoder + projector FLOPs per image (1 MAC = 1 FLOP); unaffected by dropping.
+
+    Per crop: patch embedding ``patches * (3 p^2) * d_v`` plus ``vision_layers``
+    ViT layers over ``vision_tokens`` (CLS included) by :func:`vision_layer_flops`;
+    times ``vision_crops``. HF runs every vision layer even though LLaVA reads
+    the features of the second-to-last one. Projector (2-layer MLP) on the patch
+    features of every crop: ``crops * patches * (d_in * d_h + d_h * d)``.
+    """
+    patch_embed = dims.vision_patches * 3 * dims.vision_patch**2 * dims.vision_hidden
+    encoder = dims.vision_layers * vision_layer_flops(dims.vision_tokens, dims.vision_hidden, dims.vision_ffn)
+    projector = dims.vision_patches * (dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.hidden)
+    return dims.vision_crops * (patch_embed + encoder + projector)
+
+
+# -------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class FlopsReport:
+    """Every FLOPs figure of one schedule on one model, in FLOPs (1 MAC = 1 FLOP)."""
+
+    model: str
+    schedule: str
+    stage_counts: tuple[int, ...]
+    avg_image_tokens: float
+    image_part: int
+    full_sequence: int
+    ranking: int
+    vision: int
+    vanilla_image_part: int
+    vanilla_full_sequence: int
+    convention: str
+
+    @property
+    def tflops(self) -> dict[str, float]:
+        """The FLOPs fields in TFLOPs (1e12)."""
+        names = ("image_part", "full_sequence", "ranking", "vision", "vanilla_image_part", "vanilla_full_sequence")
+        return {name: getattr(self, name) / TERA for name in names}
+
+    @property
+    def image_part_ratio(self) -> float:
+        """Image-part cost relative to the vanilla model (the paper's ratio)."""
+        return self.image_part / self.vanilla_image_part if self.vanilla_image_part else math.nan
+
+    @property
+    def full_sequence_ratio(self) -> float:
+        return self.full_sequence / self.vanilla_full_sequence
+
+    @property
+    def ranking_share(self) -> float:
+        """Ranking overhead as a fraction of the full-sequence LM prefill of this schedule."""
+        return self.ranking / self.full_sequence
+
+
+def describe(schedule: DropSchedule) -> str:
+    """``pdrop(layers=[8, 16, 24], lam=0.5; ranker=last, rank_layer=next)``."""
+    params = ", ".join(f"{k}={v}" for k, v in schedule.params.items())
+    if schedule.is_vanilla:
+        return "vanilla"
+    return f"{schedule.method}({params}; ranker={schedule.ranker}, rank_layer={schedule.rank_layer})"
+
+
+def convention_text(convention: Convention) -> str:
+    return (
+        f"{_CONVENTION_TEXT[convention]}; image part = image tokens of the LM prefill only; "
+        f"ViT layer 4nd^2 + 2n^2d + 2ndm"
+    )
+
+
+def flops_report(
+    dims: ModelDims, schedule: DropSchedule, n_query: int = 1, *, convention: Convention = "eq4"
+) -> FlopsReport:
+    """All figures of :mod:`redundancy.flops` for ``schedule`` on ``dims``."""
+    vanilla = DropSchedule.vanilla()
+    return FlopsReport(
+        model=dims.name,
+        schedule=describe(schedule),
+        stage_counts=schedule.stage_counts(dims.n_image),
+        avg_image_tokens=schedule.average_tokens_per_layer(dims.n_image, dims.num_layers),
+        image_part=image_part_flops(dims, schedule, convention=convention),
+        full_sequence=full_sequence_flops(dims, schedule, convention=convention),
+        ranking=ranking_flops(dims, schedule, n_query),
+        vision=vision_flops(dims),
+        vanilla_image_part=image_part_flops(dims, vanilla, convention=convention),
+        vanilla_full_sequence=full_sequence_flops(dims, vanilla, convention=convention),
+        convention=convention_text(convention),
+    )
+
+
+def format_report(report: FlopsReport, boundaries: Sequence[int] = ()) -> str:
+    """A small labelled table, one figure per line."""
+    t = report.tflops
+    stages = " -> ".join(str(c) for c in report.stage_counts)
+    if boundaries:
+        stages += f"  (from layers {', '.join(str(b) for b in boundaries)})"
+    rows = [
+        ("preset", report.model),
+        ("method", report.schedule),
+        ("kept image tokens/stage", stages),
+        ("avg image tokens/layer", f"{report.avg_image_tokens:.1f}"),
+        ("image-part TFLOPs", f"{t['image_part']:.4f}  (paper convention, eq. 4 over image tokens)"),
+        ("full-sequence TFLOPs", f"{t['full_sequence']:.4f}  (all prompt tokens, LM prefill)"),
+        ("ranking overhead", f"{report.ranking / 1e9:.4f} GFLOPs  ({100 * report.ranking_share:.4f}% of full prefill)"),
+        ("vision+projector TFLOPs", f"{t['vision']:.4f}  (per image, every crop and layer)"),
+        ("convention", report.convention),
+        ("ratio to vanilla", f"{report.image_part_ratio:.4f} image part, "
+                             f"{report.full_sequence_ratio:.4f} full sequence"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+# ------------------------------------------------------------ budget inverse
+def _largest_within(candidates: Sequence[float], cost: Callable[[float], int], budget: float) -> float:
+    """The last of ``candidates`` (sorted so that ``cost`` never decreases) with ``cost <= budget``,
+    by bisection; the caller checks that the first candidate fits."""
+    lo, hi = 0, len(candidates) - 1  # invariant: cost(candidates[lo]) <= budget
+    if cost(candidates[hi]) <= budget:
+        return candidates[hi]
+    while hi - lo > 1:  # invariant: cost(candidates[hi]) > budget
+        mid = (lo + hi) // 2
+        if cost(candidates[mid]) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return candidates[lo]
+
+
+def _check_budget(budget_tflops: float, lowest: int, highest: int, what: str) -> float:
+    budget = float(budget_tflops) * TERA
+    if not math.isfinite(budget) or budget < lowest:
+        raise ValueError(
+            f"budget={budget_tflops!r} TFLOPs is unreachable for {what}: the image-part cost ranges over "
+            f"[{lowest / TERA:.4f}, {highest / TERA:.4f}] TFLOPs"
+        )
+    return budget
+
+
+def fastv_ratio_for_budget(dims: ModelDims, budget_tflops: float, K: int = 2, **schedule_opts: object) -> float:
+    """FastV's drop fraction ``R`` (layer ``K`` fixed) with image-part cost <= ``budget_tflops``.
+
+    Kept counts are floored, so the cost is a step function of ``R``; the answer
+    is the smallest drop (most kept tokens) that fits, as the exact ratio
+    ``R = 1 - k/N`` of its kept count ``k``. ValueError if even ``R = 1`` costs more.
+    """
+    n = dims.n_image
+
+    def cost(keep: float) -> int:
+        return image_part_flops(dims, DropSchedule.fastv(K=K, R=1.0 - keep, **schedule_opts))
+
+    what = f"FastV K={K} on {dims.name}"
+    budget = _check_budget(budget_tflops, cost(0.0), cost(1.0), what)
+    keeps = [k / n for k in range(n + 1)] if n else [0.0, 1.0]
+    return 1.0 - _largest_within(keeps, cost, budget)
+
+
+def pdrop_lambda_for_budget(
+    dims: ModelDims, budget_tflops: float, layers: Sequence[int] = (8, 16, 24), **opts: object
+) -> float:
+    """PyramidDrop's ``lam`` (``layers`` fixed) with image-part cost <= ``budget_tflops``.
+
+    The cost is a step function of ``lam`` that only changes where some stage
+    count ``floor(lam^s N)`` does, i.e. at ``lam = (k/N)^(1/s)``. Bisection over
+    those points returns the most expensive step that fits (the smallest drop),
+    as its lower end: the ``lam`` at which its stage counts are first reached
+    (the supremum of the feasible ``lam`` is the next step point, which does not
+    fit). ValueError if even ``lam = 0`` costs more.
+    """
+    layers = tuple(layers)
+    n = dims.n_image
+
+    def cost(lam: float) -> int:
+        return image_part_flops(dims, DropSchedule.pdrop(layers=layers, lam=lam, **opts))
+
+    what = f"PyramidDrop layers={list(layers)} on {dims.name}"
+    budget = _check_budget(budget_tflops, cost(0.0), cost(1.0), what)
+    steps = {(k / n) ** (1.0 / s) for s in range(1, len(layers) + 1) for k in range(n + 1)} if n else set()
+    return _largest_within(sorted(steps | {0.0, 1.0}), cost, budget)
+
+
+# ----------------------------------------------------------------------- CLI
+@dataclass
+class FlopsConfig:
+    """Schema of ``conf/flops.yaml``; see that file for what each key means."""
+
+    model: str = "llava-1.5-7b"
+    method: str = "pdrop"
+    layer: int = 16
+    ratio: float = 0.1
+    K: int = 2
+    R: float = 0.5
+    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
+    lam: float = 0.5
+    ranker: str | None = None
+    rank_layer: str | None = None
+    n_query: int = 1
+    budget: float | None = None
+    convention: str = "eq4"
+
+
+ConfigStore.instance().store(name="flops_schema", node=FlopsConfig)
+
+
+def schedule_from_config(cfg: FlopsConfig) -> DropSchedule:
+    """The :class:`DropSchedule` that ``cfg`` names; ranker/rank_layer ``None`` keep the method's default."""
+    # Check every ratio-like key, used or not, so a typo'd value never passes silently.
+    check_ratio(cfg.ratio, "ratio")
+    check_ratio(cfg.R, "R")
+    check_ratio(cfg.lam, "lam")
+    opts = _rank_opts(cfg)
+    builders: dict[str, Callable[[], DropSchedule]] = {
+        "vanilla": lambda: DropSchedule.vanilla(**opts),
+        "drop": lambda: DropSchedule.drop(layer=cfg.layer, ratio=cfg.ratio, **opts),
+        "fastv": lambda: DropSchedule.fastv(K=cfg.K, R=cfg.R, **opts),
+        "pdrop": lambda: DropSchedule.pdrop(layers=tuple(cfg.layers), lam=cfg.lam, **opts),
+    }
+    if cfg.method not in builders:
+        allowed = [m for m in METHODS if m in builders]
+        raise ValueError(f"method={cfg.method!r} is unknown; choose one of {allowed}")
+    return builders[cfg.method]()
+
+
+def _rank_opts(cfg: FlopsConfig) -> dict[str, str]:
+    """ranker / rank_layer as given; ``None`` leaves the method's official default."""
+    return {k: v for k, v in (("ranker", cfg.ranker), ("rank_layer", cfg.rank_layer)) if v is not None}
+
+
+def solve_budget(cfg: FlopsConfig, dims: ModelDims) -> tuple[FlopsConfig, str]:
+    """``cfg`` with FastV's ``R`` or PyramidDrop's ``lam`` set to meet ``cfg.budget``, and a line saying so."""
+    assert cfg.budget is not None
+    head = f"budget {cfg.budget} TFLOPs (image part, {dims.name})"
+    if cfg.method == "fastv":
+        solved = replace(cfg, R=fastv_ratio_for_budget(dims, cfg.budget, K=cfg.K, **_rank_opts(cfg)))
+        return solved, f"{head} -> FastV K={cfg.K}: R={solved.R:.6f}"
+    if cfg.method == "pdrop":
+        lam = pdrop_lambda_for_budget(dims, cfg.budget, layers=tuple(cfg.layers), **_rank_opts(cfg))
+        solved = replace(cfg, lam=lam)
+        return solved, f"{head} -> PyramidDrop layers={cfg.layers}: lam={lam:.6f}"
+    raise ValueError(f"budget={cfg.budget} applies to method=fastv or method=pdrop, not method={cfg.method!r}")
+
+
+def run(cfg: FlopsConfig) -> str:
+    """The text the command prints for ``cfg``: the budget answer (if asked) and the report."""
+    if cfg.convention not in CONVENTIONS:
+        raise ValueError(f"convention={cfg.convention!r} is unknown; choose one of {list(CONVENTIONS)}")
+    dims = get_preset(cfg.model)
+    lines: list[str] = []
+    if cfg.budget is not None:
+        cfg, line = solve_budget(cfg, dims)
+        lines.append(line)
+    schedule = schedule_from_config(cfg)
+    schedule.validate_for(dims.num_layers)
+    report = flops_report(dims, schedule, cfg.n_query, convention=cfg.convention)  # type: ignore[arg-type]
+    lines.append(format_report(report, schedule.boundaries))
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
+def main(cfg: DictConfig) -> None:
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, FlopsConfig)  # guaranteed by the schema in the defaults list
+    try:
+        print(run(typed))
+    except ValueError as err:  # bad user input: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""What the engine needs to know about a model family, in one small class.
+
+An adapter maps canonical names to the HF modules of one family::
+
+    <ForConditionalGeneration>           the model the user calls (labels arrive here)
+    └── multimodal                       the module that sees ``input_ids`` (image tokens)
+        ├── vision tower, projector      untouched by the engine
+        └── language_model               decoder-only LM
+            ├── layers[0..L-1]           decoder layers (``self_attn.q_proj/k_proj``, ``input_layernorm``)
+            ├── norm                     final norm
+            └── rotary_emb               position ids -> (cos, sin)
+
+Adding a family (e.g. Qwen2-VL) means one more subclass registered in
+:mod:`redundancy.models`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from redundancy.ranking import sequence_priority
+
+PositionEmbeddings = tuple[torch.Tensor, torch.Tensor]
+
+
+class FamilyAdapter:
+    """Llama-style decoder behind a LLaVA-style multimodal wrapper."""
+
+    family: ClassVar[str] = "base"
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # ------------------------------------------------------------ module paths
+    @property
+    def multimodal(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.multimodal.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def text_config(self) -> Any:
+        return self.language_model.config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def attention_configs(self) -> list[Any]:
+        """The distinct config objects the attention modules read their implementation from."""
+        seen: dict[int, Any] = {}
+        for layer in self.layers:
+            cfg = layer.self_attn.config
+            seen[id(cfg)] = cfg
+        return list(seen.values())
+
+    # -------------------------------------------------------------- positions
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> PositionEmbeddings:
+        """``(cos, sin)`` for ``position_ids`` ``[batch, n]``."""
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def gather_position_embeddings(self, emb: PositionEmbeddings, index: torch.Tensor) -> PositionEmbeddings:
+        """Select rows ``index`` ``[batch, k]`` of the per-token ``(cos, sin)``."""
+        cos, sin = emb
+        idx = index[..., None].expand(*index.shape, cos.shape[-1])
+        return cos.gather(-2, idx), sin.gather(-2, idx)
+
+    # ---------------------------------------------------- next-layer ranking
+    def ranking_qk(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        position_embeddings: PositionEmbeddings,
+        query_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queries of the rows ``query_index`` and keys of every token, made with
+        layer ``layer_idx``'s input norm and q/k projections (official PyramidDrop
+        ranking). Returns ``q [batch, heads, n_query, head_dim]``,
+        ``k [batch, kv_heads, n, head_dim]`` and the softmax scaling."""
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        with torch.no_grad():
+            normed = layer.input_layernorm(hidden)  # [batch, n, d]
+            rows = normed.gather(1, query_index[..., None].expand(*query_index.shape, normed.shape[-1]))
+            q = attn.q_proj(rows).view(*rows.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3-style q/k norms
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            cos_q, sin_q = self.gather_position_embeddings(position_embeddings, query_index)
+            rope = self.apply_rotary(attn)
+            q, _ = rope(q, q, cos_q, sin_q)
+            _, k = rope(k, k, *position_embeddings)
+        return q, k, float(attn.scaling)
+
+    @staticmethod
+    def apply_rotary(attn: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    @staticmethod
+    def eager_attention(attn: nn.Module) -> Callable[..., Any]:
+        module = sys.modules[type(attn).__module__]
+        if hasattr(module, "eager_attention_forward"):
+            return module.eager_attention_forward
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        return eager_attention_forward
+
+    # ------------------------------------------------------- uniform control
+    def image_priorities(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
+        """Per row, a priority per original image token (lower = kept first by the
+        ``uniform`` control). Families override this with their image grid."""
+        return [sequence_priority(n) for n in n_image]

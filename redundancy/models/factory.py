@@ -1,0 +1,94 @@
+"""Random-initialised models of the real HF classes, for tests and timing.
+
+    model = build_model(tiny_config("llava", text="mistral"))
+
+No weights are downloaded: every model here is built from a config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+
+Family = Literal["llava", "llava_next"]
+TextBackbone = Literal["llama", "mistral", "qwen2"]
+
+_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+}
+
+
+def tiny_config(
+    family: Family = "llava",
+    *,
+    text: TextBackbone = "llama",
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 128,
+    vocab: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    **overrides: Any,
+) -> PreTrainedConfig:
+    """A tiny LLaVA(-NeXT) config: CLIP vision tower + Llama/Mistral/Qwen2 decoder.
+
+    The image token is the last vocabulary id; ``(image_size / patch_size)**2``
+    image tokens per image (16 by default) for LLaVA.
+    """
+    text_cfg = AutoConfig.for_model(
+        text,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        **({"sliding_window": None} if text == "mistral" else {}),
+    )
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    common: dict[str, Any] = dict(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_index=vocab - 1, image_seq_length=(image_size // patch_size) ** 2
+    )
+    if family == "llava":
+        return LlavaConfig(**common, **overrides)
+    s = image_size
+    return LlavaNextConfig(**common, image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **overrides)
+
+
+def build_model(
+    config: PreTrainedConfig,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Random-initialised model of ``config`` (seeded), in eval mode."""
+    cls = _CLASSES[config.model_type]
+    torch.manual_seed(seed)
+    model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()

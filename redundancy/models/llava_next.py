@@ -1,0 +1,73 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``).
+
+    LlavaNextForConditionalGeneration
+    ├── model: LlavaNextModel             (input_ids, pixel_values, image_sizes)
+    │   ├── vision_tower, multi_modal_projector, image_newline
+    │   └── language_model: LlamaModel / MistralModel / Qwen2Model
+    └── lm_head
+
+Per image the packed features are: the base image (a ``g x g`` grid), then the
+any-res crops stitched into one grid, unpadded to the image's aspect ratio, with
+one "newline" token closing each row (``h' x (w' + 1)``). The count varies per
+image, so rows of one batch hold different numbers of image tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.image_processing_utils import select_best_resolution
+
+from redundancy.models.base import FamilyAdapter
+from redundancy.ranking import grid_priority, sequence_priority
+
+
+def next_image_layout(
+    height: int, width: int, image_size: int, patch_size: int, pinpoints: list[list[int]]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((g, g), (h', w' + 1))``: the base grid and the unpadded high-res grid with
+    its newline column, for an image of ``height x width`` pixels (same arithmetic
+    as transformers' ``pack_image_features`` / ``unpad_image``)."""
+    g = image_size // patch_size
+    best_h, best_w = select_best_resolution([height, width], pinpoints)
+    cur_h, cur_w = best_h // image_size * g, best_w // image_size * g
+    if width / height > cur_w / cur_h:
+        new_h = int(round(height * (cur_w / width), 7))
+        cur_h -= ((cur_h - new_h) // 2) * 2
+    else:
+        new_w = int(round(width * (cur_h / height), 7))
+        cur_w -= ((cur_w - new_w) // 2) * 2
+    return (g, g), (cur_h, cur_w + 1)
+
+
+class LlavaNextAdapter(FamilyAdapter):
+    family = "llava_next"
+    model_types = ("llava_next",)
+
+    def image_priorities(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
+        sizes = extra.get("image_sizes")
+        cfg = self.model.config
+        if sizes is None:
+            return [sequence_priority(n) for n in n_image]
+        grids = []
+        for h, w in torch.as_tensor(sizes).tolist():
+            base, high = next_image_layout(
+                int(h), int(w), cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.image_grid_pinpoints
+            )
+            grids.append((base, high))
+        # Images are packed row after row in batch order.
+        out: list[torch.Tensor] = []
+        it = iter(grids)
+        for n in n_image:
+            parts: list[torch.Tensor] = []
+            total = 0
+            while total < n:
+                try:
+                    base, high = next(it)
+                except StopIteration:
+                    break
+                parts += [grid_priority(*base), grid_priority(*high)]
+                total += base[0] * base[1] + high[0] * high[1]
+            out.append(torch.cat(parts) if parts and total == n else sequence_priority(n))
+        return out

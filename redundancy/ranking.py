@@ -1,0 +1,121 @@
+"""Ranking image tokens: the attention score (method.md section 3) and the controls.
+
+Everything here is a pure tensor function. The attention score is computed from
+a few query rows against the keys, never from a full attention matrix:
+
+    score_i = mean_h softmax_j(q_h . k_{h,j} / sqrt(d_head))[i]
+
+for the keys ``j`` the query can see, in float32, after rotary embedding, with
+key heads shared by ``heads / kv_heads`` query heads (grouped-query attention).
+Several query rows (instruction mode, training) are averaged with weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+
+def query_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    visible: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention paid by the selected query rows to every key, averaged over heads and rows.
+
+    Args:
+        query: ``[batch, heads, n_query, head_dim]`` query rows (after rotary).
+        keys: ``[batch, kv_heads, n_key, head_dim]`` keys (after rotary).
+        visible: ``[batch, n_query, n_key]`` bool, which keys each query row may see.
+        weights: ``[batch, n_query]`` row weights summing to 1 per sample (0 for padding rows).
+        scaling: softmax temperature, ``1 / sqrt(head_dim)`` for the models here.
+
+    Returns:
+        ``[batch, n_key]`` float32 attention; each row sums to 1 over visible keys.
+    """
+    b, h, nq, dh = query.shape
+    kvh = keys.shape[1]
+    groups = h // kvh
+    with torch.no_grad():
+        q = query.detach().float().reshape(b, kvh, groups * nq, dh)  # head h = kv_head * groups + g
+        k = keys.detach().float()
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [batch, kv_heads, groups*query, key]
+        logits = logits.view(b, kvh, groups, nq, -1)
+        # Rows with no visible key (padding rows) get weight 0; keep them finite.
+        vis = visible[:, None, None, :, :]
+        logits = logits.masked_fill(~vis, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # [batch, kv_heads, groups, query, key]
+        per_row = probs.mean(dim=(1, 2))  # [batch, query, key]
+        return (per_row * weights.float()[:, :, None]).sum(dim=1)
+
+
+def select_top(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mark the ``counts[b]`` highest-scored candidates of each row.
+
+    Ties go to the earlier position (stable sort), so a batched run and a
+    one-by-one run pick the same tokens whatever the padding.
+
+    Args:
+        scores: ``[batch, n]`` float scores.
+        candidates: ``[batch, n]`` bool, the tokens that may be kept (image tokens present).
+        counts: ``[batch]`` long, how many to keep per row (<= candidates per row).
+
+    Returns:
+        ``[batch, n]`` bool mask of the kept candidates.
+    """
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < counts[:, None]) & candidates
+
+
+def random_scores(n_image: int, seed: int, stage: int, row_key: bytes) -> torch.Tensor:
+    """Seeded uniform scores over a sample's original image tokens (the ``random`` control).
+
+    The generator depends on the seed, the boundary and the sample's own prompt
+    (``row_key``), not on its place in the batch.
+    """
+    digest = hashlib.blake2b(row_key + f"|{seed}|{stage}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.rand(n_image, generator=gen)
+
+
+@lru_cache(maxsize=64)
+def _bayer(size: int) -> np.ndarray:
+    """Bayer ordered-dither matrix of side ``size`` (a power of two): every prefix
+    ``{cells with value < k}`` is spread evenly over the square."""
+    m = np.zeros((1, 1), dtype=np.int64)
+    while m.shape[0] < size:
+        m = np.block([[4 * m, 4 * m + 2], [4 * m + 3, 4 * m + 1]])
+    return m
+
+
+def grid_priority(height: int, width: int) -> torch.Tensor:
+    """Raster-order priorities (lower = kept first) of a ``height x width`` token grid
+    such that the top ``k`` form a spatially even subsample for every ``k``."""
+    side = 1
+    while side < max(height, width):
+        side *= 2
+    crop = _bayer(side)[:height, :width].reshape(-1)
+    ranks = np.empty_like(crop)
+    ranks[np.argsort(crop, kind="stable")] = np.arange(crop.size)
+    return torch.from_numpy(ranks.astype(np.float32) / max(crop.size, 1))
+
+
+def sequence_priority(n: int) -> torch.Tensor:
+    """Even spacing over a 1-D sequence of ``n`` tokens (van der Corput order), the
+    fallback when the image grid is unknown."""
+    bits = max(1, (n - 1).bit_length())
+    idx = np.arange(n)
+    rev = np.zeros(n, dtype=np.int64)
+    for b in range(bits):
+        rev |= ((idx >> b) & 1) << (bits - 1 - b)
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[np.argsort(rev, kind="stable")] = np.arange(n)
+    return torch.from_numpy(ranks.astype(np.float32) / max(n, 1))

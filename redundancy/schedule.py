@@ -1,0 +1,199 @@
+"""Drop schedules: where image tokens are dropped and how many survive.
+
+    from redundancy.schedule import DropSchedule
+    DropSchedule.drop(layer=16, ratio=0.1)      # one point of the redundancy study
+    DropSchedule.fastv(K=2, R=0.5)              # FastV
+    DropSchedule.pdrop(layers=(8, 16, 24), lam=0.5)  # PyramidDrop
+
+Conventions (``shared/method.md`` sections 1-4):
+
+* Layers are 0-indexed. A boundary ``K`` means layers ``0..K-1`` see every image
+  token and layers ``K..L-1`` only the kept ones; valid boundaries are ``1..L-1``.
+* Every ratio is relative to the *original* number of image tokens ``N`` of a
+  sample; the tokens kept from boundary ``s`` on are ``floor(ratio_s * N)``
+  (:func:`kept_count`, the one place that rounds).
+* ``ranker``: ``last`` (attention of the last prompt token), ``instruction``
+  (mean attention of the instruction tokens after the image), and the controls
+  ``random``, ``uniform`` (spatially even) and ``inverse`` (lowest scores).
+* ``rank_layer``: ``stage_last`` scores with the queries/keys of layer ``K-1``
+  (the paper's definition); ``next`` applies layer ``K``'s input norm and q/k
+  projections to the hidden states leaving layer ``K-1`` (official PyramidDrop code).
+* ``positions``: ``keep`` (kept tokens keep their position ids, FastV) or
+  ``compact`` (renumbered contiguously, official PyramidDrop code).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+Ranker = Literal["last", "instruction", "random", "uniform", "inverse"]
+RankLayer = Literal["stage_last", "next"]
+PositionPolicy = Literal["keep", "compact"]
+Method = Literal["vanilla", "drop", "fastv", "pdrop", "custom"]
+
+RANKERS: tuple[str, ...] = get_args(Ranker)
+RANK_LAYERS: tuple[str, ...] = get_args(RankLayer)
+POSITION_POLICIES: tuple[str, ...] = get_args(PositionPolicy)
+METHODS: tuple[str, ...] = get_args(Method)
+
+# floor(r * N) is evaluated with this slack so that a ratio typed as a decimal
+# (0.29 * 100 = 28.999999999999996 in binary floating point) keeps the count its
+# decimal value means (29). Only products within 1e-9 of an integer are affected.
+_FLOOR_EPS = 1e-9
+
+
+def kept_count(n_image: int, ratio: float) -> int:
+    """Image tokens kept out of ``n_image`` at keep ratio ``ratio``: ``floor(ratio * n_image)``."""
+    if n_image < 0:
+        raise ValueError(f"n_image={n_image} must be >= 0")
+    check_ratio(ratio)
+    return min(n_image, math.floor(ratio * n_image + _FLOOR_EPS))
+
+
+def check_ratio(ratio: float, name: str = "ratio") -> None:
+    if not isinstance(ratio, (int, float)) or not (0.0 <= float(ratio) <= 1.0) or math.isnan(ratio):
+        raise ValueError(f"{name}={ratio!r} is outside the allowed range [0, 1]")
+
+
+@dataclass(frozen=True)
+class DropSchedule:
+    """An increasing list of boundaries, each with the fraction of the original
+    image tokens kept from that layer on, plus how tokens are ranked and placed.
+
+    An empty schedule (``method="vanilla"``) runs the unmodified model.
+    """
+
+    method: Method = "vanilla"
+    boundaries: tuple[int, ...] = ()
+    ratios: tuple[float, ...] = ()
+    ranker: Ranker = "last"
+    rank_layer: RankLayer = "stage_last"
+    positions: PositionPolicy = "keep"
+    seed: int = 0
+    # The method's own parameters as the user gave them (K/R, lam, ...), for records.
+    params: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "boundaries", tuple(int(b) for b in self.boundaries))
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; choose one of {list(METHODS)}")
+        if self.ranker not in RANKERS:
+            raise ValueError(f"ranker={self.ranker!r} is unknown; choose one of {list(RANKERS)}")
+        if self.rank_layer not in RANK_LAYERS:
+            raise ValueError(f"rank_layer={self.rank_layer!r} is unknown; choose one of {list(RANK_LAYERS)}")
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(f"positions={self.positions!r} is unknown; choose one of {list(POSITION_POLICIES)}")
+        if len(self.boundaries) != len(self.ratios):
+            raise ValueError(
+                f"{len(self.boundaries)} boundaries {list(self.boundaries)} but "
+                f"{len(self.ratios)} ratios {list(self.ratios)}: give one ratio per boundary"
+            )
+        for b in self.boundaries:
+            if b < 1:
+                raise ValueError(f"boundary {b} is outside the allowed range [1, L-1]")
+        for a, b in zip(self.boundaries, self.boundaries[1:]):
+            if b <= a:
+                raise ValueError(f"boundaries must be strictly increasing, got {list(self.boundaries)}")
+        for r in self.ratios:
+            check_ratio(r)
+        for a, b in zip(self.ratios, self.ratios[1:]):
+            if b > a:
+                raise ValueError(
+                    f"ratios must not increase from stage to stage (dropped tokens do not come back), "
+                    f"got {list(self.ratios)}"
+                )
+
+    # ----------------------------------------------------------------- builders
+    @classmethod
+    def vanilla(cls, **opts: Any) -> DropSchedule:
+        return cls(method="vanilla", **opts)
+
+    @classmethod
+    def drop(cls, layer: int, ratio: float, **opts: Any) -> DropSchedule:
+        """Single-layer drop of the redundancy study: keep ``floor(ratio * N)`` from ``layer`` on."""
+        check_ratio(ratio)
+        opts.setdefault("positions", "keep")
+        return cls(method="drop", boundaries=(layer,), ratios=(ratio,), params={"layer": layer, "ratio": ratio}, **opts)
+
+    @classmethod
+    def fastv(cls, K: int = 2, R: float = 0.5, **opts: Any) -> DropSchedule:
+        """FastV: at layer ``K`` drop the fraction ``R`` of the image tokens (keep ratio ``1 - R``).
+
+        Defaults follow the official code: layer ``K-1`` attention of the last
+        token, original position ids kept.
+        """
+        check_ratio(R, "R")
+        opts.setdefault("ranker", "last")
+        opts.setdefault("rank_layer", "stage_last")
+        opts.setdefault("positions", "keep")
+        return cls(method="fastv", boundaries=(K,), ratios=(1.0 - R,), params={"K": K, "R": R}, **opts)
+
+    @classmethod
+    def pdrop(
+        cls,
+        layers: tuple[int, ...] | list[int] = (8, 16, 24),
+        lam: float | None = 0.5,
+        ratios: tuple[float, ...] | list[float] | None = None,
+        **opts: Any,
+    ) -> DropSchedule:
+        """PyramidDrop: stage ``s`` (after boundary ``layers[s-1]``) keeps ``floor(lam**s * N)``.
+
+        ``ratios`` (one per boundary, relative to the original ``N``) is the general
+        form and overrides ``lam``. Defaults follow the official code: the next
+        layer's q/k rank by the last instruction token, positions renumbered.
+        """
+        layers = tuple(layers)
+        if ratios is None:
+            if lam is None:
+                raise ValueError("pdrop needs lam or an explicit ratio list")
+            check_ratio(lam, "lam")
+            ratios = tuple(lam ** (s + 1) for s in range(len(layers)))
+            params: dict[str, Any] = {"layers": list(layers), "lam": lam}
+        else:
+            params = {"layers": list(layers), "ratios": list(ratios)}
+        opts.setdefault("ranker", "last")
+        opts.setdefault("rank_layer", "next")
+        opts.setdefault("positions", "compact")
+        return cls(method="pdrop", boundaries=layers, ratios=tuple(ratios), params=params, **opts)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_vanilla(self) -> bool:
+        return not self.boundaries
+
+    def validate_for(self, num_layers: int) -> None:
+        """Raise if a boundary does not fit a language model of ``num_layers`` layers."""
+        for b in self.boundaries:
+            if not 1 <= b <= num_layers - 1:
+                raise ValueError(
+                    f"boundary {b} is outside the allowed range [1, {num_layers - 1}] "
+                    f"for a language model with {num_layers} layers"
+                )
+
+    def stage_counts(self, n_image: int) -> tuple[int, ...]:
+        """Image tokens present in each stage: ``(N, kept_1, kept_2, ...)``."""
+        return (n_image, *(kept_count(n_image, r) for r in self.ratios))
+
+    def tokens_per_layer(self, n_image: int, num_layers: int) -> list[int]:
+        """Number of image tokens each of the ``num_layers`` decoder layers sees."""
+        self.validate_for(num_layers)
+        counts = self.stage_counts(n_image)
+        starts = (0, *self.boundaries, num_layers)
+        out: list[int] = []
+        for s, count in enumerate(counts):
+            out.extend([count] * (starts[s + 1] - starts[s]))
+        return out
+
+    def average_tokens_per_layer(self, n_image: int, num_layers: int) -> float:
+        """The mean number of image tokens per decoder layer (the other way budgets get quoted)."""
+        return sum(self.tokens_per_layer(n_image, num_layers)) / num_layers
+
+    def record(self) -> dict[str, Any]:
+        """Everything that identifies the schedule, for result rows."""
+        out = asdict(self)
+        out["boundaries"] = list(self.boundaries)
+        out["ratios"] = list(self.ratios)
+        return out
