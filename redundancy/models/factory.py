@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from transformers import (
     AutoConfig,
+    LlamaConfig,
     CLIPVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -20,6 +21,8 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+
+from redundancy.presets import ModelDims
 
 Family = Literal["llava", "llava_next"]
 TextBackbone = Literal["llama", "mistral", "qwen2"]
@@ -78,6 +81,41 @@ def tiny_config(
         return LlavaConfig(**common, **overrides)
     s = image_size
     return LlavaNextConfig(**common, image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **overrides)
+
+
+def config_from_dims(dims: ModelDims, family: Family = "llava") -> PreTrainedConfig:
+    """A LLaVA(-NeXT) config with the shapes of ``dims`` (e.g. a published 7B preset):
+    CLIP vision tower, Llama decoder, ``dims.n_image`` image tokens per crop grid."""
+    text_cfg = LlamaConfig(
+        hidden_size=dims.hidden,
+        intermediate_size=dims.ffn,
+        num_hidden_layers=dims.num_layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        vocab_size=dims.vocab,
+        max_position_embeddings=max(4096, 2 * (dims.n_image + dims.n_text)),
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=dims.vision_ffn,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.vision_heads,
+        image_size=dims.image_size,
+        patch_size=dims.vision_patch,
+        projection_dim=dims.vision_hidden,
+    )
+    common: dict[str, Any] = dict(
+        vision_config=vision_cfg,
+        text_config=text_cfg,
+        image_token_index=dims.vocab - 1,
+        image_seq_length=dims.vision_patches,
+    )
+    if family == "llava":
+        return LlavaConfig(**common)
+    s = dims.image_size
+    return LlavaNextConfig(**common, image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]])
 
 
 def build_model(
