@@ -1,0 +1,61 @@
+"""Ranking functions against naive implementations."""
+
+from __future__ import annotations
+
+import torch
+
+from redundancy.ranking import grid_priority, query_attention, random_scores, select_top, sequence_priority
+
+
+def test_query_attention_matches_full_softmax_with_gqa() -> None:
+    torch.manual_seed(0)
+    b, h, kvh, n, dh = 2, 4, 2, 7, 5
+    q_all = torch.randn(b, h, n, dh)
+    k = torch.randn(b, kvh, n, dh)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, :2] = False
+    rows = torch.tensor([[6, 4], [6, 6]])
+    weight = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    visible = (torch.arange(n)[None, None, :] <= rows[:, :, None]) & valid[:, None, :]
+    q = q_all.gather(2, rows[:, None, :, None].expand(-1, h, -1, dh))
+    got = query_attention(q, k, visible, weight, dh**-0.5)
+    # naive: repeat kv heads, full attention matrix, causal + padding mask
+    k_rep = k.repeat_interleave(h // kvh, dim=1)
+    logits = q_all @ k_rep.transpose(-1, -2) * dh**-0.5
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    mask = causal[None, None] & valid[:, None, None, :]
+    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)  # [b, n, n]
+    expected = torch.stack([0.5 * probs[0, 6] + 0.5 * probs[0, 4], probs[1, 6]])
+    torch.testing.assert_close(got, expected)
+    assert torch.all(got[1, :2] == 0)
+
+
+def test_select_top_counts_and_ties() -> None:
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.9, 0.2], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    cand = torch.tensor([[True, True, True, False, True], [False, True, True, True, True]])
+    kept = select_top(scores, cand, torch.tensor([2, 3]))
+    assert kept.tolist() == [[False, True, True, False, False], [False, True, True, True, False]]
+    assert not select_top(scores, cand, torch.tensor([0, 0])).any()
+
+
+def test_grid_priority_is_spatially_even() -> None:
+    pr = grid_priority(24, 24)
+    assert sorted(pr.tolist()) == sorted(set(pr.tolist()))  # a strict order
+    top = torch.argsort(pr)[:144].reshape(-1)  # keep 25%
+    rows, cols = top // 24, top % 24
+    # every 4x4 block of the grid holds the same number of kept tokens
+    blocks = torch.bincount((rows // 4) * 6 + cols // 4, minlength=36)
+    assert blocks.min() == blocks.max() == 4
+
+
+def test_sequence_priority_spreads() -> None:
+    pr = sequence_priority(16)
+    first4 = sorted(torch.argsort(pr)[:4].tolist())
+    assert first4 == [0, 4, 8, 12]
+
+
+def test_random_scores_depend_on_sample_not_batch() -> None:
+    a = random_scores(10, seed=0, stage=0, row_key=b"abc")
+    assert torch.equal(a, random_scores(10, seed=0, stage=0, row_key=b"abc"))
+    assert not torch.equal(a, random_scores(10, seed=1, stage=0, row_key=b"abc"))
+    assert not torch.equal(a, random_scores(10, seed=0, stage=0, row_key=b"abd"))
