@@ -427,13 +427,14 @@ class DropEngine:
                     )
                 )
             keep = valid & (~present | keep_img)
+            first_pos = pos.gather(1, valid.long().argmax(1, keepdim=True))  # [batch, 1]
             src, valid = self._relayout(keep)
             hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
             index = torch.where(valid, index.gather(1, src), length)
             present = present.gather(1, src) & valid
             ordinal = ordinal.gather(1, src)
             query = query.gather(1, src) & valid
-            pos = self._positions(pos.gather(1, src), valid)
+            pos = self._positions(pos.gather(1, src), valid, first_pos)
             rank_rows = _query_rows(query, valid)
 
         hidden = adapter.language_model.norm(hidden)
@@ -533,12 +534,11 @@ class DropEngine:
         valid = torch.arange(m, device=keep.device)[None] >= (m - count)[:, None]
         return torch.where(valid, src[:, :m], 0), valid
 
-    def _positions(self, kept_positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Position ids of the kept tokens under the schedule's policy."""
+    def _positions(self, kept_positions: torch.Tensor, valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Position ids of the kept tokens under the schedule's policy; ``compact``
+        renumbers from ``start`` ``[batch, 1]``, the stage's first position before the drop."""
         if self.schedule.positions == "keep":
             return kept_positions
-        first = valid.long().argmax(1)
-        start = kept_positions.gather(1, first[:, None])
         rank = valid.long().cumsum(1) - 1
         return torch.where(valid, start + rank, 0)
 

@@ -14,6 +14,16 @@ from redundancy.models.factory import build_model, tiny_config
 from redundancy.models.llava_next import next_image_layout
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread() -> Any:
+    """Tiny matrices gain nothing from intra-op threads, and OpenMP threads that
+    spin against other processes on a small CPU slow every op ~100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
