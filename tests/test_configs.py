@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import redundancy.bench  # noqa: F401  (registers bench_schema)
 import redundancy.flops  # noqa: F401  (registers flops_schema)
+import redundancy.microvqa  # noqa: F401  (registers its schema)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))

@@ -1,0 +1,172 @@
+"""The micro-LLaVA: the project's model organism, built from the real HF LLaVA classes.
+
+    model, processor = build_micro(MicroConfig(), words=vocabulary())
+
+A ``LlavaForConditionalGeneration`` with a small CLIP vision tower and a 32-layer
+Llama text model (so layers 2/8/16/24 mean what they mean in the paper), a
+word-level tokenizer over the benchmark's closed vocabulary, and a
+``LlavaProcessor`` with the LLaVA-1.5 prompt template. Saved with
+``save_pretrained`` it is an ordinary HF model directory (safetensors), loadable
+offline with ``LlavaForConditionalGeneration.from_pretrained(dir)`` and
+``AutoProcessor.from_pretrained(dir)`` like a llava-hf checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+PROMPT = "USER: <image>\n{question} ASSISTANT:"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %} {% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class MicroConfig:
+    """Shapes of the micro-LLaVA. ``(image_size / patch) ** 2`` image tokens per image."""
+
+    layers: int = 32
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 4
+    ffn: int = 172
+    image_size: int = 96
+    patch: int = 8
+    vision_layers: int = 2
+    vision_hidden: int = 96
+    vision_heads: int = 4
+    vision_ffn: int = 192
+
+    @property
+    def n_image(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+def build_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Word-level, lowercasing tokenizer over ``words`` plus the prompt's own words and
+    punctuation; ``<s>`` is prepended like LLaMA's tokenizer does."""
+    base = {"user", "assistant", ":", "?", ",", ".", "'"}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    for word in sorted(base | {w.lower() for w in words}):
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, cfg: MicroConfig) -> LlavaProcessor:
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(cfg: MicroConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
+    """Random-initialised micro-LLaVA with zero-initialised residual outputs
+    (attention ``o_proj`` and MLP ``down_proj``): every decoder layer starts as the
+    identity, which keeps a deep stack trainable and lets a trained shallow model
+    be grown into it without changing its function (:func:`grow`)."""
+    text = LlamaConfig(
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.ffn,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_ffn,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch,
+        projection_dim=cfg.vision_hidden,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=cfg.n_image,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config.micro = asdict(cfg)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    for layer in model.model.language_model.layers:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_micro(
+    cfg: MicroConfig, words: Iterable[str], seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    tokenizer = build_tokenizer(words)
+    return build_model(cfg, tokenizer, seed), build_processor(tokenizer, cfg)
+
+
+def grow(model: LlavaForConditionalGeneration, deep: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """Copy a trained shallow model into ``deep`` (same shapes, more layers): every
+    non-decoder weight is copied; shallow layer ``i`` goes to deep layer
+    ``i * L_deep / L_shallow`` (evenly spread), the other deep layers keep their
+    identity initialisation. The grown model computes the shallow model's function."""
+    shallow_layers = model.model.language_model.layers
+    deep_layers = deep.model.language_model.layers
+    step = len(deep_layers) // len(shallow_layers)
+    if step * len(shallow_layers) != len(deep_layers):
+        raise ValueError(f"{len(deep_layers)} deep layers are not a multiple of {len(shallow_layers)} shallow ones")
+    state = {k: v for k, v in model.state_dict().items() if ".language_model.layers." not in k}
+    missing = deep.load_state_dict(state, strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys
+    for i, layer in enumerate(shallow_layers):
+        deep_layers[i * step].load_state_dict(layer.state_dict())
+    return deep
