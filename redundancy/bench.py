@@ -130,12 +130,14 @@ def time_prefill(model: Any, inputs: dict[str, torch.Tensor], repeats: int, warm
 def keep_all_max_diff(model: Any, inputs: dict[str, torch.Tensor]) -> float:
     """Max |logit| difference between the unmodified model and the engine at keep ratio 1
     (PyramidDrop with lam = 1 at the quarter layers), over every real position of a
-    batch of two whose second row is left-padded by 5 tokens (so masks are exercised)."""
+    batch of two whose second row is left-padded by up to 5 tokens (so masks are exercised)."""
     layers = model.config.text_config.num_hidden_layers
     quarters = sorted({max(1, layers * q // 4) for q in (1, 2, 3)})  # 8, 16, 24 for 32 layers
     ids = inputs["input_ids"][:1].repeat(2, 1)
     mask = torch.ones_like(ids)
-    ids[1, :5], mask[1, :5] = 0, 0
+    first_image = int((ids[0] == model.config.image_token_id).nonzero()[0])
+    pad = max(0, min(5, first_image - 1))  # pad only text before the image
+    ids[1, :pad], mask[1, :pad] = 0, 0
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs["pixel_values"][:1].repeat(2, 1, 1, 1)}
     ref = model(**batch).logits.float()
     with apply_schedule(model, DropSchedule.pdrop(layers=quarters, lam=1.0)):
