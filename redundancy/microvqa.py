@@ -207,6 +207,14 @@ def answer_vocabulary(cfg: GenConfig) -> dict[str, tuple[str, ...]]:
     }
 
 
+def question_words() -> tuple[str, ...]:
+    """Every word the question templates can use (lowercase; punctuation excluded),
+    for building a closed-vocabulary tokenizer."""
+    template = "what color is the written on left or right of above below shape how many are there objects"
+    words = set(template.split()) | set(COLORS) | set(SHAPES) | set(PLURAL.values())
+    return tuple(sorted(words))
+
+
 # ---------------------------------------------------------------------------------------------
 # Drawing
 

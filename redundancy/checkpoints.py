@@ -1,0 +1,160 @@
+"""The one place models are loaded, and the shipped micro-LLaVA checkpoints.
+
+    model, processor = load_model("micro-llava-vanilla")      # shipped with the package
+    model, processor = load_model("path/to/llava-1.5-7b-hf")  # any local HF directory
+
+    python -m redundancy.checkpoints run=checkpoints/micro-vanilla name=micro-llava-vanilla
+
+The export command stores a trained run's model in bfloat16 safetensors (each
+shipped file stays under 25 MiB) under ``redundancy/assets/checkpoints/<name>``,
+evaluates the stored weights on the committed held-out test set and writes a
+model card (``README.md`` + ``card.json``) beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+import redundancy
+from redundancy.data import evaluate as score_predictions
+from redundancy.data import load_dataset
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED = ASSETS / "checkpoints"
+TEST_SET = ASSETS / "microvqa" / "test"
+_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A shipped checkpoint name or a local model directory."""
+    shipped = SHIPPED / str(name_or_path)
+    if shipped.is_dir():
+        return shipped
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    known = sorted(p.name for p in SHIPPED.iterdir()) if SHIPPED.is_dir() else []
+    raise ValueError(f"model {str(name_or_path)!r} is neither a shipped checkpoint {known} nor a local directory")
+
+
+def load_model(
+    name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """``(model, processor)`` from a shipped name or a local HF directory (offline)."""
+    path = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in _CLASSES:
+        raise ValueError(f"{path} holds a {config.model_type!r} model; supported: {sorted(_CLASSES)}")
+    model = _CLASSES[config.model_type].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    processor = AutoProcessor.from_pretrained(path)
+    return model.to(device).eval(), processor
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def export(run_dir: str | Path, name: str, command: str, batch_size: int = 64) -> dict[str, Any]:
+    """Ship ``run_dir/last`` as ``name`` (bf16 weights), evaluate it on the held-out
+    test set and write its card. Returns the card."""
+    from redundancy.evaluate import predict  # late: evaluate imports the engine
+
+    run_dir = Path(run_dir)
+    source = run_dir / "last"
+    target = SHIPPED / name
+    model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(source)
+    tmp = target.with_name(name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        if f.stat().st_size > 25 * 2**20:
+            raise ValueError(f"{f.name} is {f.stat().st_size / 2**20:.1f} MiB; shipped files must stay under 25 MiB")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+    shipped, processor = load_model(target)
+    samples = load_dataset(TEST_SET)
+    preds = predict(shipped, processor, samples, batch_size=batch_size)
+    result = score_predictions(samples, {s.question_id: p for s, p in zip(samples, preds)})
+    state = json.loads((source / "trainer_state.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    summary = json.loads((run_dir / "train_summary.json").read_text()) if (run_dir / "train_summary.json").exists() else {}
+    card = {
+        "name": name,
+        "command": command,
+        "seed": config.get("seed"),
+        "train_config": config,
+        "training_wall_s": state.get("wall_s", {}),
+        "final_loss": state.get("final_loss", {}),
+        "train_device": summary.get("device"),
+        "train_threads": summary.get("threads"),
+        "test_set": "redundancy/assets/microvqa/test",
+        "test_accuracy": result,
+        "weights": "bfloat16 safetensors (evaluated after loading in float32)",
+        "size_bytes": sum(f.stat().st_size for f in target.iterdir()),
+        "package_version": redundancy.__version__,
+        "git_revision": git_revision(),
+        "machine": f"{platform.machine()} {platform.processor()} ({torch.get_num_threads()} threads)",
+    }
+    (target / "card.json").write_text(json.dumps(card, indent=1))
+    (target / "README.md").write_text(card_markdown(card))
+    return card
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    acc = card["test_accuracy"]
+    fams = "\n".join(f"| {f} | {100 * a:.1f} |" for f, a in acc["per_family"].items())
+    walls = "\n".join(f"| {s} | {w / 60:.1f} |" for s, w in card["training_wall_s"].items())
+    return f"""# {card['name']}
+
+A micro-LLaVA (`LlavaForConditionalGeneration`, 32-layer Llama text model) trained on
+generated microvqa questions by `redundancy.train`. Loads offline with
+`LlavaForConditionalGeneration.from_pretrained(<this dir>)` and `AutoProcessor.from_pretrained(<this dir>)`.
+
+- command: `{card['command']}`
+- seed: {card['seed']}; package {card['package_version']}, git {card['git_revision']}
+- weights: {card['weights']}, {card['size_bytes'] / 2**20:.1f} MiB in this directory
+- final training loss per stage: {json.dumps({k: round(v, 4) for k, v in card['final_loss'].items() if v is not None})}
+
+Held-out test set (`{card['test_set']}`, {acc['n']} questions, exact match after normalisation):
+**{100 * acc['accuracy']:.1f}%** overall
+
+| family | accuracy % |
+|---|---|
+{fams}
+
+Training wall time per stage ({card['train_device']}, {card['train_threads']} threads):
+
+| stage | minutes |
+|---|---|
+{walls}
+"""
+
+
+def main(argv: list[str]) -> None:
+    args = dict(a.split("=", 1) for a in argv)
+    if set(args) - {"run", "name", "command"} or not {"run", "name"} <= set(args):
+        sys.exit("usage: python -m redundancy.checkpoints run=<run dir> name=<shipped name> [command=<training command>]")
+    card = export(args["run"], args["name"], args.get("command", ""))
+    print(card_markdown(card))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

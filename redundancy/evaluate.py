@@ -1,0 +1,57 @@
+"""Answer questions with a model (optionally under a drop schedule) and score them.
+
+    preds = predict(model, processor, samples, schedule=DropSchedule.drop(layer=16, ratio=0.1))
+    evaluate(samples, preds)   # overall and per-family accuracy
+
+Batches are left-padded and answered by greedy ``generate``; answers are decoded
+with the processor's tokenizer and scored by :mod:`redundancy.data`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from redundancy.data import Sample
+from redundancy.engine import Trace, apply_schedule
+from redundancy.micro import PROMPT
+from redundancy.schedule import DropSchedule
+
+
+def prompts(samples: Sequence[Sample]) -> list[str]:
+    return [PROMPT.format(question=s.question) for s in samples]
+
+
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def predict(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    *,
+    schedule: DropSchedule | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 4,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers to ``samples`` (in order), under ``schedule`` when given."""
+    model.eval()
+    answers: list[str] = []
+    ctx = apply_schedule(model, schedule, trace=False) if schedule else contextlib.nullcontext(Trace(DropSchedule()))
+    with ctx:
+        for chunk in tqdm(list(batches(samples, batch_size)), desc="answering", disable=not progress, leave=False):
+            images = [Image.open(s.image_path).convert("RGB") for s in chunk]
+            inputs = processor(images=images, text=prompts(chunk), return_tensors="pt", padding=True).to(model.device)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new = out[:, inputs["input_ids"].shape[1] :]
+            answers += [a.strip() for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers

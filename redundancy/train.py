@@ -1,0 +1,305 @@
+"""Train the micro-LLaVA on generated microvqa questions, vanilla or with PyramidDrop.
+
+    python -m redundancy.train method=vanilla out=checkpoints/micro-vanilla
+    python -m redundancy.train method=pdrop out=checkpoints/micro-pdrop \\
+        init_from=checkpoints/micro-vanilla/stage-grow start_stage=final
+
+One recipe for both variants: a curriculum of stages (``conf/train.yaml``). The
+early stages train a shallow model on easy questions and grow it to 32 layers
+(:func:`redundancy.micro.grow`); stages marked ``drop: true`` run the forward
+pass under the PyramidDrop schedule when ``method=pdrop`` (method.md section 6).
+Both variants can share the stages before the last (``init_from`` +
+``start_stage``), as LLaVA variants share pretrained parts; the last stage's wall
+time is then the like-for-like training cost.
+
+Every sample is drawn fresh from the generator's train split (seeded per step,
+so a resumed run sees the same data); accuracy is watched per family on a fixed
+validation set. A checkpoint (``out/last``: model, processor, optimizer state in
+safetensors) is written every ``save_every`` steps and at the end of each stage
+(``out/stage-<name>``); rerunning the command resumes from ``out/last``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from redundancy.engine import apply_schedule
+from redundancy.micro import PROMPT, MicroConfig, build_micro, grow
+from redundancy.micro import build_model as build_micro_model
+from redundancy.microvqa import FAMILIES, Example, GenConfig, answer_vocabulary, generate, question_words
+from redundancy.schedule import DropSchedule
+
+
+@dataclass
+class Stage:
+    """One curriculum stage: model depth, data difficulty and optimiser settings."""
+
+    name: str = "stage"
+    steps: int = 100
+    layers: int = 32  # grow the model to this depth at the start of the stage
+    lr: float = 1e-3
+    warmup: int = 50
+    batch_size: int = 32
+    drop: bool = False  # with method=pdrop, train this stage under the PyramidDrop schedule
+    min_objects: int = 1
+    max_objects: int = 6
+    min_size: int = 12
+    max_size: int = 36
+    families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
+
+
+@dataclass
+class ModelShape:
+    layers: int = 32
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 4
+    ffn: int = 344
+    image_size: int = 96
+    patch: int = 8
+    vision_layers: int = 2
+    vision_hidden: int = 96
+    vision_heads: int = 4
+    vision_ffn: int = 192
+
+
+@dataclass
+class TrainConfig:
+    method: str = "vanilla"  # vanilla | pdrop
+    out: str = "checkpoints/micro-vanilla"
+    seed: int = 0
+    model: ModelShape = field(default_factory=ModelShape)
+    stages: list[Stage] = field(default_factory=list)
+    pdrop_layers: list[int] = field(default_factory=lambda: [8, 16, 24])
+    lam: float = 0.5
+    init_from: str | None = None  # a model dir to start from (e.g. another run's stage-<name>)
+    start_stage: str | None = None  # skip the stages before this one
+    eval_every: int = 100
+    eval_size: int = 512
+    save_every: int = 200
+    weight_decay: float = 0.0
+    threads: int = 0
+    device: str = "auto"
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# ---------------------------------------------------------------------- data
+def gen_config(stage: Stage, shape: ModelShape, seed: int) -> GenConfig:
+    return GenConfig(
+        image_size=shape.image_size,
+        patch=shape.patch,
+        min_objects=stage.min_objects,
+        max_objects=stage.max_objects,
+        min_size=stage.min_size,
+        max_size=stage.max_size,
+        families={f: w for f, w in stage.families.items() if w > 0},
+        seed=seed,
+    )
+
+
+def draw(stage: Stage, shape: ModelShape, seed: int, step: int, n: int, split: str = "train") -> list[Example]:
+    """``n`` fresh examples for ``step`` (deterministic in seed, stage and step)."""
+    stream = generate(gen_config(stage, shape, seed * 1_000_003 + step), split)
+    return [next(stream) for _ in range(n)]
+
+
+def collate(processor: Any, examples: list[Example], with_answers: bool) -> dict[str, torch.Tensor]:
+    """Left-padded batch; with answers, labels supervise the answer word and ``</s>``."""
+    texts = [PROMPT.format(question=e.question) for e in examples]
+    if with_answers:
+        texts = [f"{t} {e.answer} </s>" for t, e in zip(texts, examples)]
+    images = [Image.fromarray(e.image) for e in examples]
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    if with_answers:
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, -2:] = batch["input_ids"][:, -2:]
+        batch["labels"] = labels
+    return dict(batch)
+
+
+@torch.no_grad()
+def first_token_accuracy(model: Any, processor: Any, examples: list[Example], batch_size: int = 64) -> dict[str, float]:
+    """Held-out accuracy of the first answer token (answers are one word), per family."""
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = collate(processor, chunk, with_answers=False)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        pred = model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+        words = processor.tokenizer.convert_ids_to_tokens(pred)
+        for e, w in zip(chunk, words):
+            hits.setdefault(e.family, []).append(w == e.answer)
+    model.train()
+    out = {f: float(np.mean(v)) for f, v in sorted(hits.items())}
+    out["overall"] = float(np.mean([x for v in hits.values() for x in v]))
+    return out
+
+
+# -------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model: Any, processor: Any, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    """Model + processor (HF dir, safetensors), optimizer tensors (safetensors) and
+    progress (JSON), written to a temporary dir then renamed (a crash keeps the old one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+        state = {**state, "param_groups": opt["param_groups"]}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    file = path / "optimizer.safetensors"
+    if not file.exists():
+        return
+    flat = load_file(str(file))
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        idx, name = key.split(".", 1)
+        per_param.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+
+
+# ------------------------------------------------------------------ training
+def vocabulary(shape: ModelShape) -> set[str]:
+    cfg = GenConfig(image_size=shape.image_size, patch=shape.patch)
+    return {w for ws in answer_vocabulary(cfg).values() for w in ws} | set(question_words())
+
+
+def lr_at(stage: Stage, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% over the stage."""
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.method not in ("vanilla", "pdrop"):
+        raise ValueError(f"method={cfg.method!r} is unknown; choose vanilla or pdrop")
+    if not cfg.stages:
+        raise ValueError("no training stages configured")
+    names = [s.name for s in cfg.stages]
+    if cfg.start_stage is not None and cfg.start_stage not in names:
+        raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    last = out / "last"
+    shape = cfg.model
+    schedule = DropSchedule.pdrop(layers=tuple(cfg.pdrop_layers), lam=cfg.lam)
+
+    first = names.index(cfg.start_stage) if cfg.start_stage else 0
+    progress: dict[str, Any] = {"stage": first, "step": 0, "wall_s": {}}
+    if (last / "trainer_state.json").exists():
+        progress.update(json.loads((last / "trainer_state.json").read_text()))
+        model = LlavaForConditionalGeneration.from_pretrained(last)
+        processor = AutoProcessor.from_pretrained(last)
+        where = names[progress["stage"]] if progress["stage"] < len(names) else "done"
+        print(f"resuming from {last}: stage {where}, step {progress['step']}", file=sys.stderr)
+    elif cfg.init_from:
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from)
+        processor = AutoProcessor.from_pretrained(cfg.init_from)
+    else:
+        micro = MicroConfig(**{**dataclasses.asdict(shape), "layers": cfg.stages[0].layers})
+        model, processor = build_micro(micro, vocabulary(shape), seed=cfg.seed)
+    model.to(device).train()
+    val = draw(dataclasses.replace(cfg.stages[-1]), shape, cfg.seed, 0, cfg.eval_size, split="val")
+    log_file = (out / "log.jsonl").open("a")
+
+    for si in range(progress["stage"], len(cfg.stages)):
+        stage = cfg.stages[si]
+        if stage.layers > model.config.text_config.num_hidden_layers:
+            micro = MicroConfig(**{**dataclasses.asdict(shape), "layers": stage.layers})
+            deep = build_micro_model(micro, processor.tokenizer, seed=cfg.seed)
+            model = grow(model, deep).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
+        resumed = progress["stage"] == si and progress["step"] > 0
+        if resumed:
+            load_optimizer(last, optimizer, progress)
+        start_step = progress["step"] if resumed else 0
+        use_drop = stage.drop and cfg.method == "pdrop"
+        ctx = apply_schedule(model, schedule, trace=False) if use_drop else contextlib.nullcontext()
+        wall = progress["wall_s"].get(stage.name, 0.0)
+        bar = tqdm(range(start_step, stage.steps), desc=f"{stage.name} ({stage.layers}L{', pdrop' if use_drop else ''})",
+                   initial=start_step, total=stage.steps)
+        loss_ema = None
+        with ctx:
+            for step in bar:
+                t0 = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(stage, step)
+                batch = collate(processor, draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size), True)
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                wall += time.perf_counter() - t0
+                loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+                record: dict[str, Any] = {"stage": stage.name, "step": step + 1, "loss": loss.item(), "wall_s": wall}
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == stage.steps:
+                    record["val"] = first_token_accuracy(model, processor, val)
+                    bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{record['val']['overall']:.3f}")
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                progress.update(stage=si, step=step + 1)
+                progress["wall_s"][stage.name] = wall
+                if (step + 1) % cfg.save_every == 0 and step + 1 < stage.steps:
+                    save_checkpoint(last, model, processor, optimizer, progress)
+        progress.update(stage=si + 1, step=0)
+        progress["wall_s"][stage.name] = wall
+        progress.setdefault("final_loss", {})[stage.name] = loss_ema
+        save_checkpoint(out / f"stage-{stage.name}", model, processor, None, progress)
+        save_checkpoint(last, model, processor, None, progress)
+    log_file.close()
+    summary = {"method": cfg.method, "wall_s": progress["wall_s"], "final_loss": progress.get("final_loss", {}),
+               "val": first_token_accuracy(model, processor, val), "device": str(device),
+               "threads": torch.get_num_threads()}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        print(json.dumps(run(typed), indent=1))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The micro-LLaVA builder and the training recipe on tiny shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from redundancy.micro import MicroConfig, build_micro, build_model, grow
+from redundancy.train import ModelShape, Stage, TrainConfig, collate, draw, run, vocabulary
+
+SHAPE = ModelShape(layers=4, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
+                   vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)
+EASY = dict(max_objects=2, min_size=16, max_size=24, families={"color": 1.0, "count": 1.0, "reading": 0.0, "spatial": 0.0})
+
+
+def _micro(layers: int) -> MicroConfig:
+    return MicroConfig(**{**SHAPE.__dict__, "layers": layers})
+
+
+def test_micro_saves_and_loads_offline(tmp_path: Path) -> None:
+    model, processor = build_micro(_micro(4), vocabulary(SHAPE))
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    proc = AutoProcessor.from_pretrained(tmp_path)
+    batch = collate(proc, draw(Stage(**EASY), SHAPE, 0, 0, 3), with_answers=False)
+    n_img = (batch["input_ids"] == loaded.config.image_token_id).sum(1)
+    assert n_img.tolist() == [36, 36, 36]  # (48 / 8)^2
+    assert proc.tokenizer.convert_tokens_to_ids("<unk>") not in batch["input_ids"][batch["attention_mask"].bool()]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_collate_supervises_answer_and_eos() -> None:
+    _, processor = build_micro(_micro(2), vocabulary(SHAPE))
+    examples = draw(Stage(**EASY), SHAPE, 0, 0, 4)
+    batch = collate(processor, examples, with_answers=True)
+    labels = batch["labels"]
+    assert ((labels != -100).sum(1) == 2).all()
+    answers = processor.tokenizer.convert_ids_to_tokens(labels[:, -2].tolist())
+    assert answers == [e.answer for e in examples]
+    assert (labels[:, -1] == processor.tokenizer.eos_token_id).all()
+
+
+def test_grow_keeps_the_function() -> None:
+    shallow, processor = build_micro(_micro(2), vocabulary(SHAPE), seed=1)
+    for p in shallow.parameters():  # leave the zero initialisation: make every layer do something
+        torch.nn.init.normal_(p, std=0.05)
+    deep = grow(shallow, build_model(_micro(8), processor.tokenizer, seed=2))
+    batch = collate(processor, draw(Stage(**EASY), SHAPE, 0, 0, 2), with_answers=False)
+    with torch.no_grad():
+        torch.testing.assert_close(deep.eval()(**batch).logits, shallow.eval()(**batch).logits)
+    with pytest.raises(ValueError, match="not a multiple"):
+        grow(shallow, build_model(_micro(5), processor.tokenizer))
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pdrop"])
+def test_tiny_training_lowers_the_loss_and_resumes(tmp_path: Path, method: str) -> None:
+    cfg = TrainConfig(method=method, out=str(tmp_path / method), model=SHAPE, pdrop_layers=[1, 2, 3], lam=0.5,
+                      stages=[Stage(name="s", steps=40, layers=4, lr=3e-3, warmup=5, batch_size=16, drop=True, **EASY)],
+                      eval_every=20, eval_size=32, save_every=10)
+    summary = run(cfg)
+    log = [json.loads(line) for line in (tmp_path / method / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log]
+    assert len(losses) == 40
+    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8
+    assert summary["method"] == method and summary["wall_s"]["s"] > 0
+    assert (tmp_path / method / "stage-s" / "model.safetensors").exists()
+    # A rerun of a finished run resumes at the end and trains nothing more.
+    again = run(cfg)
+    assert len((tmp_path / method / "log.jsonl").read_text().splitlines()) == 40
+    assert again["wall_s"] == summary["wall_s"]
+
+
+def test_pdrop_training_is_cheaper_per_step(tmp_path: Path) -> None:
+    """The drop schedule really runs in training: fewer tokens after the boundaries."""
+    from redundancy.engine import apply_schedule
+    from redundancy.schedule import DropSchedule
+
+    model, processor = build_micro(_micro(4), vocabulary(SHAPE))
+    batch = collate(processor, draw(Stage(**EASY), SHAPE, 0, 0, 4), with_answers=True)
+    with apply_schedule(model.train(), DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5)) as trace:
+        model(**batch).loss.backward()
+    assert trace.kept_counts()[0] == [36, 18, 9, 4]
+
+
+def test_unknown_method_fails(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="method='fastv'"):
+        run(TrainConfig(method="fastv", out=str(tmp_path), stages=[Stage()]))
