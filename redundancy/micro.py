@@ -17,16 +17,16 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from redundancy.models.factory import config_from_dims
+from redundancy.presets import ModelDims
 
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -38,15 +38,15 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class MicroConfig:
     """Shapes of the micro-LLaVA. ``(image_size / patch) ** 2`` image tokens per image."""
 
     layers: int = 32
-    hidden: int = 64
+    hidden: int = 128
     heads: int = 4
     kv_heads: int = 4
-    ffn: int = 172
+    ffn: int = 344
     image_size: int = 96
     patch: int = 8
     vision_layers: int = 2
@@ -57,6 +57,16 @@ class MicroConfig:
     @property
     def n_image(self) -> int:
         return (self.image_size // self.patch) ** 2
+
+    def dims(self, vocab: int, n_text: int = 16) -> ModelDims:
+        """The same shapes as :class:`~redundancy.presets.ModelDims` (FLOPs, model building)."""
+        return ModelDims(
+            name="micro-llava", num_layers=self.layers, hidden=self.hidden, ffn=self.ffn, heads=self.heads,
+            kv_heads=self.kv_heads, vocab=vocab, n_image=self.n_image, n_text=n_text,
+            vision_layers=self.vision_layers, vision_hidden=self.vision_hidden, vision_ffn=self.vision_ffn,
+            vision_heads=self.vision_heads, vision_tokens=self.n_image + 1, vision_patch=self.patch,
+            vision_crops=1, projector_in=self.vision_hidden, projector_hidden=self.hidden,
+        )
 
 
 def build_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
@@ -72,8 +82,6 @@ def build_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    from tokenizers import decoders
-
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -106,36 +114,14 @@ def build_model(cfg: MicroConfig, tokenizer: PreTrainedTokenizerFast, seed: int 
     (attention ``o_proj`` and MLP ``down_proj``): every decoder layer starts as the
     identity, which keeps a deep stack trainable and lets a trained shallow model
     be grown into it without changing its function (:func:`grow`)."""
-    text = LlamaConfig(
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.ffn,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden,
-        intermediate_size=cfg.vision_ffn,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch,
-        projection_dim=cfg.vision_hidden,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+    config = config_from_dims(
+        cfg.dims(vocab=len(tokenizer)),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=cfg.n_image,
-        vision_feature_layer=-1,
+        vision_feature_layer=-1,  # two vision layers: use the last one
         vision_feature_select_strategy="default",
     )
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(config.text_config, key, getattr(tokenizer, key))
     config.micro = asdict(cfg)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)

@@ -68,26 +68,11 @@ class Stage:
 
 
 @dataclass
-class ModelShape:
-    layers: int = 32
-    hidden: int = 128
-    heads: int = 4
-    kv_heads: int = 4
-    ffn: int = 344
-    image_size: int = 96
-    patch: int = 8
-    vision_layers: int = 2
-    vision_hidden: int = 96
-    vision_heads: int = 4
-    vision_ffn: int = 192
-
-
-@dataclass
 class TrainConfig:
     method: str = "vanilla"  # vanilla | pdrop
     out: str = "checkpoints/micro-vanilla"
     seed: int = 0
-    model: ModelShape = field(default_factory=ModelShape)
+    model: MicroConfig = field(default_factory=MicroConfig)
     stages: list[Stage] = field(default_factory=list)
     pdrop_layers: list[int] = field(default_factory=lambda: [8, 16, 24])
     lam: float = 0.5
@@ -105,7 +90,7 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 # ---------------------------------------------------------------------- data
-def gen_config(stage: Stage, shape: ModelShape, seed: int) -> GenConfig:
+def gen_config(stage: Stage, shape: MicroConfig, seed: int) -> GenConfig:
     return GenConfig(
         image_size=shape.image_size,
         patch=shape.patch,
@@ -118,7 +103,7 @@ def gen_config(stage: Stage, shape: ModelShape, seed: int) -> GenConfig:
     )
 
 
-def draw(stage: Stage, shape: ModelShape, seed: int, step: int, n: int, split: str = "train") -> list[Example]:
+def draw(stage: Stage, shape: MicroConfig, seed: int, step: int, n: int, split: str = "train") -> list[Example]:
     """``n`` fresh examples for ``step`` (deterministic in seed, stage and step)."""
     stream = generate(gen_config(stage, shape, seed * 1_000_003 + step), split)
     return [next(stream) for _ in range(n)]
@@ -188,7 +173,7 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, state: dict) ->
 
 
 # ------------------------------------------------------------------ training
-def vocabulary(shape: ModelShape) -> set[str]:
+def vocabulary(shape: MicroConfig) -> set[str]:
     cfg = GenConfig(image_size=shape.image_size, patch=shape.patch)
     return {w for ws in answer_vocabulary(cfg).values() for w in ws} | set(question_words())
 
@@ -232,7 +217,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from)
         processor = AutoProcessor.from_pretrained(cfg.init_from)
     else:
-        micro = MicroConfig(**{**dataclasses.asdict(shape), "layers": cfg.stages[0].layers})
+        micro = dataclasses.replace(shape, layers=cfg.stages[0].layers)
         model, processor = build_micro(micro, vocabulary(shape), seed=cfg.seed)
     model.to(device).train()
     val = draw(dataclasses.replace(cfg.stages[-1]), shape, cfg.seed, 0, cfg.eval_size, split="val")
@@ -241,7 +226,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for si in range(progress["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
         if stage.layers > model.config.text_config.num_hidden_layers:
-            micro = MicroConfig(**{**dataclasses.asdict(shape), "layers": stage.layers})
+            micro = dataclasses.replace(shape, layers=stage.layers)
             deep = build_micro_model(micro, processor.tokenizer, seed=cfg.seed)
             model = grow(model, deep).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)

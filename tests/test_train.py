@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,15 +11,15 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from redundancy.micro import MicroConfig, build_micro, build_model, grow
-from redundancy.train import ModelShape, Stage, TrainConfig, collate, draw, run, vocabulary
+from redundancy.train import Stage, TrainConfig, collate, draw, run, vocabulary
 
-SHAPE = ModelShape(layers=4, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
+SHAPE = MicroConfig(layers=4, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
                    vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)
 EASY = dict(max_objects=2, min_size=16, max_size=24, families={"color": 1.0, "count": 1.0, "reading": 0.0, "spatial": 0.0})
 
 
 def _micro(layers: int) -> MicroConfig:
-    return MicroConfig(**{**SHAPE.__dict__, "layers": layers})
+    return dataclasses.replace(SHAPE, layers=layers)
 
 
 def test_micro_saves_and_loads_offline(tmp_path: Path) -> None:

@@ -83,9 +83,10 @@ def tiny_config(
     return LlavaNextConfig(**common, image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **overrides)
 
 
-def config_from_dims(dims: ModelDims, family: Family = "llava") -> PreTrainedConfig:
+def config_from_dims(dims: ModelDims, family: Family = "llava", **overrides: Any) -> PreTrainedConfig:
     """A LLaVA(-NeXT) config with the shapes of ``dims`` (e.g. a published 7B preset):
-    CLIP vision tower, Llama decoder, ``dims.n_image`` image tokens per crop grid."""
+    CLIP vision tower, Llama decoder, ``dims.vision_patches`` image tokens per crop.
+    ``overrides`` go to the LLaVA config (default image token: the last vocabulary id)."""
     text_cfg = LlamaConfig(
         hidden_size=dims.hidden,
         intermediate_size=dims.ffn,
@@ -112,6 +113,7 @@ def config_from_dims(dims: ModelDims, family: Family = "llava") -> PreTrainedCon
         image_token_index=dims.vocab - 1,
         image_seq_length=dims.vision_patches,
     )
+    common.update(overrides)
     if family == "llava":
         return LlavaConfig(**common)
     s = dims.image_size
