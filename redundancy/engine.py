@@ -68,11 +68,15 @@ def _probing_attention(
         scaling = kwargs.get("scaling") or module.scaling
         for probe in probes:
             probe(query, key, scaling)
-    if impl == "eager":
-        fn = FamilyAdapter.eager_attention(module)
-    else:
-        fn = ALL_ATTENTION_FUNCTIONS[impl]
-    return fn(module, query, key, value, attention_mask, **kwargs)
+    fn = FamilyAdapter.eager_attention(module) if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+    # Kernels that read the implementation name from the config (flash picks its
+    # library by it) see the real one for the duration of the call.
+    config = module.config
+    config._attn_implementation_internal = impl
+    try:
+        return fn(module, query, key, value, attention_mask, **kwargs)
+    finally:
+        config._attn_implementation_internal = _ATTN_NAME
 
 
 AttentionInterface.register(_ATTN_NAME, _probing_attention)
