@@ -292,6 +292,31 @@ def glyph_shapes(max_size: int) -> tuple[str, ...]:
     return tuple(s for s in SHAPES if (m := glyph_min_size(s)) is not None and m <= max_size)
 
 
+PATCH_TARGETS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "glyph": len(GLYPHS) + 1}
+
+
+def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover: float = 0.2) -> np.ndarray:
+    """Dense per-patch labels ``[3, (image_size / patch) ** 2]`` (raster order) for
+    vision pretraining: the colour, shape and glyph of the object covering most of
+    each patch (at least ``min_cover`` of it; later objects win ties as in
+    :func:`render`), 0 for background / no glyph, else 1 + index in
+    ``COLORS`` / ``SHAPES`` / ``GLYPHS``."""
+    grid = image_size // patch
+    out = np.zeros((3, grid, grid), np.int64)
+    cover = np.full((grid, grid), min_cover)
+    colors, shapes = list(COLORS), list(SHAPES)
+    for o in objects:
+        mask = np.zeros((image_size, image_size))
+        mask[o.y : o.y + o.size, o.x : o.x + o.size] = shape_mask(o.shape, o.size)
+        frac = mask.reshape(grid, patch, grid, patch).mean(axis=(1, 3))
+        win = frac >= cover
+        cover = np.where(win, frac, cover)
+        out[0][win] = 1 + colors.index(o.color)
+        out[1][win] = 1 + shapes.index(o.shape)
+        out[2][win] = 1 + GLYPHS.index(o.glyph) if o.glyph else 0
+    return out.reshape(3, -1)
+
+
 def render(objects: Sequence[Obj], image_size: int) -> np.ndarray:
     """The scene as a ``[image_size, image_size, 3]`` uint8 RGB array."""
     img = np.empty((image_size, image_size, 3), np.uint8)

@@ -45,7 +45,16 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from redundancy.engine import apply_schedule
 from redundancy.micro import PROMPT, MicroConfig, build_micro, grow
 from redundancy.micro import build_model as build_micro_model
-from redundancy.microvqa import FAMILIES, Example, GenConfig, answer_vocabulary, generate, question_words
+from redundancy.microvqa import (
+    FAMILIES,
+    PATCH_TARGETS,
+    Example,
+    GenConfig,
+    answer_vocabulary,
+    generate,
+    patch_targets,
+    question_words,
+)
 from redundancy.schedule import DropSchedule
 
 
@@ -54,6 +63,7 @@ class Stage:
     """One curriculum stage: model depth, data difficulty and optimiser settings."""
 
     name: str = "stage"
+    kind: str = "vqa"  # vqa: answer questions | vision: dense per-patch colour/shape/glyph targets (pretraining)
     steps: int = 100
     layers: int = 32  # grow the model to this depth at the start of the stage
     lr: float = 1e-3
@@ -142,6 +152,44 @@ def first_token_accuracy(model: Any, processor: Any, examples: list[Example], ba
     return out
 
 
+class PatchHead(torch.nn.Module):
+    """Per-patch classifiers on the projected image features (vision pretraining only;
+    not part of the shipped model)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.sizes = list(PATCH_TARGETS.values())
+        self.proj = torch.nn.Linear(hidden, sum(self.sizes))
+
+    def forward(self, model: Any, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        feats = model.model.get_image_features(pixel_values=pixel_values).pooler_output
+        return list(torch.split(self.proj(torch.stack(list(feats))), self.sizes, dim=-1))  # [batch, patches, classes]
+
+
+def vision_batch(processor: Any, examples: list[Example], shape: MicroConfig) -> dict[str, torch.Tensor]:
+    pixels = processor.image_processor([e.image for e in examples], return_tensors="pt")["pixel_values"]
+    targets = np.stack([patch_targets(e.objects, shape.image_size, shape.patch) for e in examples])
+    return {"pixel_values": pixels, "targets": torch.from_numpy(targets)}  # targets [batch, 3, patches]
+
+
+def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = head(model, batch["pixel_values"])
+    return sum(
+        torch.nn.functional.cross_entropy(lg.flatten(0, 1), batch["targets"][:, i].flatten()) for i, lg in enumerate(logits)
+    )
+
+
+@torch.no_grad()
+def patch_accuracy(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Accuracy on object patches (background excluded) per target."""
+    logits = head(model, batch["pixel_values"])
+    fg = batch["targets"][:, 0] > 0
+    return {
+        name: float(((lg.argmax(-1) == batch["targets"][:, i]) & fg).sum() / fg.sum().clamp(min=1))
+        for i, (name, lg) in enumerate(zip(PATCH_TARGETS, logits))
+    }
+
+
 # -------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, model: Any, processor: Any, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
     """Model + processor (HF dir, safetensors), optimizer tensors (safetensors) and
@@ -192,6 +240,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.stages:
         raise ValueError("no training stages configured")
     names = [s.name for s in cfg.stages]
+    for stage in cfg.stages:
+        if stage.kind not in ("vqa", "vision"):
+            raise ValueError(f"stage {stage.name!r}: kind={stage.kind!r} is unknown; choose vqa or vision")
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
     if cfg.threads:
@@ -229,8 +280,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             micro = dataclasses.replace(shape, layers=stage.layers)
             deep = build_micro_model(micro, processor.tokenizer, seed=cfg.seed)
             model = grow(model, deep).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
-        resumed = progress["stage"] == si and progress["step"] > 0
+        vision = stage.kind == "vision"
+        head = PatchHead(model.config.text_config.hidden_size).to(device) if vision else None
+        params = list(model.parameters()) + (list(head.parameters()) if head else [])
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=cfg.weight_decay)
+        resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
         if resumed:
             load_optimizer(last, optimizer, progress)
         start_step = progress["step"] if resumed else 0
@@ -245,23 +299,33 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(stage, step)
-                batch = collate(processor, draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size), True)
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                examples = draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size)
+                if head is not None:
+                    batch = {k: v.to(device) for k, v in vision_batch(processor, examples, shape).items()}
+                    loss = vision_loss(model, head, batch)
+                else:
+                    batch = collate(processor, examples, True)
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 wall += time.perf_counter() - t0
                 loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
                 record: dict[str, Any] = {"stage": stage.name, "step": step + 1, "loss": loss.item(), "wall_s": wall}
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == stage.steps:
-                    record["val"] = first_token_accuracy(model, processor, val)
-                    bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{record['val']['overall']:.3f}")
+                    if head is not None:
+                        vb = {k: v.to(device) for k, v in vision_batch(processor, val[:128], shape).items()}
+                        record["val_patch"] = patch_accuracy(model, head, vb)
+                        bar.set_postfix(loss=f"{loss_ema:.3f}", **{k: f"{v:.3f}" for k, v in record["val_patch"].items()})
+                    else:
+                        record["val"] = first_token_accuracy(model, processor, val)
+                        bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{record['val']['overall']:.3f}")
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 progress.update(stage=si, step=step + 1)
                 progress["wall_s"][stage.name] = wall
-                if (step + 1) % cfg.save_every == 0 and step + 1 < stage.steps:
+                if (step + 1) % cfg.save_every == 0 and step + 1 < stage.steps and head is None:
                     save_checkpoint(last, model, processor, optimizer, progress)
         progress.update(stage=si + 1, step=0)
         progress["wall_s"][stage.name] = wall

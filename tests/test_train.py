@@ -94,3 +94,22 @@ def test_pdrop_training_is_cheaper_per_step(tmp_path: Path) -> None:
 def test_unknown_method_fails(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="method='fastv'"):
         run(TrainConfig(method="fastv", out=str(tmp_path), stages=[Stage()]))
+
+
+def test_vision_pretraining_stage_learns_colour(tmp_path: Path) -> None:
+    from redundancy.microvqa import patch_targets
+
+    examples = draw(Stage(**EASY), SHAPE, 0, 0, 2)
+    targets = patch_targets(examples[0].objects, SHAPE.image_size, SHAPE.patch)
+    assert targets.shape == (3, 36) and targets[0].max() > 0 and targets[0].min() == 0
+    cfg = TrainConfig(out=str(tmp_path), model=SHAPE, eval_every=80, eval_size=32,
+                      stages=[Stage(name="v", kind="vision", steps=160, layers=4, lr=3e-3, warmup=5, batch_size=16, **EASY)])
+    run(cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_patch"]["color"] > 0.4  # colour is linear in the pixels: learnt first
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_unknown_stage_kind_fails(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kind='clip'"):
+        run(TrainConfig(out=str(tmp_path), stages=[Stage(kind="clip")]))
