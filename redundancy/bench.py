@@ -62,6 +62,8 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "drop"])
     layer: int = 16  # the `drop` point
     ratio: float = 0.1
+    ranker: str | None = None  # override every method's ranker (None = each method's official default)
+    rank_layer: str | None = None  # override every method's ranking layer: stage_last | next
     batch_size: int = 1
     repeats: int = 10
     warmup: int = 2
@@ -75,12 +77,14 @@ class BenchConfig:
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-def schedule_for(method: str, layer: int, ratio: float) -> DropSchedule:
+def schedule_for(method: str, layer: int, ratio: float, **opts: str | None) -> DropSchedule:
+    """The named method at its published defaults; ``opts`` (ranker, rank_layer) override them."""
+    opts = {k: v for k, v in opts.items() if v is not None}
     builders: dict[str, Callable[[], DropSchedule]] = {
         "vanilla": DropSchedule.vanilla,
-        "fastv": DropSchedule.fastv,
-        "pdrop": DropSchedule.pdrop,
-        "drop": lambda: DropSchedule.drop(layer=layer, ratio=ratio),
+        "fastv": lambda: DropSchedule.fastv(**opts),
+        "pdrop": lambda: DropSchedule.pdrop(**opts),
+        "drop": lambda: DropSchedule.drop(layer=layer, ratio=ratio, **opts),
     }
     if method not in builders:
         raise ValueError(f"method={method!r} is unknown; choose from {sorted(builders)}")
@@ -152,7 +156,7 @@ def run(cfg: BenchConfig) -> str:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     dims = MICRO if cfg.model == "micro" else get_preset(cfg.model)
     family = "llava_next" if "next" in cfg.model else "llava"
-    schedules = {m: schedule_for(m, cfg.layer, cfg.ratio) for m in cfg.methods}
+    schedules = {m: schedule_for(m, cfg.layer, cfg.ratio, ranker=cfg.ranker, rank_layer=cfg.rank_layer) for m in cfg.methods}
     for s in schedules.values():
         s.validate_for(dims.num_layers)
     model = build_model(config_from_dims(dims, "llava"), attn_implementation=cfg.attn,
@@ -167,7 +171,7 @@ def run(cfg: BenchConfig) -> str:
         f"model {dims.name}: {dims.num_layers} layers, d={dims.hidden}, {n_image} image + {dims.n_text} text tokens, "
         f"batch {cfg.batch_size}, {cfg.dtype}, {cfg.attn}, {device}, threads={torch.get_num_threads()}",
         f"max |logit diff| at keep ratio 1 vs unmodified model (left-padded batch of 2): {keep_all_max_diff(model, inputs):.3e}",
-        f"{'method':<34} {'prefill ms':>11} {'speedup':>8} {'FLOPs-pred.':>11} {'ranking ms':>11} {'ranking %':>10}",
+        f"{'method':<44} {'prefill ms':>11} {'speedup':>8} {'FLOPs-pred.':>11} {'ranking ms':>11} {'ranking %':>10}",
     ]
     base_ms = None
     for name, schedule in schedules.items():
@@ -191,8 +195,8 @@ def run(cfg: BenchConfig) -> str:
         base_ms = base_ms or (ms if schedule.is_vanilla else None)
         speed = f"{base_ms / ms:8.2f}" if base_ms else f"{'-':>8}"
         pred = f"{predicted:11.2f}"
-        label = name if schedule.is_vanilla else f"{name} {schedule.params}"
-        lines.append(f"{label:<34} {ms:11.2f} {speed} {pred} {rank_ms:11.3f} {100 * rank_ms / ms:9.2f}%")
+        label = name if schedule.is_vanilla else f"{name} {schedule.params} {schedule.rank_layer}"
+        lines.append(f"{label:<44} {ms:11.2f} {speed} {pred} {rank_ms:11.3f} {100 * rank_ms / ms:9.2f}%")
     lines.append("prefill = vision tower + LM prompt pass with KV cache; median of "
                  f"{cfg.repeats} after {cfg.warmup} warm-up; FLOPs-pred. = vanilla / method (full-sequence LM + ranking + vision FLOPs, eq. 4)")
     return "\n".join(lines)

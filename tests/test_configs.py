@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -9,12 +10,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-import redundancy.bench  # noqa: F401  (registers bench_schema)
-import redundancy.flops  # noqa: F401  (registers flops_schema)
-import redundancy.microvqa  # noqa: F401  (registers its schema)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
+for _name in PRIMARY:  # each primary config belongs to the entry module of the same name
+    importlib.import_module(f"redundancy.{_name}")  # registers its typed schema
 
 
 @pytest.mark.parametrize("name", PRIMARY)
