@@ -299,8 +299,8 @@ def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover
     """Dense per-patch labels ``[3, (image_size / patch) ** 2]`` (raster order) for
     vision pretraining: the colour, shape and glyph of the object covering most of
     each patch (at least ``min_cover`` of it; later objects win ties as in
-    :func:`render`), 0 for background / no glyph, else 1 + index in
-    ``COLORS`` / ``SHAPES`` / ``GLYPHS``."""
+    :func:`render`), and the glyph on the patches its glyph box covers; 0 for
+    background / no glyph, else 1 + index in ``COLORS`` / ``SHAPES`` / ``GLYPHS``."""
     grid = image_size // patch
     out = np.zeros((3, grid, grid), np.int64)
     cover = np.full((grid, grid), min_cover)
@@ -313,7 +313,13 @@ def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover
         cover = np.where(win, frac, cover)
         out[0][win] = 1 + colors.index(o.color)
         out[1][win] = 1 + shapes.index(o.shape)
-        out[2][win] = 1 + GLYPHS.index(o.glyph) if o.glyph else 0
+        out[2][win] = 0
+        if o.glyph:  # the glyph label sits on the patches its glyph box covers
+            r, c = _glyph_origin(o.shape, o.size)
+            ink = np.zeros((image_size, image_size))
+            ink[o.y + r : o.y + r + GLYPH_H, o.x + c : o.x + c + GLYPH_W] = 1
+            on_glyph = ink.reshape(grid, patch, grid, patch).mean(axis=(1, 3)) >= min_cover
+            out[2][on_glyph] = 1 + GLYPHS.index(o.glyph)
     return out.reshape(3, -1)
 
 
