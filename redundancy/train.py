@@ -173,10 +173,14 @@ def vision_batch(processor: Any, examples: list[Example], shape: MicroConfig) ->
 
 
 def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Colour (with background) over every patch; shape and glyph over object patches
+    only, so the few informative patches are not drowned by the background."""
     logits = head(model, batch["pixel_values"])
-    return sum(
-        torch.nn.functional.cross_entropy(lg.flatten(0, 1), batch["targets"][:, i].flatten()) for i, lg in enumerate(logits)
-    )
+    targets = batch["targets"]  # [batch, 3, patches]
+    fg = targets[:, 0] > 0
+    ce = torch.nn.functional.cross_entropy
+    loss = ce(logits[0].flatten(0, 1), targets[:, 0].flatten())
+    return loss + ce(logits[1][fg], targets[:, 1][fg]) + ce(logits[2][fg], targets[:, 2][fg])
 
 
 @torch.no_grad()
