@@ -12,7 +12,6 @@ from typing import Any, Literal
 import torch
 from transformers import (
     AutoConfig,
-    LlamaConfig,
     CLIPVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -52,42 +51,23 @@ def tiny_config(
     The image token is the last vocabulary id; ``(image_size / patch_size)**2``
     image tokens per image (16 by default) for LLaVA.
     """
+    side = image_size // patch_size
+    dims = ModelDims(
+        name="tiny", num_layers=layers, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, vocab=vocab,
+        n_image=side * side, n_text=16, vision_layers=2, vision_hidden=32, vision_ffn=64, vision_heads=2,
+        vision_tokens=side * side + 1, vision_patch=patch_size, vision_crops=1, projector_in=32, projector_hidden=hidden,
+    )
+    return config_from_dims(dims, family, text=text, **overrides)
+
+
+def config_from_dims(
+    dims: ModelDims, family: Family = "llava", *, text: TextBackbone = "llama", **overrides: Any
+) -> PreTrainedConfig:
+    """A LLaVA(-NeXT) config with the shapes of ``dims`` (e.g. a published 7B preset):
+    CLIP vision tower, Llama / Mistral / Qwen2 decoder, ``dims.vision_patches`` image tokens
+    per crop. ``overrides`` go to the LLaVA config (default image token: the last vocabulary id)."""
     text_cfg = AutoConfig.for_model(
         text,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-        **({"sliding_window": None} if text == "mistral" else {}),
-    )
-    vision_cfg = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
-    )
-    common: dict[str, Any] = dict(
-        vision_config=vision_cfg, text_config=text_cfg, image_token_index=vocab - 1, image_seq_length=(image_size // patch_size) ** 2
-    )
-    if family == "llava":
-        return LlavaConfig(**common, **overrides)
-    s = image_size
-    return LlavaNextConfig(**common, image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **overrides)
-
-
-def config_from_dims(dims: ModelDims, family: Family = "llava", **overrides: Any) -> PreTrainedConfig:
-    """A LLaVA(-NeXT) config with the shapes of ``dims`` (e.g. a published 7B preset):
-    CLIP vision tower, Llama decoder, ``dims.vision_patches`` image tokens per crop.
-    ``overrides`` go to the LLaVA config (default image token: the last vocabulary id)."""
-    text_cfg = LlamaConfig(
         hidden_size=dims.hidden,
         intermediate_size=dims.ffn,
         num_hidden_layers=dims.num_layers,
@@ -97,6 +77,7 @@ def config_from_dims(dims: ModelDims, family: Family = "llava", **overrides: Any
         max_position_embeddings=max(4096, 2 * (dims.n_image + dims.n_text)),
         pad_token_id=0,
         tie_word_embeddings=False,
+        **({"sliding_window": None} if text == "mistral" else {}),
     )
     vision_cfg = CLIPVisionConfig(
         hidden_size=dims.vision_hidden,
