@@ -185,11 +185,12 @@ def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> 
 
 @torch.no_grad()
 def patch_accuracy(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Accuracy on object patches (background excluded) per target."""
+    """Per-target accuracy: colour and shape on object patches, glyph on glyph patches."""
     logits = head(model, batch["pixel_values"])
-    fg = batch["targets"][:, 0] > 0
+    targets = batch["targets"]
+    where = {"color": targets[:, 0] > 0, "shape": targets[:, 0] > 0, "glyph": targets[:, 2] > 0}
     return {
-        name: float(((lg.argmax(-1) == batch["targets"][:, i]) & fg).sum() / fg.sum().clamp(min=1))
+        name: float(((lg.argmax(-1) == targets[:, i]) & where[name]).sum() / where[name].sum().clamp(min=1))
         for i, (name, lg) in enumerate(zip(PATCH_TARGETS, logits))
     }
 
