@@ -70,6 +70,7 @@ class Stage:
     warmup: int = 50
     batch_size: int = 32
     drop: bool = False  # with method=pdrop, train this stage under the PyramidDrop schedule
+    vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (0 freezes it, as LLaVA does)
     min_objects: int = 1
     max_objects: int = 6
     min_size: int = 12
@@ -287,8 +288,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             model = grow(model, deep).to(device).train()
         vision = stage.kind == "vision"
         head = PatchHead(model.config.text_config.hidden_size).to(device) if vision else None
-        params = list(model.parameters()) + (list(head.parameters()) if head else [])
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=cfg.weight_decay)
+        tower = set(map(id, model.model.vision_tower.parameters()))
+        rest = [p for p in model.parameters() if id(p) not in tower] + (list(head.parameters()) if head else [])
+        groups = [{"params": rest, "scale": 1.0}]
+        if stage.vision_lr_scale > 0:
+            groups.append({"params": list(model.model.vision_tower.parameters()), "scale": stage.vision_lr_scale})
+        model.model.vision_tower.requires_grad_(stage.vision_lr_scale > 0)
+        params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
         if resumed:
             load_optimizer(last, optimizer, progress)
@@ -303,7 +310,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             for step in bar:
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(stage, step)
+                    group["lr"] = lr_at(stage, step) * group["scale"]
                 examples = draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size)
                 if head is not None:
                     batch = {k: v.to(device) for k, v in vision_batch(processor, examples, shape).items()}
