@@ -1,0 +1,34 @@
+"""The shipped micro-LLaVA checkpoints load offline and answer held-out questions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from redundancy.checkpoints import SHIPPED, TEST_SET, load_model
+from redundancy.data import load_dataset, score
+from redundancy.evaluate import predict
+
+NAMES = ["micro-llava-vanilla", "micro-llava-pdrop"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_checkpoint_answers_held_out_questions(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not (SHIPPED / name).is_dir():
+        pytest.skip(f"{name} is not shipped yet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for f in (SHIPPED / name).iterdir():
+        assert f.suffix not in (".bin", ".pt", ".pkl"), f"{f.name}: weights must be safetensors"
+        assert f.stat().st_size < 25 * 2**20, f"{f.name} exceeds 25 MiB"
+    model, processor = load_model(name)
+    assert model.config.text_config.num_hidden_layers == 32
+    samples = load_dataset(TEST_SET)[:32]
+    with torch.no_grad():
+        preds = predict(model, processor, samples, batch_size=32, progress=False)
+    accuracy = sum(score(p, s.answers, "exact") for p, s in zip(preds, samples)) / len(samples)
+    card = json.loads((SHIPPED / name / "card.json").read_text())
+    # The card's accuracy was measured on the whole test set; 32 questions agree with it roughly.
+    assert accuracy >= card["test_accuracy"]["accuracy"] - 0.25
+    assert accuracy > 0.5
