@@ -240,6 +240,44 @@ def lr_at(stage: Stage, step: int) -> float:
     return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def build_optimizer(
+    model: Any, head: PatchHead | None, stage: Stage, weight_decay: float
+) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """AdamW over the model (and the pretraining head); the vision tower's group runs at
+    ``vision_lr_scale`` of the stage's rate and is frozen at 0. Each group's ``scale``
+    multiplies the scheduled rate."""
+    tower = list(model.model.vision_tower.parameters())
+    ids = set(map(id, tower))
+    rest = [p for p in model.parameters() if id(p) not in ids] + (list(head.parameters()) if head else [])
+    groups = [{"params": rest, "scale": 1.0}]
+    if stage.vision_lr_scale > 0:
+        groups.append({"params": tower, "scale": stage.vision_lr_scale})
+    model.model.vision_tower.requires_grad_(stage.vision_lr_scale > 0)
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=weight_decay), params
+
+
+def step_loss(
+    model: Any, head: PatchHead | None, processor: Any, examples: list[Example], shape: MicroConfig, device: torch.device
+) -> torch.Tensor:
+    """The training loss of one batch: per-patch targets (vision stage) or the answer tokens."""
+    if head is not None:
+        return vision_loss(model, head, {k: v.to(device) for k, v in vision_batch(processor, examples, shape).items()})
+    batch = collate(processor, examples, with_answers=True)
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+
+def validate(
+    model: Any, head: PatchHead | None, processor: Any, val: list[Example], shape: MicroConfig, device: torch.device
+) -> tuple[str, dict[str, float]]:
+    """``("val_patch", per-target patch accuracy)`` in a vision stage, else
+    ``("val", first-token accuracy per family)``."""
+    if head is not None:
+        batch = {k: v.to(device) for k, v in vision_batch(processor, val[:128], shape).items()}
+        return "val_patch", patch_accuracy(model, head, batch)
+    return "val", first_token_accuracy(model, processor, val)
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.method not in ("vanilla", "pdrop"):
         raise ValueError(f"method={cfg.method!r} is unknown; choose vanilla or pdrop")
@@ -277,7 +315,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         micro = dataclasses.replace(shape, layers=cfg.stages[0].layers)
         model, processor = build_micro(micro, vocabulary(shape), seed=cfg.seed)
     model.to(device).train()
-    val = draw(dataclasses.replace(cfg.stages[-1]), shape, cfg.seed, 0, cfg.eval_size, split="val")
+    val = draw(cfg.stages[-1], shape, cfg.seed, 0, cfg.eval_size, split="val")
     log_file = (out / "log.jsonl").open("a")
 
     for si in range(progress["stage"], len(cfg.stages)):
@@ -288,14 +326,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             model = grow(model, deep).to(device).train()
         vision = stage.kind == "vision"
         head = PatchHead(model.config.text_config.hidden_size).to(device) if vision else None
-        tower = set(map(id, model.model.vision_tower.parameters()))
-        rest = [p for p in model.parameters() if id(p) not in tower] + (list(head.parameters()) if head else [])
-        groups = [{"params": rest, "scale": 1.0}]
-        if stage.vision_lr_scale > 0:
-            groups.append({"params": list(model.model.vision_tower.parameters()), "scale": stage.vision_lr_scale})
-        model.model.vision_tower.requires_grad_(stage.vision_lr_scale > 0)
-        params = [p for g in groups for p in g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=cfg.weight_decay)
+        optimizer, params = build_optimizer(model, head, stage, cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
         if resumed:
             load_optimizer(last, optimizer, progress)
@@ -312,12 +343,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(stage, step) * group["scale"]
                 examples = draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size)
-                if head is not None:
-                    batch = {k: v.to(device) for k, v in vision_batch(processor, examples, shape).items()}
-                    loss = vision_loss(model, head, batch)
-                else:
-                    batch = collate(processor, examples, True)
-                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss = step_loss(model, head, processor, examples, shape, device)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -326,13 +352,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
                 record: dict[str, Any] = {"stage": stage.name, "step": step + 1, "loss": loss.item(), "wall_s": wall}
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == stage.steps:
-                    if head is not None:
-                        vb = {k: v.to(device) for k, v in vision_batch(processor, val[:128], shape).items()}
-                        record["val_patch"] = patch_accuracy(model, head, vb)
-                        bar.set_postfix(loss=f"{loss_ema:.3f}", **{k: f"{v:.3f}" for k, v in record["val_patch"].items()})
-                    else:
-                        record["val"] = first_token_accuracy(model, processor, val)
-                        bar.set_postfix(loss=f"{loss_ema:.3f}", val=f"{record['val']['overall']:.3f}")
+                    key, accuracy = validate(model, head, processor, val, shape, device)
+                    record[key] = accuracy
+                    bar.set_postfix(loss=f"{loss_ema:.3f}", **{k: f"{v:.3f}" for k, v in accuracy.items()})
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 progress.update(stage=si, step=step + 1)
