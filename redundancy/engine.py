@@ -169,6 +169,7 @@ class _Stage:
     end: int
     valid: torch.Tensor  # [batch, kv] bool
     offset: torch.Tensor  # [batch] long
+    all_valid: bool  # no padding in `valid` (kept on the host: no device sync per decode step)
 
 
 @dataclass
@@ -310,9 +311,10 @@ class DropEngine:
         position_ids: torch.Tensor,
         cache: Cache | None,
         probes: dict[int, list[_QueryProbe]],
+        all_valid: bool,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         pe = self.adapter.rotary(hidden, position_ids)
-        mask = self._mask(valid, hidden.shape[1], hidden.dtype)
+        mask = self._mask(valid, hidden.shape[1], hidden.dtype, all_valid)
         for li in range(start, end):
             out = self.adapter.layers[li](
                 hidden,
@@ -327,14 +329,14 @@ class DropEngine:
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden, pe
 
-    def _mask(self, valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+    def _mask(self, valid: torch.Tensor, q_len: int, dtype: torch.dtype, all_valid: bool) -> torch.Tensor | None:
         """The attention mask of one stage in the format the kernel expects.
 
-        ``valid`` ``[batch, kv]`` marks real tokens; the last ``q_len`` keys are the
-        queries. Padding query rows may see their own key so no row is empty.
+        ``valid`` ``[batch, kv]`` marks real tokens (``all_valid``: all of them); the last
+        ``q_len`` keys are the queries. Padding query rows may see their own key so no
+        row is empty.
         """
         kv = valid.shape[1]
-        all_valid = bool(valid.all())
         if "flash" in self._impl:
             return None if all_valid else valid.to(torch.int32)
         if self._impl == "sdpa" and all_valid and (q_len == kv or q_len == 1):
@@ -406,10 +408,11 @@ class DropEngine:
                 if scorer is None:
                     scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch)
                     probes.setdefault(end - 1, []).append(scorer)
-            hidden, pe = self._run_layers(hidden, start, end, valid, pos, cache, probes)
+            all_valid = bool(valid.all())
+            hidden, pe = self._run_layers(hidden, start, end, valid, pos, cache, probes, all_valid)
             last = self._last_valid(valid)
             offset = pos.gather(1, last[:, None])[:, 0] - last_pos0
-            stages.append(_Stage(start, end, valid, offset))
+            stages.append(_Stage(start, end, valid, offset, all_valid))
             for li, probe in recorders.items():
                 self.trace.attention[li] = _to_ordinals(probe.result, ordinal, present, n_image)
             if s == len(sched.boundaries):
@@ -565,13 +568,15 @@ class DropEngine:
         new_valid = (
             attention_mask[:, -q:].bool() if attention_mask is not None else torch.ones(b, q, dtype=torch.bool, device=dev)
         )
+        new_all_valid = attention_mask is None or bool(new_valid.all())  # one sync per step, not per stage
         if position_ids is None:
             position_ids = (torch.arange(q, device=dev) + state.next_position)[None]
         position_ids = position_ids.expand(b, q)
         for stage in state.stages:
             stage.valid = torch.cat([stage.valid, new_valid], dim=1)
+            stage.all_valid = stage.all_valid and new_all_valid
             pos = position_ids + stage.offset[:, None]
-            hidden, _ = self._run_layers(hidden, stage.start, stage.end, stage.valid, pos, cache, {})
+            hidden, _ = self._run_layers(hidden, stage.start, stage.end, stage.valid, pos, cache, {}, stage.all_valid)
         state.next_position += q
         return self.adapter.language_model.norm(hidden)
 
