@@ -387,6 +387,11 @@ class DropEngine:
                     )
         self.trace.reset()
         self.trace.n_image = n_image
+        if sched.ranker == "random" and input_ids is not None:
+            # The random control is seeded by each sample's own prompt (its valid token ids), so a
+            # sample draws the same subset whatever batch it sits in.
+            ids, ok = input_ids.cpu(), valid.cpu()
+            pending["row_keys"] = [ids[i][ok[i]].numpy().tobytes() for i in range(b)]
 
         query = self._query_mask(is_img, valid, pending.get("labels"))
         ordinal = is_img.long().cumsum(1) - 1  # original image-token index
@@ -420,7 +425,7 @@ class DropEngine:
 
             # ---- rank and drop at boundary `end`
             with self._stopwatch(dev):
-                scores = self._scores(s, end, hidden, pe, scorer, rank_rows, present, ordinal, input_ids, valid, n_image, pending)
+                scores = self._scores(s, end, hidden, pe, scorer, rank_rows, present, ordinal, n_image, pending)
                 counts = torch.tensor([kept_count(n, sched.ratios[s]) for n in n_image], device=dev)
                 keep_img = select_top(scores, present, counts)
             if self.keep_trace:
@@ -496,8 +501,6 @@ class DropEngine:
         rank_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
         present: torch.Tensor,
         ordinal: torch.Tensor,
-        input_ids: torch.Tensor | None,
-        valid: torch.Tensor,
         n_image: list[int],
         pending: dict[str, Any],
     ) -> torch.Tensor:
@@ -513,13 +516,8 @@ class DropEngine:
             assert att is not None
             return -att if ranker == "inverse" else att
         if ranker == "random":
-            assert input_ids is not None
-            ids = input_ids.cpu()
-            mask = valid.cpu()
-            per_row = [
-                random_scores(n, self.schedule.seed, stage, ids[i][mask[i]].numpy().tobytes())
-                for i, n in enumerate(n_image)
-            ]
+            keys = pending["row_keys"]
+            per_row = [random_scores(n, self.schedule.seed, stage, keys[i]) for i, n in enumerate(n_image)]
         else:  # uniform
             per_row = [-p for p in self.adapter.image_priorities(n_image, pending)]
         table = torch.zeros(len(n_image), max(n_image), device=present.device)

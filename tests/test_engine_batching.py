@@ -15,6 +15,7 @@ CASES = [
     pytest.param("llava", DropSchedule.pdrop(layers=(1, 3), lam=0.5, positions="keep", ranker="instruction"), id="llava-instr"),
     pytest.param("llava", DropSchedule.drop(layer=2, ratio=0.3, ranker="random", seed=3), id="llava-random"),
     pytest.param("llava", DropSchedule.drop(layer=2, ratio=0.3, ranker="uniform"), id="llava-uniform"),
+    pytest.param("llava", DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5, ranker="random", seed=1), id="llava-pdrop-random"),
     pytest.param("llava_next", DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5), id="next-pdrop"),
     pytest.param("llava_next", DropSchedule.fastv(K=2, R=0.75, ranker="inverse"), id="next-fastv-inverse"),
     pytest.param("llava_next", DropSchedule.drop(layer=1, ratio=0.5, ranker="uniform"), id="next-uniform"),
