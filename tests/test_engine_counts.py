@@ -21,6 +21,9 @@ from tests.conftest import make_batch, tiny_model
         DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5),
         DropSchedule.pdrop(layers=(1, 2, 3), ratios=(0.7, 0.3, 0.0)),
         DropSchedule.pdrop(layers=(2,), lam=0.6, ranker="random"),
+        DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5, ranker="uniform"),
+        DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5, ranker="random"),
+        DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5, ranker="instruction", rank_layer="stage_last"),
     ],
     ids=lambda s: f"{s.method}-{s.ratios}-{s.ranker}",
 )
