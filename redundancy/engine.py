@@ -6,7 +6,7 @@ between decoder layers according to a :class:`~redundancy.schedule.DropSchedule`
         out = model.generate(**inputs, max_new_tokens=8)
     trace.kept_counts()        # per sample: image tokens in each stage
 
-How it works (``shared/method.md`` sections 2-6):
+How it works (``docs/method.md`` sections 2-6):
 
 * While the context is active the language model's ``forward`` is replaced by a
   loop over the same HF decoder layers. Between stages the hidden states, position

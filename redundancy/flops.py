@@ -1,4 +1,4 @@
-"""FLOPs accounting for drop schedules (``shared/method.md`` section 7).
+"""FLOPs accounting for drop schedules (``docs/method.md`` section 7).
 
     python -m redundancy.flops model=llava-1.5-7b method=pdrop lam=0.5
     python -m redundancy.flops model=llava-1.5-7b method=fastv K=2 R=0.5
@@ -72,7 +72,7 @@ def vision_layer_flops(n: int, d: int, m: int) -> int:
 
 def pdrop_ratio_closed_form(lam: float, stages: int) -> float:
     """PyramidDrop image-part cost relative to vanilla with the attention term ignored
-    and equal stages: ``(1 - lam^S) / (S (1 - lam))`` (method.md section 7); 0.46875 at lam=0.5, S=4."""
+    and equal stages: ``(1 - lam^S) / (S (1 - lam))`` (docs/method.md section 7); 0.46875 at lam=0.5, S=4."""
     if lam == 1.0:
         return 1.0  # the limit of the geometric sum
     return (1.0 - lam**stages) / (stages * (1.0 - lam))

@@ -1,4 +1,4 @@
-"""Ranking image tokens: the attention score (method.md section 3) and the controls.
+"""Ranking image tokens: the attention score (docs/method.md section 3) and the controls.
 
 Everything here is a pure tensor function. The attention score is computed from
 a few query rows against the keys, never from a full attention matrix:

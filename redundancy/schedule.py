@@ -5,7 +5,7 @@
     DropSchedule.fastv(K=2, R=0.5)              # FastV
     DropSchedule.pdrop(layers=(8, 16, 24), lam=0.5)  # PyramidDrop
 
-Conventions (``shared/method.md`` sections 1-4):
+Conventions (``docs/method.md`` sections 1-4):
 
 * Layers are 0-indexed. A boundary ``K`` means layers ``0..K-1`` see every image
   token and layers ``K..L-1`` only the kept ones; valid boundaries are ``1..L-1``.

@@ -7,7 +7,7 @@
 One recipe for both variants: a curriculum of stages (``conf/train.yaml``). The
 early stages train a shallow model on easy questions and grow it to 32 layers
 (:func:`redundancy.micro.grow`); stages marked ``drop: true`` run the forward
-pass under the PyramidDrop schedule when ``method=pdrop`` (method.md section 6).
+pass under the PyramidDrop schedule when ``method=pdrop`` (docs/method.md section 6).
 Both variants can share the stages before the last (``init_from`` +
 ``start_stage``), as LLaVA variants share pretrained parts; the last stage's wall
 time is then the like-for-like training cost.

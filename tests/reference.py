@@ -160,7 +160,7 @@ def _as_row(t: torch.Tensor | None) -> list[int] | None:
 
 
 def query_rows(ids: list[int], image_token_id: int, ranker: str, labels: list[int] | None) -> list[int]:
-    """Original indices of the ranking query rows (method.md section 3)."""
+    """Original indices of the ranking query rows (docs/method.md section 3)."""
     L = len(ids)
     rows: list[int] = []
     if labels is not None:

@@ -1,5 +1,5 @@
 """Generation with the KV cache under the engine against step-by-step recomputation
-(method.md section 5): greedy decoding on the stage caches (shorter after each
+(docs/method.md section 5): greedy decoding on the stage caches (shorter after each
 boundary) gives the same tokens and the same next-token logits as recomputing the
 whole pruned forward pass at every step with the same kept sets, under both
 position policies, for one sample and for a left-padded batch of two.
@@ -172,7 +172,7 @@ def record_positions(model):
 def test_position_ids_follow_the_policy(batch, positions):
     """The position ids every stage uses, in prefill and in each decoding step, are the
     reference's: ``keep`` the original ones, ``compact`` 0..n-1 per stage with decoded
-    tokens continuing each stage's own numbering (method.md section 4)."""
+    tokens continuing each stage's own numbering (docs/method.md section 4)."""
     model = tiny_model("llava_next", "llama", "sdpa")
     schedule = DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5, positions=positions)
     samples = [

@@ -22,7 +22,7 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
 
 ATOL = {"sdpa": 1e-8, "eager": 1e-6}
 # The tiny models have 4 query heads over 2 key heads (GQA) unless a test says otherwise.
-SCORE_ATOL = 1e-6  # the engine scores in float32 (method.md section 3)
+SCORE_ATOL = 1e-6  # the engine scores in float32 (docs/method.md section 3)
 
 
 def run_engine(model, ids, pv, sizes, schedule, **kw):

@@ -1,4 +1,4 @@
-"""PyramidDrop in the training forward pass (method.md section 6): the engine's loss
+"""PyramidDrop in the training forward pass (docs/method.md section 6): the engine's loss
 equals the loss on the reduced sequence computed by the reference, answer tokens
 are never dropped, gradients reach the projector and the vision tower (and equal
 the reference's), and the ranking scores carry no gradient.

@@ -1,4 +1,4 @@
-"""FLOPs accounting (shared/method.md section 7): closed forms, monotonicity,
+"""FLOPs accounting (docs/method.md section 7): closed forms, monotonicity,
 budget inverses and the command line."""
 
 from __future__ import annotations
