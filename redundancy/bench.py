@@ -25,8 +25,9 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from redundancy.cli import run_entry
 from redundancy.engine import apply_schedule
 from redundancy.flops import flops_report
 from redundancy.models.factory import build_model, config_from_dims
@@ -204,12 +205,7 @@ def run(cfg: BenchConfig) -> str:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    typed: BenchConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    try:
-        print(run(typed))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(run, cfg)
 
 
 if __name__ == "__main__":

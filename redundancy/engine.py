@@ -38,7 +38,6 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401  (import check: v5 layout)
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -1,7 +1,7 @@
-"""Answer questions with a model (optionally under a drop schedule) and score them.
+"""Answer questions with a model, optionally under a drop schedule.
 
     preds = predict(model, processor, samples, schedule=DropSchedule.drop(layer=16, ratio=0.1))
-    evaluate(samples, preds)   # overall and per-family accuracy
+    redundancy.data.evaluate(samples, {s.question_id: p for s, p in zip(samples, preds)})
 
 Batches are left-padded and answered by greedy ``generate``; answers are decoded
 with the processor's tokenizer and scored by :mod:`redundancy.data`.
@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from redundancy.data import Sample
-from redundancy.engine import Trace, apply_schedule
+from redundancy.engine import apply_schedule
 from redundancy.micro import PROMPT
 from redundancy.schedule import DropSchedule
 
@@ -46,7 +46,7 @@ def predict(
     """Greedy answers to ``samples`` (in order), under ``schedule`` when given."""
     model.eval()
     answers: list[str] = []
-    ctx = apply_schedule(model, schedule, trace=False) if schedule else contextlib.nullcontext(Trace(DropSchedule()))
+    ctx = apply_schedule(model, schedule, trace=False) if schedule else contextlib.nullcontext()
     with ctx:
         for chunk in tqdm(list(batches(samples, batch_size)), desc="answering", disable=not progress, leave=False):
             images = [Image.open(s.image_path).convert("RGB") for s in chunk]

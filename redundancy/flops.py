@@ -24,15 +24,15 @@ Conventions (every figure names the one it uses):
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from redundancy.cli import run_entry
 from redundancy.presets import ModelDims, get_preset
 from redundancy.schedule import METHODS, DropSchedule, check_ratio
 
@@ -381,13 +381,7 @@ def run(cfg: FlopsConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
 def main(cfg: DictConfig) -> None:
-    typed = OmegaConf.to_object(cfg)
-    assert isinstance(typed, FlopsConfig)  # guaranteed by the schema in the defaults list
-    try:
-        print(run(typed))
-    except ValueError as err:  # bad user input: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(run, cfg)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ import hashlib
 import io
 import json
 import shutil
-import sys
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -71,10 +70,11 @@ from typing import Any
 import hydra
 import numpy as np
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
+from redundancy.cli import run_entry
 from redundancy.data import QUESTIONS_FILE
 
 # ---------------------------------------------------------------------------------------------
@@ -660,13 +660,7 @@ def run(cfg: MicroVQAConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="microvqa")
 def main(cfg: DictConfig) -> None:
-    typed = OmegaConf.to_object(cfg)
-    assert isinstance(typed, MicroVQAConfig)  # guaranteed by the schema in the defaults list
-    try:
-        print(run(typed))
-    except (ValueError, FileExistsError) as err:  # bad user input: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(run, cfg, errors=(ValueError, FileExistsError))
 
 
 if __name__ == "__main__":

@@ -36,12 +36,13 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from redundancy.cli import run_entry
 from redundancy.engine import apply_schedule
 from redundancy.micro import PROMPT, MicroConfig, build_micro, grow
 from redundancy.micro import build_model as build_micro_model
@@ -376,12 +377,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    typed: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    try:
-        print(json.dumps(run(typed), indent=1))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_entry(lambda typed: json.dumps(run(typed), indent=1), cfg)
 
 
 if __name__ == "__main__":

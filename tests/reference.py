@@ -31,7 +31,7 @@ ATTENTION_RANKERS = ("last", "instruction", "inverse")
 
 # ------------------------------------------------------------ multimodal merge
 class _Captured(Exception):
-    pass
+    """Stops the forward pass once the language model's input is captured."""
 
 
 def merged_inputs_embeds(model, input_ids, pixel_values, image_sizes=None) -> torch.Tensor:
