@@ -10,7 +10,10 @@ An adapter maps canonical names to the HF modules of one family::
             ├── norm                     final norm
             └── rotary_emb               position ids -> (cos, sin)
 
-Adding a family (e.g. Qwen2-VL) means one more subclass registered in
+Position ids travel through the engine as ``[components, batch, n]``: one component
+(the sequence position) for Llama-style rotary, three for Qwen2-VL's multimodal
+rotary. Component 0 is the sequence axis: text tokens hold the same value in every
+component. Adding a family means one more subclass registered in
 :mod:`redundancy.models`.
 """
 
@@ -33,6 +36,9 @@ class FamilyAdapter:
 
     family: ClassVar[str] = "base"
     model_types: ClassVar[tuple[str, ...]] = ()
+    layout_inputs: ClassVar[tuple[str, ...]] = ("image_sizes",)
+    """Keyword inputs of the multimodal module that describe the image layout (read by
+    :meth:`image_priorities`)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -71,9 +77,32 @@ class FamilyAdapter:
         return list(seen.values())
 
     # -------------------------------------------------------------- positions
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> PositionEmbeddings:
-        """``(cos, sin)`` for ``position_ids`` ``[batch, n]``."""
-        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+    def positions(
+        self, position_ids: torch.Tensor | None, batch: int, length: int, start: int, device: torch.device
+    ) -> torch.Tensor:
+        """Position ids ``[components, batch, length]`` of ``length`` tokens from what the
+        multimodal module handed the language model (``None``: ``start, start + 1, ...``)."""
+        if position_ids is None:
+            position_ids = torch.arange(start, start + length, device=device)[None]
+        return position_ids.expand(batch, length)[None]
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> PositionEmbeddings:
+        """``(cos, sin)`` ``[batch, n, head_dim]`` for ``positions`` ``[components, batch, n]``."""
+        return self.language_model.rotary_emb(hidden, position_ids=positions[0])
+
+    def layer_position_ids(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The ``position_ids`` the decoder layers receive (flash-attention reads them)."""
+        return positions[0]
+
+    def compact_positions(
+        self, kept: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor, start: torch.Tensor
+    ) -> torch.Tensor:
+        """``compact`` policy (docs/method.md section 4): the kept tokens ``[batch, m]``
+        (``kept`` ``[components, batch, m]`` their positions before renumbering, ``is_image``
+        the image tokens among them) renumbered ``start, start + 1, ...`` (``start``
+        ``[batch, 1]``, the stage's first position); padding slots get 0."""
+        rank = valid.long().cumsum(1) - 1
+        return torch.where(valid, start + rank, 0)[None].expand_as(kept)
 
     def gather_position_embeddings(self, emb: PositionEmbeddings, index: torch.Tensor) -> PositionEmbeddings:
         """Select rows ``index`` ``[batch, k]`` of the per-token ``(cos, sin)``."""
