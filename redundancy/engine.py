@@ -32,7 +32,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -201,6 +201,19 @@ def _to_ordinals(values: torch.Tensor, ordinal: torch.Tensor, present: torch.Ten
     return [out[i, :n].clone() for i, n in enumerate(n_image)]
 
 
+# -------------------------------------------------------- shared-prefix hook
+class FirstStageRunner(Protocol):
+    """Computes the first stage of a prefill (layers ``start..end-1``, every token) in
+    place of ``engine._run_layers``, with the same arguments and result. The grid runner
+    (:class:`redundancy.grid.SharedPrefix`) records that stage once per batch and replays it
+    for every schedule whose first boundary is ``end``."""
+
+    def __call__(
+        self, engine: DropEngine, hidden: torch.Tensor, start: int, end: int, valid: torch.Tensor,
+        position_ids: torch.Tensor, cache: Cache | None, probes: dict[int, list[Any]], all_valid: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 class DropEngine:
     """Installs a drop schedule on a model; use :func:`apply_schedule`."""
 
@@ -212,6 +225,7 @@ class DropEngine:
         trace: bool = True,
         record_attention: Sequence[int] = (),
         profile: bool = False,
+        first_stage: FirstStageRunner | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter_for(model)
@@ -222,6 +236,7 @@ class DropEngine:
                 raise ValueError(f"record_attention layer {layer} is outside [0, {self.adapter.num_layers - 1}]")
         self.record_layers = frozenset(int(x) for x in record_attention)
         self.keep_trace = trace
+        self.first_stage = first_stage
         self.trace = Trace(schedule)
         self._stopwatch = _Stopwatch(self.trace, profile)
         self._pending: dict[str, Any] = {}
@@ -264,7 +279,8 @@ class DropEngine:
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["input_ids"] = kwargs.get("input_ids", args[0] if args else None)
-        self._pending["image_sizes"] = kwargs.get("image_sizes")
+        for name in self.adapter.layout_inputs:
+            self._pending[name] = kwargs.get(name)
 
     def _capture_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["labels"] = kwargs.get("labels")
@@ -312,13 +328,13 @@ class DropEngine:
         probes: dict[int, list[_QueryProbe]],
         all_valid: bool,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        pe = self.adapter.rotary(hidden, position_ids)
+        pe = self.adapter.rotary(hidden, position_ids)  # position_ids [components, batch, n]
         mask = self._mask(valid, hidden.shape[1], hidden.dtype, all_valid)
         for li in range(start, end):
             out = self.adapter.layers[li](
                 hidden,
                 attention_mask=mask,
-                position_ids=position_ids,
+                position_ids=self.adapter.layer_position_ids(position_ids),
                 past_key_values=cache,
                 use_cache=cache is not None,
                 position_embeddings=pe,
@@ -363,8 +379,7 @@ class DropEngine:
         dev = hidden.device
         arange = torch.arange(length, device=dev)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
-        pos = position_ids if position_ids is not None else arange[None]
-        pos = pos.expand(b, length)
+        pos = adapter.positions(position_ids, b, length, 0, dev)  # [components, batch, n]
         input_ids = pending.get("input_ids")
         needs_images = not sched.is_vanilla or bool(self.record_layers)
         window = getattr(adapter.text_config, "sliding_window", None)
@@ -398,7 +413,8 @@ class DropEngine:
         present = is_img
         starts = (0, *sched.boundaries, adapter.num_layers)
         stages: list[_Stage] = []
-        last_pos0 = pos.gather(1, self._last_valid(valid)[:, None])[:, 0]
+        # Offsets are read on component 0 (the sequence axis) at the last token, which is text.
+        last_pos0 = pos[0].gather(1, self._last_valid(valid)[:, None])[:, 0]
         rank_rows = _query_rows(query, valid) if needs_images else None
         for s in range(len(starts) - 1):
             start, end = starts[s], starts[s + 1]
@@ -413,9 +429,12 @@ class DropEngine:
                     scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch)
                     probes.setdefault(end - 1, []).append(scorer)
             all_valid = bool(valid.all())
-            hidden, pe = self._run_layers(hidden, start, end, valid, pos, cache, probes, all_valid)
+            if s == 0 and self.first_stage is not None:  # shared-prefix hook (redundancy.grid)
+                hidden, pe = self.first_stage(self, hidden, start, end, valid, pos, cache, probes, all_valid)
+            else:
+                hidden, pe = self._run_layers(hidden, start, end, valid, pos, cache, probes, all_valid)
             last = self._last_valid(valid)
-            offset = pos.gather(1, last[:, None])[:, 0] - last_pos0
+            offset = pos[0].gather(1, last[:, None])[:, 0] - last_pos0
             stages.append(_Stage(start, end, valid, offset, all_valid))
             for li, probe in recorders.items():
                 self.trace.attention[li] = _to_ordinals(probe.result, ordinal, present, n_image)
@@ -438,14 +457,15 @@ class DropEngine:
                     )
                 )
             keep = valid & (~present | keep_img)
-            first_pos = pos.gather(1, valid.long().argmax(1, keepdim=True))  # [batch, 1]
+            first = valid.long().argmax(1, keepdim=True)[None].expand(pos.shape[0], -1, -1)
+            first_pos = pos.gather(2, first).amin(0)  # [batch, 1]
             src, valid = self._relayout(keep)
             hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
             index = torch.where(valid, index.gather(1, src), length)
             present = present.gather(1, src) & valid
             ordinal = ordinal.gather(1, src)
             query = query.gather(1, src) & valid
-            pos = self._positions(pos.gather(1, src), valid, first_pos)
+            pos = self._positions(pos.gather(2, src[None].expand(pos.shape[0], -1, -1)), valid, present, first_pos)
             rank_rows = _query_rows(query, valid)
 
         hidden = adapter.language_model.norm(hidden)
@@ -538,13 +558,15 @@ class DropEngine:
         valid = torch.arange(m, device=keep.device)[None] >= (m - count)[:, None]
         return torch.where(valid, src[:, :m], 0), valid
 
-    def _positions(self, kept_positions: torch.Tensor, valid: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """Position ids of the kept tokens under the schedule's policy; ``compact``
-        renumbers from ``start`` ``[batch, 1]``, the stage's first position before the drop."""
+    def _positions(
+        self, kept_positions: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor, start: torch.Tensor
+    ) -> torch.Tensor:
+        """Position ids ``[components, batch, m]`` of the kept tokens under the schedule's
+        policy; ``compact`` renumbers (the family's rule) from ``start`` ``[batch, 1]``, the
+        stage's first position before the drop."""
         if self.schedule.positions == "keep":
             return kept_positions
-        rank = valid.long().cumsum(1) - 1
-        return torch.where(valid, start + rank, 0)
+        return self.adapter.compact_positions(kept_positions, valid, is_image, start)
 
     # ------------------------------------------------------------------ decode
     def _decode(
@@ -566,9 +588,7 @@ class DropEngine:
             attention_mask[:, -q:].bool() if attention_mask is not None else torch.ones(b, q, dtype=torch.bool, device=dev)
         )
         new_all_valid = attention_mask is None or bool(new_valid.all())  # one sync per step, not per stage
-        if position_ids is None:
-            position_ids = (torch.arange(q, device=dev) + state.next_position)[None]
-        position_ids = position_ids.expand(b, q)
+        position_ids = self.adapter.positions(position_ids, b, q, state.next_position, dev)
         for stage in state.stages:
             stage.valid = torch.cat([stage.valid, new_valid], dim=1)
             stage.all_valid = stage.all_valid and new_all_valid
@@ -586,15 +606,20 @@ def apply_schedule(
     trace: bool = True,
     record_attention: Sequence[int] = (),
     profile: bool = False,
+    first_stage: FirstStageRunner | None = None,
 ) -> Iterator[Trace]:
     """Run ``model`` under ``schedule`` inside the ``with`` block; yields the :class:`Trace`.
 
     ``record_attention``: layers at which to record the ranking query's attention
     over the image tokens (computed from the layer's own q/k, any kernel).
     ``profile``: time the ranking work into ``trace.ranking_seconds`` (synchronises).
+    ``first_stage``: computes the prefill's first stage instead of the engine (the grid
+    runner's shared prefix, :mod:`redundancy.grid`).
     The model is restored in every case when the block exits.
     """
-    engine = DropEngine(model, schedule, trace=trace, record_attention=record_attention, profile=profile)
+    engine = DropEngine(
+        model, schedule, trace=trace, record_attention=record_attention, profile=profile, first_stage=first_stage
+    )
     engine.attach()
     try:
         yield engine.trace

@@ -1,0 +1,289 @@
+"""The sweep entry point: configuration checks, rows, resume, TextVQA data, launchers (redundancy/sweep.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from PIL import Image
+
+from redundancy import sweep
+from redundancy.checkpoints import load_model
+from redundancy.evaluate import predict
+from redundancy.results import ResultStore, load_results, load_samples
+from redundancy.schedule import DropSchedule
+from tests.test_grid import save_tiny_micro
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "sweep"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_micro(tmp_path_factory.mktemp("tiny-micro"))
+
+
+def config(*overrides: str) -> sweep.SweepConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="sweep", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def tiny(tiny_dir: Path, out: Path, *overrides: str) -> sweep.SweepConfig:
+    """A sweep on the tiny model over 6 shipped test questions, no timing, no progress bars."""
+    return config(f"model.path={tiny_dir}", "model.num_layers=null", "data.limit=6", "batch_size=4",
+                  f"out={out}", "timing.repeats=0", "progress=false", *overrides)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sweep, "load_model", refuse)
+
+
+# ---------------------------------------------------------------- invalid overrides
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ratio=1.5"], "ratio=1.5 is outside the allowed range [0, 1]"),
+        (["ratio=[0.1,-0.5]"], "ratio=-0.5 is outside the allowed range [0, 1]"),
+        (["layer=40"], "layer=40 is outside the allowed range [1, 31] for a model with 32 layers"),
+        (["layer=0"], "layer=0 is outside the allowed range [1, 31]"),
+        (["method=fastv", "method.K=32"], "K=32 is outside the allowed range [1, 31]"),
+        (["method=pdrop", "method.lam=2"], "lam=2.0 is outside the allowed range [0, 1]"),
+        (["method.ranker=attention"], "ranker='attention' is unknown; choose one of"),
+        (["method=fastv", "layer=8"], "layer= and ratio= are shorthands for method=drop"),
+        (["batch_size=0"], "batch_size=0 is outside the allowed range [1, inf)"),
+    ],
+)
+def test_invalid_override_fails_before_anything_loads(
+    overrides: list[str], message: str, tmp_path: Path, no_model_load: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default model (the shipped checkpoint, declared 32 layers) need not even exist.
+    monkeypatch.setattr(sweep, "resolve", lambda path: pytest.fail("the model path was resolved"))
+    with pytest.raises(ValueError) as err:
+        sweep.run(config(f"out={tmp_path}", *overrides))
+    assert message in str(err.value)
+    assert not tmp_path.joinpath("points").exists()
+
+
+def test_layer_checked_against_the_models_own_depth(tiny_dir: Path, tmp_path: Path, no_model_load: None) -> None:
+    with pytest.raises(ValueError, match=r"layer=6 is outside the allowed range \[1, 5\] for a model with 6 layers"):
+        sweep.run(tiny(tiny_dir, tmp_path, "layer=[2,6]"))
+    with pytest.raises(ValueError, match="model.num_layers=32 but .* has 6 layers"):
+        sweep.run(tiny(tiny_dir, tmp_path, "model.num_layers=32"))
+
+
+def test_unknown_method_or_key_fails_at_composition() -> None:
+    with pytest.raises(ConfigCompositionException, match="method/attention"):
+        config("method=attention")
+    with pytest.raises(ConfigCompositionException):
+        config("method.K=3")  # a FastV parameter under method=drop
+    with pytest.raises(ConfigCompositionException):
+        config("ratoi=0.1")
+
+
+def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "redundancy.sweep", f"out={tmp_path}", "ratio=1.5"],
+                          check=False, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: ratio=1.5 is outside the allowed range [0, 1]"
+
+
+def test_missing_model_path_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="sweep", overrides=["model=llava-1.5"])
+    with pytest.raises(SystemExit) as err:
+        sweep.require_complete(cfg)
+    assert err.value.code == 2 and "error: model.path must be given" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- grids and records
+def test_grid_writes_a_row_per_point(tiny_dir: Path, tmp_path: Path) -> None:
+    text = sweep.run(tiny(tiny_dir, tmp_path, "layer=[2,4]", "ratio=[0,0.5]", "method.ranker=[last,random]"))
+    df = load_results(tmp_path)
+    assert len(df) == 1 + 2 * 2 * 2 and df["key"].is_unique  # the vanilla reference + the grid
+    assert "9 new, 0 done before" in text and "shared prefix: 16 replays" in text
+    drop = df[df["method"] == "drop"]
+    assert sorted(set(zip(drop["layer"], drop["ratio"], drop["ranker"]))) == [
+        (k, r, rk) for k in (2, 4) for r in (0.0, 0.5) for rk in ("last", "random")]
+    row = drop[(drop["layer"] == 4) & (drop["ratio"] == 0.5) & (drop["ranker"] == "last")].iloc[0]
+    assert row["kept_per_stage"] == [16.0, 8.0] and row["avg_image_tokens"] == pytest.approx((4 * 16 + 2 * 8) / 6)
+    assert row["n"] == 6 and 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1.0
+    assert row["image_tflops"] < df[df["method"] == "vanilla"].iloc[0]["image_tflops"]
+    assert row["config.method.ratio"] == 0.5 and row["config.layer"] == 4 and row["positions"] == "keep"
+    for column in ("checkpoint_id", "data_id", "git", "version", "seed", "rank_layer", "full_tflops", "wall_s",
+                   "per_family.color", "shared_prefix", "torch", "transformers"):
+        assert column in df.columns
+    samples = load_samples(tmp_path)
+    assert len(samples) == 9 * 6
+    mine = samples[samples["key"] == row["key"]]
+    assert list(mine["kept"].map(tuple)) == [(16, 8)] * 6
+    assert row["accuracy"] == pytest.approx(mine["score"].mean())
+
+
+def test_single_point_has_no_reference_unless_asked(tiny_dir: Path, tmp_path: Path) -> None:
+    sweep.run(tiny(tiny_dir, tmp_path, "layer=3", "ratio=0.1"))
+    assert list(load_results(tmp_path)["point"]) == ["drop layer=3 ratio=0.1"]
+    sweep.run(tiny(tiny_dir, tmp_path, "layer=3", "ratio=0.1", "reference=true"))
+    assert sorted(load_results(tmp_path)["point"]) == ["drop layer=3 ratio=0.1", "vanilla"]
+
+
+def test_sharing_on_and_off_record_the_same_answers(tiny_dir: Path, tmp_path: Path) -> None:
+    grid = ("layer=[1,3]", "ratio=[0.25,1]")
+    sweep.run(tiny(tiny_dir, tmp_path / "shared", *grid))
+    sweep.run(tiny(tiny_dir, tmp_path / "separate", *grid, "share=false"))
+    a, b = load_samples(tmp_path / "shared"), load_samples(tmp_path / "separate")
+    columns = ["key", "question_id", "prediction", "score", "kept"]
+    assert a[columns].sort_values(["key", "question_id"]).equals(b[columns].sort_values(["key", "question_id"]))
+    assert a["shared_prefix"].all() and not b["shared_prefix"].any()
+
+
+# ---------------------------------------------------------------- resume
+def test_rerun_skips_points_already_done(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = ("layer=[2,4]", "ratio=[0.1,0.5]")
+    sweep.run(tiny(tiny_dir, tmp_path, *grid))
+    before = {p.name: p.read_text() for p in (tmp_path / "points").iterdir()}
+    monkeypatch.setattr(sweep, "load_model", lambda *a, **k: pytest.fail("a finished sweep loaded the model"))
+    text = sweep.run(tiny(tiny_dir, tmp_path, *grid))
+    assert "0 new, 5 done before" in text
+    assert {p.name: p.read_text() for p in (tmp_path / "points").iterdir()} == before
+    # A larger grid computes only its new points.
+    monkeypatch.undo()
+    text = sweep.run(tiny(tiny_dir, tmp_path, "layer=[2,4]", "ratio=[0.1,0.5,0.75]"))
+    assert "2 new, 5 done before" in text and len(load_results(tmp_path)) == 7
+
+
+def test_crash_loses_at_most_the_batch_in_flight(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the first batch of a 2-batch sweep: the rerun answers only the second batch."""
+    grid = ("layer=[2,4]", "ratio=0.5")
+    appended: list[int] = []
+    original = ResultStore.append_partial
+
+    def crash_on_second_batch(self: ResultStore, key: str, records: Any) -> None:
+        appended.append(len(records))
+        if len(appended) > 3:  # three points answered batch 1; crash in batch 2
+            raise KeyboardInterrupt
+        original(self, key, records)
+
+    monkeypatch.setattr(ResultStore, "append_partial", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(tiny(tiny_dir, tmp_path, *grid))
+    assert not (tmp_path / "points").exists() and len(list((tmp_path / "partial").iterdir())) == 3
+    monkeypatch.undo()
+
+    answered: list[int] = []
+    run_grid = sweep.run_grid
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        answered.extend(len(t) for t in kwargs["todo"])
+        return run_grid(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_grid", counting)
+    sweep.run(tiny(tiny_dir, tmp_path, *grid))
+    assert answered == [2, 2, 2]  # only the second batch (questions 5-6) of each point
+    resumed = load_samples(tmp_path)
+    assert len(resumed) == 3 * 6 and not list((tmp_path / "partial").iterdir())
+    fresh = tmp_path / "fresh"
+    sweep.run(tiny(tiny_dir, fresh, *grid))
+    columns = ["key", "question_id", "prediction", "kept"]
+    order = ["key", "question_id"]
+    assert resumed[columns].sort_values(order).reset_index(drop=True).equals(
+        load_samples(fresh)[columns].sort_values(order).reset_index(drop=True))
+
+
+# ---------------------------------------------------------------- TextVQA
+def write_textvqa(root: Path, answers: list[list[str]]) -> Path:
+    """A TextVQA-format directory (one json + images/<image_id>.jpg), images drawn here."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    data = []
+    for i, (colour, refs) in enumerate(zip(("red", "green", "blue"), answers)):
+        Image.new("RGB", (40, 30), colour).save(root / "images" / f"img{i}.jpg")
+        data.append({"question_id": 100 + i, "question": "what is written on the sign", "image_id": f"img{i}",
+                     "answers": refs, "question_type": "reading"})
+    (root / "TextVQA_tiny_val.json").write_text(json.dumps({"dataset_name": "textvqa", "data": data}))
+    return root
+
+
+def test_textvqa_directory_scored_with_vqa_accuracy(tiny_dir: Path, tmp_path: Path) -> None:
+    """Three of ten humans gave the model's answer: VQA accuracy 0.9 per question (exact match would say 1)."""
+    data = write_textvqa(tmp_path / "textvqa", [["x"] * 10] * 3)
+    cfg = tiny(tiny_dir, tmp_path / "out", "data=textvqa", f"data.path={data}", "data.limit=null", "layer=2",
+               "ratio=0.5", "data.max_new_tokens=2")
+    samples, _ = sweep.load_samples(cfg.data)
+    assert all(s.question.endswith("single word or phrase.") for s in samples)
+    model, processor = load_model(tiny_dir)
+    preds = predict(model, processor, samples, schedule=DropSchedule.drop(2, 0.5), max_new_tokens=2, progress=False)
+    write_textvqa(data, [[p] * 3 + ["zzz"] * 7 for p in preds])
+    sweep.run(cfg)
+    row = load_results(tmp_path / "out").iloc[0]
+    assert row["metric"] == "vqa" and row["n"] == 3 and row["data"] == "textvqa" and row["ci_method"] == "normal"
+    assert row["accuracy"] == pytest.approx(0.9) and row["per_family.reading"] == pytest.approx(0.9)
+    assert list(load_samples(tmp_path / "out")["prediction"]) == preds
+
+
+def test_textvqa_needs_a_path() -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="sweep", overrides=["data=textvqa"])
+    assert OmegaConf.missing_keys(cfg) == {"data.path"}
+
+
+# ---------------------------------------------------------------- configs and launchers
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_expands(experiment: str) -> None:
+    cfg = config(f"experiment={experiment}")
+    points = sweep.schedules_from_config(cfg, 32)
+    assert len(points) > 1 and points[0].is_vanilla
+
+
+def test_redundancy_experiment_is_the_study_grid() -> None:
+    points = sweep.schedules_from_config(config("experiment=redundancy"), 32)
+    drops = [p for p in points if p.method == "drop"]
+    assert len(drops) == 40 and {p.boundaries[0] for p in drops} == {2, 8, 16, 24}
+    assert 0.1 in {p.ratios[0] for p in drops}
+
+
+def test_slurm_launcher_config_composes() -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="sweep", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu" and launcher.gpus_per_node == 1
+
+
+@pytest.mark.slow
+def test_submitit_multirun_writes_rows_and_rerun_skips(tiny_dir: Path, tmp_path: Path, no_model_load: None) -> None:
+    args = [f"model.path={tiny_dir}", "model.num_layers=null", "data.limit=4", f"out={tmp_path}",
+            "timing.repeats=0", "progress=false", "threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "redundancy.sweep", "-m", "hydra/launcher=submitit_local", *args, "layer=1,2", "ratio=0.5"],
+        check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = load_results(tmp_path)
+    assert sorted(df["point"]) == ["drop layer=1 ratio=0.5", "drop layer=2 ratio=0.5"]
+    assert len(list((tmp_path / "multirun").rglob("*_log.out"))) == 2  # two submitit jobs ran them
+    # The rows written by the job processes are found again: a rerun of each point loads nothing.
+    for layer in (1, 2):
+        text = sweep.run(config(*args, f"layer={layer}", "ratio=0.5"))
+        assert "0 new, 1 done before" in text
+
+
+def test_sweep_groups_do_not_shadow_other_entry_points() -> None:
+    """A `model`, `method` or `data` config group beside flops.yaml / train.yaml would turn their
+    `model=` / `method=` keys into group overrides; the sweep's groups live in conf/sweep/."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        assert compose(config_name="flops", overrides=["model=llava-next-7b", "method=fastv"]).model == "llava-next-7b"
+        assert compose(config_name="train", overrides=["method=pdrop"]).method == "pdrop"
