@@ -1,37 +1,53 @@
-"""Prefill latency, ranking overhead and keep-ratio-1 exactness of the drop engine.
+"""Prefill and decode latency, memory, KV cache and ranking overhead of the drop engine.
 
-    python -m redundancy.bench                                    # CPU, micro shape (32 layers, 576 image tokens)
-    python -m redundancy.bench model=llava-1.5-7b device=cuda dtype=bfloat16
+    python -m redundancy.bench checkpoint=<shipped name or HF dir> threads=1  # trained weights, CPU
+    python -m redundancy.bench                                     # random-init micro shape (32 layers, 576 image tokens)
+    python -m redundancy.bench preset=llava-1.5-7b                 # on a GPU: published shape, bfloat16
+    python -m redundancy.bench preset=llava-next-7b out=bench.json
 
-The model is random-initialised with the chosen shapes (timing needs no trained
-weights). Each method's prefill (vision tower + LM prompt pass with a KV cache,
-as the first step of ``generate``) is timed as the median of ``repeats`` runs
-after ``warmup`` runs; on CUDA with synchronised clocks. The ranking overhead is
-measured in separate profiled runs (the engine times its scoring + top-k work)
-and reported as a share of that method's median prefill. The FLOPs-predicted
-speedup uses full-sequence LM FLOPs plus the vision encoder (what the measured
-prefill runs), in the paper's convention (:mod:`redundancy.flops`).
+``checkpoint=`` names a shipped checkpoint or a local HF directory (loaded by
+:func:`redundancy.checkpoints.load_model`; its processor builds the prompts from
+images of the shipped microvqa test set). Without it, ``preset=`` builds a
+random-initialised model of that shape (timing needs no trained weights).
+
+Every method runs the same greedy generation: one prefill (vision tower + LM
+prompt pass with the KV cache, last-token logits, as ``generate`` does) and then
+``new_tokens`` cached decode steps. Methods are interleaved round by round
+(``warmup`` rounds, then ``repeats`` timed rounds) so that drift on a shared
+machine hits them alike; medians are reported. On CUDA the clock is CUDA events.
+Peak memory, the ranking time (scores + top-k, timed by the engine) and the
+keep-ratio-1 check come from separate, untimed runs. The FLOPs-predicted speedup
+comes from :mod:`redundancy.flops` (paper convention, 1 MAC = 1 FLOP).
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
+from PIL import Image
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from redundancy.checkpoints import TEST_SET, load_model
 from redundancy.cli import run_entry
+from redundancy.data import load_dataset
 from redundancy.engine import apply_schedule
-from redundancy.flops import flops_report
+from redundancy.flops import FlopsConfig, flops_report, schedule_from_config
+from redundancy.micro import PROMPT
 from redundancy.models.factory import build_model, config_from_dims
-from redundancy.presets import ModelDims, get_preset
+from redundancy.models.llava_next import next_image_layout
+from redundancy.presets import PRESETS, ModelDims, get_preset
 from redundancy.schedule import DropSchedule
 
 # The CPU stand-in: the micro-LLaVA's depth and image-token count, narrow width.
@@ -55,56 +71,187 @@ MICRO = ModelDims(
     projector_in=64,
     projector_hidden=256,
 )
+MiB = 2**20
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
 class BenchConfig:
-    model: str = "micro"  # micro | a preset of redundancy.presets (random-init with its shapes)
+    """Schema of ``conf/bench.yaml``; see that file for what each key means."""
+
+    checkpoint: str | None = None
+    preset: str = "micro"
     methods: list[str] = field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "drop"])
-    layer: int = 16  # the `drop` point
+    layer: int = 16
     ratio: float = 0.1
-    ranker: str | None = None  # override every method's ranker (None = each method's official default)
-    rank_layer: str | None = None  # override every method's ranking layer: stage_last | next
+    K: int = 2
+    R: float = 0.5
+    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
+    lam: float = 0.5
+    ranker: str | None = None
+    rank_layer: str | None = None
     batch_size: int = 1
+    new_tokens: int = 16
     repeats: int = 10
     warmup: int = 2
-    dtype: str = "float32"
+    dtype: str = "auto"
     attn: str = "sdpa"
     device: str = "auto"
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    threads: int = 0
+    out: str | None = None
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-def schedule_for(method: str, layer: int, ratio: float, **opts: str | None) -> DropSchedule:
-    """The named method at its published defaults; ``opts`` (ranker, rank_layer) override them."""
-    opts = {k: v for k, v in opts.items() if v is not None}
-    builders: dict[str, Callable[[], DropSchedule]] = {
-        "vanilla": DropSchedule.vanilla,
-        "fastv": lambda: DropSchedule.fastv(**opts),
-        "pdrop": lambda: DropSchedule.pdrop(**opts),
-        "drop": lambda: DropSchedule.drop(layer=layer, ratio=ratio, **opts),
-    }
-    if method not in builders:
-        raise ValueError(f"method={method!r} is unknown; choose from {sorted(builders)}")
-    return builders[method]()
+def schedules_for(cfg: BenchConfig) -> dict[str, DropSchedule]:
+    """Each method of ``cfg.methods`` built by :func:`redundancy.flops.schedule_from_config`."""
+    def one(method: str) -> DropSchedule:
+        return schedule_from_config(FlopsConfig(
+            method=method, layer=cfg.layer, ratio=cfg.ratio, K=cfg.K, R=cfg.R, layers=list(cfg.layers), lam=cfg.lam,
+            ranker=cfg.ranker, rank_layer=cfg.rank_layer,
+        ))
+    return {method: one(method) for method in cfg.methods}
 
 
-def random_inputs(model: Any, dims: ModelDims, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """A prompt of ``dims.n_text`` text tokens around one image per sample."""
+def label(schedule: DropSchedule) -> str:
+    """``pdrop layers=8,16,24 lam=0.5 next``: method, parameters and ranking layer."""
+    if schedule.is_vanilla:
+        return "vanilla"
+    def text(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    params = " ".join(f"{k}={text(v)}" for k, v in schedule.params.items())
+    return f"{schedule.method} {params} {schedule.rank_layer}"
+
+
+# ------------------------------------------------------------------ subject
+@dataclass
+class Subject:
+    """The model under test, its prompt batch and the sizes its FLOPs are counted with."""
+
+    model: Any
+    inputs: dict[str, torch.Tensor]
+    dims: ModelDims  # n_image / n_text of the batch's first row, crops of its image
+    weights: str  # "trained" | "random init"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r} is unknown; choose one of {['auto', *_DTYPES]}")
+    return _DTYPES[name]
+
+
+def preset_dims(name: str) -> ModelDims:
+    return MICRO if name == "micro" else get_preset(name)
+
+
+def load_subject(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> Subject:
+    """A trained model (``cfg.checkpoint``) with processor inputs, or a random-init ``cfg.preset``."""
+    if cfg.checkpoint is not None:
+        if cfg.checkpoint == "micro" or cfg.checkpoint in PRESETS:
+            raise ValueError(f"checkpoint={cfg.checkpoint!r} is a preset shape: use preset={cfg.checkpoint} (random init)")
+        model, processor = load_model(cfg.checkpoint, dtype=dtype, device=device, attn_implementation=cfg.attn)
+        inputs, weights, name = processor_inputs(processor, cfg.batch_size), "trained", cfg.checkpoint
+    else:
+        dims = preset_dims(cfg.preset)
+        family = "llava_next" if "next" in cfg.preset else "llava"
+        with torch.device(device):  # initialise on the device: a 7B model in seconds, not minutes
+            model = build_model(config_from_dims(dims, family), attn_implementation=cfg.attn, dtype=dtype, seed=cfg.seed)
+        inputs, weights, name = random_inputs(model, dims.n_text, cfg.batch_size, cfg.seed), "random init", dims.name
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    ids = inputs["input_ids"]
+    n_image = int((ids[0] == model.config.image_token_id).sum())
+    pixels = inputs["pixel_values"]
+    crops = pixels.shape[1] if pixels.dim() == 5 else 1
+    dims = ModelDims.from_hf_config(model.config, n_image=n_image, n_text=ids.shape[1] - n_image, name=name,
+                                    vision_crops=crops)
+    return Subject(model, inputs, dims, weights)
+
+
+def random_inputs(model: Any, n_text: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """``n_text`` random text tokens around one random image per sample, no padding.
+    A LLaVA-NeXT image has the largest any-res resolution (base image + every crop)."""
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
-    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-    pre = dims.n_text // 2
-    text = torch.randint(1, cfg.text_config.vocab_size - 1, (batch_size, dims.n_text), generator=gen)
+    size, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    out: dict[str, torch.Tensor] = {}
+    if cfg.model_type == "llava_next":
+        h, w = max(cfg.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        base, high = next_image_layout(h, w, size, patch, cfg.image_grid_pinpoints)
+        n_img = base[0] * base[1] + high[0] * high[1]
+        crops = image_size_to_num_patches((h, w), cfg.image_grid_pinpoints, size)
+        out["pixel_values"] = torch.randn(batch_size, crops, 3, size, size, generator=gen)
+        out["image_sizes"] = torch.tensor([[h, w]] * batch_size)
+    else:
+        n_img = (size // patch) ** 2
+        out["pixel_values"] = torch.randn(batch_size, 3, size, size, generator=gen)
+    text = torch.randint(1, cfg.text_config.vocab_size, (batch_size, n_text), generator=gen)
+    text[text == cfg.image_token_id] = 1
     image = torch.full((batch_size, n_img), cfg.image_token_id)
-    ids = torch.cat([text[:, :pre], image, text[:, pre:]], dim=1)
-    size = cfg.vision_config.image_size
-    pixels = torch.randn(batch_size, 3, size, size, generator=gen)
-    device, dtype = model.device, next(model.parameters()).dtype
-    return {"input_ids": ids.to(device), "pixel_values": pixels.to(device, dtype)}
+    out["input_ids"] = torch.cat([text[:, : n_text // 2], image, text[:, n_text // 2 :]], dim=1)
+    return out
+
+
+def processor_inputs(processor: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    """The first ``batch_size`` questions of the shipped microvqa test set, left-padded by the processor,
+    in the processor's chat template (the LLaVA-1.5 prompt when it has none)."""
+    samples = load_dataset(TEST_SET)[:batch_size]
+
+    def prompt(question: str) -> str:
+        if getattr(processor, "chat_template", None):
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+            return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return PROMPT.format(question=question)
+
+    images = [Image.open(s.image_path).convert("RGB") for s in samples]
+    batch = processor(images=images, text=[prompt(s.question) for s in samples], return_tensors="pt", padding=True)
+    return dict(batch)
+
+
+# ------------------------------------------------------------------- timing
+class Clock:
+    """Marks on the device's timeline: CUDA events on a GPU, ``perf_counter`` elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+@dataclass(frozen=True)
+class Run:
+    """One generation: prefill seconds, decode seconds (all steps), KV-cache bytes after prefill."""
+
+    prefill_s: float
+    decode_s: float
+    kv_bytes: int
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of every layer's keys and values (the engine's stages cache different lengths)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def _sync(device: torch.device) -> None:
@@ -113,94 +260,318 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def prefill(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def prefill(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
     """One prompt pass as ``generate`` does it: KV cache on, last-token logits."""
-    return model(**inputs, use_cache=True, logits_to_keep=1).logits
+    return model(**inputs, use_cache=True, logits_to_keep=1)
 
 
-def time_prefill(model: Any, inputs: dict[str, torch.Tensor], repeats: int, warmup: int) -> list[float]:
-    """Wall seconds of ``repeats`` prefills after ``warmup`` (synchronised clocks)."""
-    out = []
-    for i in range(warmup + repeats):
-        _sync(model.device)
-        start = time.perf_counter()
-        prefill(model, inputs)
-        _sync(model.device)
-        if i >= warmup:
-            out.append(time.perf_counter() - start)
-    return out
+@torch.no_grad()
+def generate_greedy(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int, clock: Clock) -> Run:
+    """Greedy generation of ``new_tokens`` tokens after the prompt (EOS ignored), cache on."""
+    _sync(model.device)
+    start = clock.mark()
+    out = prefill(model, inputs)
+    prefilled = clock.mark()
+    cache = out.past_key_values
+    kv = cache_bytes(cache)
+    token = out.logits[:, -1:].argmax(-1)  # [batch, 1]
+    mask = inputs.get("attention_mask")
+    for _ in range(new_tokens):
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    end = clock.mark()
+    _sync(model.device)
+    return Run(clock.seconds(start, prefilled), clock.seconds(prefilled, end), kv)
+
+
+def installed(model: Any, schedule: DropSchedule, **opts: Any) -> contextlib.AbstractContextManager[Any]:
+    """The engine with ``schedule``; the unmodified model for vanilla."""
+    return contextlib.nullcontext() if schedule.is_vanilla else apply_schedule(model, schedule, trace=False, **opts)
+
+
+def time_rounds(subject: Subject, schedules: dict[str, DropSchedule], cfg: BenchConfig) -> dict[str, list[Run]]:
+    """``warmup`` then ``repeats`` rounds; each round runs every method once, in order."""
+    clock = Clock(subject.model.device)
+    runs: dict[str, list[Run]] = {name: [] for name in schedules}
+    for round_ in range(cfg.warmup + cfg.repeats):
+        for name, schedule in schedules.items():
+            with installed(subject.model, schedule):
+                run_ = generate_greedy(subject.model, subject.inputs, cfg.new_tokens, clock)
+            if round_ >= cfg.warmup:
+                runs[name].append(run_)
+    return runs
+
+
+def ranking_seconds(subject: Subject, schedule: DropSchedule, runs: int) -> float:
+    """Median time the engine spends ranking in one prefill (profiled, synchronised runs)."""
+    if schedule.is_vanilla:
+        return 0.0
+    seconds = []
+    with installed(subject.model, schedule, profile=True) as trace:
+        for _ in range(runs):
+            prefill(subject.model, subject.inputs)
+            seconds.append(trace.ranking_seconds)
+    return statistics.median(seconds)
+
+
+def peak_bytes(subject: Subject, schedule: DropSchedule, new_tokens: int) -> int | None:
+    """Peak memory of one generation above what was allocated before it (activations, cache,
+    workspaces; not the weights). CUDA: the caching allocator's counters. CPU: the allocations
+    recorded by ``torch.profiler`` (None where that record is unavailable)."""
+    model, device = subject.model, subject.model.device
+    clock = Clock(device)
+    with installed(model, schedule):
+        if device.type == "cuda":
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            generate_greedy(model, subject.inputs, new_tokens, clock)
+            return torch.cuda.max_memory_allocated(device) - before
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            generate_greedy(model, subject.inputs, new_tokens, clock)
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # a torch without the kineto record
+        return None
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        level += e.nbytes()  # allocations positive, frees negative
+        peak = max(peak, level)
+    return peak
 
 
 @torch.no_grad()
 def keep_all_max_diff(model: Any, inputs: dict[str, torch.Tensor]) -> float:
     """Max |logit| difference between the unmodified model and the engine at keep ratio 1
     (PyramidDrop with lam = 1 at the quarter layers), over every real position of a
-    batch of two whose second row is left-padded by up to 5 tokens (so masks are exercised)."""
+    batch of two copies of the first sample whose second row is left-padded by up to 5 more
+    tokens (so masks are exercised)."""
     layers = model.config.text_config.num_hidden_layers
     quarters = sorted({max(1, layers * q // 4) for q in (1, 2, 3)})  # 8, 16, 24 for 32 layers
-    ids = inputs["input_ids"][:1].repeat(2, 1)
-    mask = torch.ones_like(ids)
+    batch = {k: v[:1].repeat(2, *[1] * (v.dim() - 1)) for k, v in inputs.items()}
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids)).clone()
     first_image = int((ids[0] == model.config.image_token_id).nonzero()[0])
     pad = max(0, min(5, first_image - 1))  # pad only text before the image
     ids[1, :pad], mask[1, :pad] = 0, 0
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs["pixel_values"][:1].repeat(2, 1, 1, 1)}
+    batch["attention_mask"] = mask
     ref = model(**batch).logits.float()
     with apply_schedule(model, DropSchedule.pdrop(layers=quarters, lam=1.0)):
         out = model(**batch).logits.float()
     return float((out - ref)[mask.bool()].abs().max())
 
 
-def run(cfg: BenchConfig) -> str:
+# ------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class Setup:
+    """What was measured, on what: the header of the report and of every written row."""
+
+    model: str
+    weights: str
+    layers: int
+    hidden: int
+    n_image: int
+    n_text: int
+    prompt_length: int
+    batch_size: int
+    dtype: str
+    attn: str
+    device: str
+    threads: int
+    repeats: int
+    warmup: int
+    new_tokens: int
+    keep1_max_logit_diff: float
+    torch_version: str = torch.__version__
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method's figures. Times are medians; speedups are relative to ``vanilla``
+    (None when vanilla was not run); bytes are per batch."""
+
+    method: str
+    label: str
+    stage_counts: list[int]  # image tokens per stage (first row)
+    prefill_ms: float
+    decode_ms_per_token: float | None
+    kv_cache_bytes: int
+    peak_bytes: int | None
+    prefill_samples_per_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float | None
+    predicted_speedup: float  # prefill FLOPs (LM full sequence + ranking + vision) vanilla / method
+    predicted_speedup_lm: float  # LM full-sequence FLOPs vanilla / method (flops.py's full_sequence_ratio)
+    ranking_ms: float
+    ranking_share: float  # ranking_ms / prefill_ms
+    schedule: dict[str, Any]
+    speedup: float | None = None
+    percent_of_predicted: float | None = None  # 100 * speedup / predicted_speedup
+    decode_speedup: float | None = None
+
+
+def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: int, ranking_s: float,
+              peak: int | None, subject: Subject) -> MethodResult:
+    """The figures of one method from its timed runs; FLOPs from :func:`redundancy.flops.flops_report`."""
+    batch, length = subject.inputs["input_ids"].shape
+    report = flops_report(subject.dims, schedule)
+    prefill_s = statistics.median(r.prefill_s for r in runs)
+    per_token = statistics.median(r.decode_s for r in runs) / new_tokens if new_tokens else None
+    return MethodResult(
+        method=name,
+        label=label(schedule),
+        stage_counts=list(report.stage_counts),
+        prefill_ms=1e3 * prefill_s,
+        decode_ms_per_token=None if per_token is None else 1e3 * per_token,
+        kv_cache_bytes=runs[-1].kv_bytes,
+        peak_bytes=peak,
+        prefill_samples_per_s=batch / prefill_s,
+        prefill_tokens_per_s=batch * length / prefill_s,
+        decode_tokens_per_s=None if per_token is None else batch / per_token,
+        predicted_speedup=(report.vanilla_full_sequence + report.vision)
+        / (report.full_sequence + report.ranking + report.vision),
+        predicted_speedup_lm=1.0 / report.full_sequence_ratio,
+        ranking_ms=1e3 * ranking_s,
+        ranking_share=ranking_s / prefill_s,
+        schedule=schedule.record(),
+    )
+
+
+def against_vanilla(results: list[MethodResult]) -> list[MethodResult]:
+    """The results with their speedups relative to the vanilla row filled in (unchanged without one)."""
+    base = next((r for r in results if r.method == "vanilla"), None)
+    if base is None:
+        return results
+    out = []
+    for r in results:
+        speedup = base.prefill_ms / r.prefill_ms
+        decode = None
+        if base.decode_ms_per_token is not None and r.decode_ms_per_token is not None:
+            decode = base.decode_ms_per_token / r.decode_ms_per_token
+        out.append(replace(r, speedup=speedup, percent_of_predicted=100 * speedup / r.predicted_speedup,
+                           decode_speedup=decode))
+    return out
+
+
+# header, width (the method column's is computed), formatter
+_COLUMNS: tuple[tuple[str, int, Callable[[MethodResult], str]], ...] = (
+    ("method", 0, lambda r: r.label),
+    ("prefill ms", 11, lambda r: f"{r.prefill_ms:.2f}"),
+    ("speedup", 8, lambda r: _opt(r.speedup, ".2f")),
+    ("FLOPs-pred.", 11, lambda r: f"{r.predicted_speedup:.2f}"),
+    ("% of pred.", 10, lambda r: _opt(r.percent_of_predicted, ".1f", "%")),
+    ("decode ms/tok", 13, lambda r: _opt(r.decode_ms_per_token, ".2f")),
+    ("dec. speedup", 12, lambda r: _opt(r.decode_speedup, ".2f")),
+    ("KV MiB", 8, lambda r: f"{r.kv_cache_bytes / MiB:.2f}"),
+    ("peak MiB", 9, lambda r: _opt(None if r.peak_bytes is None else r.peak_bytes / MiB, ".1f")),
+    ("samples/s", 10, lambda r: f"{r.prefill_samples_per_s:.2f}"),
+    ("ranking ms", 11, lambda r: f"{r.ranking_ms:.3f}"),
+    ("ranking %", 10, lambda r: f"{100 * r.ranking_share:.2f}%"),
+)
+
+
+def _opt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(results: list[MethodResult]) -> list[str]:
+    """A header and one row per method; the method column fits the longest label (left-aligned)."""
+    widths = [w for _, w, _ in _COLUMNS]
+    widths[0] = max(len(_COLUMNS[0][0]), *(len(r.label) for r in results))
+
+    def row(cells: list[str]) -> str:
+        return " ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+    return [row([h for h, _, _ in _COLUMNS]), *(row([f(r) for _, _, f in _COLUMNS]) for r in results)]
+
+
+def write_results(path: Path, setup: Setup, results: list[MethodResult]) -> None:
+    """``.json``: the setup and one record per method; ``.csv``: one row per method, setup columns first."""
+    rows, head = [asdict(r) for r in results], asdict(setup)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps({"setup": head, "methods": rows}, indent=1) + "\n")
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            flat = [{**head, **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()}}
+                    for r in rows]
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+    else:
+        raise ValueError(f"out={str(path)!r} must end in .json or .csv")
+
+
+# --------------------------------------------------------------------- entry
+def check(cfg: BenchConfig) -> None:
+    """Refuse bad values before any model is built."""
+    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.new_tokens < 0 or cfg.batch_size < 1:
+        raise ValueError("repeats and batch_size must be >= 1, warmup and new_tokens >= 0")
+    if cfg.out is not None and Path(cfg.out).suffix not in (".json", ".csv"):
+        raise ValueError(f"out={cfg.out!r} must end in .json or .csv")
+    if cfg.checkpoint is None:
+        for schedule in schedules_for(cfg).values():
+            schedule.validate_for(preset_dims(cfg.preset).num_layers)
+
+
+def measure(cfg: BenchConfig) -> tuple[Setup, list[MethodResult]]:
+    """Build or load the model, then time, profile and summarise every method."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    dims = MICRO if cfg.model == "micro" else get_preset(cfg.model)
-    family = "llava_next" if "next" in cfg.model else "llava"
-    schedules = {m: schedule_for(m, cfg.layer, cfg.ratio, ranker=cfg.ranker, rank_layer=cfg.rank_layer) for m in cfg.methods}
-    for s in schedules.values():
-        s.validate_for(dims.num_layers)
-    model = build_model(config_from_dims(dims, "llava"), attn_implementation=cfg.attn,
-                        dtype=getattr(torch, cfg.dtype), seed=cfg.seed).to(device)
-    if family != "llava":
-        print("note: timing uses the LLaVA-1.5 packing with the preset's image-token count", file=sys.stderr)
-    inputs = random_inputs(model, dims, cfg.batch_size, cfg.seed)
-    n_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    dims_run = ModelDims.from_hf_config(model.config, n_image=n_image, n_text=dims.n_text, name=dims.name)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    schedules = schedules_for(cfg)
+    subject = load_subject(cfg, device, dtype)
+    for schedule in schedules.values():
+        schedule.validate_for(subject.dims.num_layers)
 
-    lines = [
-        f"model {dims.name}: {dims.num_layers} layers, d={dims.hidden}, {n_image} image + {dims.n_text} text tokens, "
-        f"batch {cfg.batch_size}, {cfg.dtype}, {cfg.attn}, {device}, threads={torch.get_num_threads()}",
-        f"max |logit diff| at keep ratio 1 vs unmodified model (left-padded batch of 2): {keep_all_max_diff(model, inputs):.3e}",
-        f"{'method':<44} {'prefill ms':>11} {'speedup':>8} {'FLOPs-pred.':>11} {'ranking ms':>11} {'ranking %':>10}",
-    ]
-    base_ms = None
-    for name, schedule in schedules.items():
-        if name == "vanilla" or schedule.is_vanilla:
-            times = time_prefill(model, inputs, cfg.repeats, cfg.warmup)
-            rank_ms = 0.0
-        else:
-            with apply_schedule(model, schedule, trace=False):
-                times = time_prefill(model, inputs, cfg.repeats, cfg.warmup)
-            ranking = []
-            with apply_schedule(model, schedule, trace=False, profile=True) as trace:
-                for _ in range(max(3, cfg.repeats // 2)):
-                    prefill(model, inputs)
-                    ranking.append(trace.ranking_seconds)
-            rank_ms = statistics.median(ranking) * 1e3
-        ms = statistics.median(times) * 1e3
-        report = flops_report(dims_run, schedule)
-        predicted = (report.vanilla_full_sequence + report.vision) / (
-            report.full_sequence + report.ranking + report.vision
-        )
-        base_ms = base_ms or (ms if schedule.is_vanilla else None)
-        speed = f"{base_ms / ms:8.2f}" if base_ms else f"{'-':>8}"
-        pred = f"{predicted:11.2f}"
-        label = name if schedule.is_vanilla else f"{name} {schedule.params} {schedule.rank_layer}"
-        lines.append(f"{label:<44} {ms:11.2f} {speed} {pred} {rank_ms:11.3f} {100 * rank_ms / ms:9.2f}%")
-    lines.append("prefill = vision tower + LM prompt pass with KV cache; median of "
-                 f"{cfg.repeats} after {cfg.warmup} warm-up; FLOPs-pred. = vanilla / method (full-sequence LM + ranking + vision FLOPs, eq. 4)")
-    return "\n".join(lines)
+    diff = keep_all_max_diff(subject.model, subject.inputs)
+    runs = time_rounds(subject, schedules, cfg)
+    results = against_vanilla([
+        summarise(name, s, runs[name], cfg.new_tokens, ranking_seconds(subject, s, max(3, cfg.repeats // 2)),
+                  peak_bytes(subject, s, cfg.new_tokens), subject)
+        for name, s in schedules.items()
+    ])
+    dims, (batch, length) = subject.dims, subject.inputs["input_ids"].shape
+    setup = Setup(
+        model=dims.name, weights=subject.weights, layers=dims.num_layers, hidden=dims.hidden, n_image=dims.n_image,
+        n_text=dims.n_text, prompt_length=length, batch_size=batch, dtype=str(dtype).removeprefix("torch."),
+        attn=cfg.attn, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(), repeats=cfg.repeats, warmup=cfg.warmup, new_tokens=cfg.new_tokens,
+        keep1_max_logit_diff=diff,
+    )
+    return setup, results
+
+
+def format_report(setup: Setup, results: list[MethodResult]) -> str:
+    cuda = setup.device != "cpu"
+    clock = " (CUDA events)" if cuda else ""
+    memory = ("max allocated during the generation minus before it (CUDA allocator)" if cuda
+              else "max of the allocations torch.profiler records during the generation (CPU tensors)")
+    return "\n".join([
+        f"model {setup.model} ({setup.weights}): {setup.layers} layers, d={setup.hidden}, {setup.n_image} image + "
+        + f"{setup.n_text} text tokens, batch {setup.batch_size}, {setup.dtype}, {setup.attn}, {setup.device}, "
+        + f"threads={setup.threads}",
+        "max |logit diff| at keep ratio 1 vs unmodified model (left-padded batch of 2): "
+        + f"{setup.keep1_max_logit_diff:.3e}",
+        *format_table(results),
+        f"prefill = vision tower + LM prompt pass with KV cache; decode = {setup.new_tokens} greedy cached steps; "
+        + f"medians of {setup.repeats} interleaved rounds after {setup.warmup} warm-up{clock}",
+        "FLOPs-pred. = vanilla / method prefill FLOPs (full-sequence LM + ranking + vision, eq. 4, redundancy.flops); "
+        + "% of pred. = measured / predicted speedup",
+        f"KV = keys + values of every layer after prefill; peak = {memory}; samples/s = prefill throughput",
+    ])
+
+
+def run(cfg: BenchConfig) -> str:
+    """Measure every method of ``cfg``; the printed report (figures also written to ``cfg.out``)."""
+    check(cfg)
+    setup, results = measure(cfg)
+    if cfg.out is not None:
+        write_results(Path(cfg.out), setup, results)
+    return format_report(setup, results)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="bench")
