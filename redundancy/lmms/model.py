@@ -1,0 +1,213 @@
+"""The lmms-eval model ``redundancy_llava``: a llava-hf checkpoint answering under a drop schedule.
+
+    python -m lmms_eval --model redundancy_llava \\
+        --model_args pretrained=path/to/llava-1.5-7b-hf,method=pdrop,lam=0.5 --tasks textvqa_val
+
+Model arguments (``--model_args key=value,...``):
+
+* ``pretrained``: a local HF directory (``LlavaForConditionalGeneration`` or
+  ``LlavaNextForConditionalGeneration``) or a shipped checkpoint name, loaded offline by
+  :func:`redundancy.checkpoints.load_model`.
+* ``method``: ``vanilla`` (default), ``drop`` (``layer``, ``ratio``), ``fastv`` (``K``, ``R``) or
+  ``pdrop`` (``layers``, ``lam`` or ``ratios``; lists written ``layers=[8,16,24]``), with the
+  options ``ranker``, ``rank_layer``, ``positions``, ``seed``. What is left out keeps the
+  :class:`~redundancy.schedule.DropSchedule` builder's default (the method's official
+  choice); a key the method does not take is an error, never ignored.
+* ``dtype`` (default ``float32`` on CPU, ``bfloat16`` on CUDA), ``attn_implementation``
+  (``sdpa``), and lmms-eval's own ``--device`` / ``--batch_size``.
+
+Answers are greedy whatever the task asks for (the study's decoding); ``max_new_tokens``
+and the stop strings ``until`` come from the task. The prompt is one user turn in the
+checkpoint's chat template (the image placeholders, then the task's text), LLaVA-1.5's
+when the processor has none. The schedule's
+:meth:`~redundancy.schedule.DropSchedule.record` is logged when the model is built;
+lmms-eval keeps the ``model_args`` string in its results (``config.model_args``) and
+offers no hook for more.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from loguru import logger
+from PIL import Image
+from tqdm.auto import tqdm
+
+from redundancy.checkpoints import load_model
+from redundancy.engine import apply_schedule
+from redundancy.evaluate import batches
+from redundancy.micro import CHAT_TEMPLATE
+from redundancy.schedule import DropSchedule
+
+IMAGE = "<image>"
+BUILDERS: dict[str, Callable[..., DropSchedule]] = {
+    "vanilla": DropSchedule.vanilla,
+    "drop": DropSchedule.drop,
+    "fastv": DropSchedule.fastv,
+    "pdrop": DropSchedule.pdrop,
+}
+OPTIONS = ("ranker", "rank_layer", "positions", "seed")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def schedule_from_args(method: str = "vanilla", **args: Any) -> DropSchedule:
+    """The schedule that lmms-eval model arguments name: ``method``, its builder's own
+    parameters and the ranking options; lists may arrive as strings (``"[8,16,24]"``)."""
+    if method not in BUILDERS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(BUILDERS)}")
+    builder = BUILDERS[method]
+    params = [p for p in inspect.signature(builder).parameters if p != "opts"]
+    unknown = sorted(set(args) - set(params) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"method={method} takes {params + list(OPTIONS)}; unknown argument(s) {unknown}")
+    return builder(**{k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in args.items()})
+
+
+def cut(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+class RedundancyLlava(lmms):
+    """A llava-hf checkpoint under a :class:`DropSchedule`, for lmms-eval's image tasks."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        method: str = "vanilla",
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 1,
+        attn_implementation: str = "sdpa",
+        max_batch_size: int | None = None,  # lmms-eval passes it; batches are fixed-size here
+        **method_args: Any,
+    ) -> None:
+        super().__init__()
+        self.schedule = schedule_from_args(method, **method_args)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+        if not str(batch_size).isdigit():
+            raise ValueError(f"batch_size={batch_size!r}: give a number (no automatic batch size)")
+        self.batch_size_per_gpu = int(batch_size)
+        self.model, self.processor = load_model(
+            str(pretrained), dtype=getattr(torch, dtype), device=device, attn_implementation=attn_implementation
+        )
+        self.schedule.validate_for(self.model.config.text_config.num_hidden_layers)
+        self.processor.tokenizer.padding_side = "left"  # batched generation
+        if self.processor.chat_template is None:
+            self.processor.chat_template = CHAT_TEMPLATE  # LLaVA-1.5's conversation format
+        self._warned_sampling = False
+        logger.info(f"redundancy schedule: {json.dumps(self.schedule.record())}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    # ------------------------------------------------------------------ inputs
+    def prompt(self, context: str, n_images: int) -> str:
+        """One user turn: the images, then ``context``; a context that carries its own
+        ``<image>`` markers keeps the images where it puts them."""
+        if IMAGE in context:
+            content: list[dict[str, str]] = []
+            for i, piece in enumerate(context.split(IMAGE)):
+                if i:
+                    content.append({"type": "image"})
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip()})
+        else:
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _images(self, doc_to_visual: Callable, doc_id: int, task: str, split: str) -> list[Image.Image]:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+        for v in visuals:
+            if not isinstance(v, Image.Image):
+                raise NotImplementedError(f"task {task}: only image inputs are supported, got {type(v).__name__}")
+        return [v.convert("RGB") for v in visuals]
+
+    def _inputs(self, images: list[Image.Image], texts: list[str]) -> Any:
+        inputs = self.processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+        return inputs.to(self.model.device, self.model.dtype)
+
+    # ---------------------------------------------------------------- requests
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy answers, batched (left padding) among requests with the same task and
+        generation settings, returned in request order."""
+        args = [r.args for r in requests]
+        groups: dict[str, list[int]] = {}
+        for i, (_, gen_kwargs, _, _, task, split) in enumerate(args):
+            groups.setdefault(json.dumps([task, split, gen_kwargs], sort_keys=True, default=str), []).append(i)
+        answers = [""] * len(args)
+        with (
+            apply_schedule(self.model, self.schedule, trace=False),
+            tqdm(total=len(args), desc="answering", disable=self.rank != 0) as bar,
+        ):
+            for rows in groups.values():
+                for chunk in batches(rows, self.batch_size):
+                    for i, answer in zip(chunk, self._generate([args[i] for i in chunk])):
+                        answers[i] = answer
+                    bar.update(len(chunk))
+        return answers
+
+    def _generate(self, chunk: Sequence[tuple]) -> list[str]:
+        gen_kwargs: dict[str, Any] = chunk[0][1]
+        self._warn_if_sampling(gen_kwargs)
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        images: list[Image.Image] = []
+        texts = []
+        for context, _, doc_to_visual, doc_id, task, split in chunk:
+            visuals = self._images(doc_to_visual, doc_id, task, split)
+            images += visuals
+            texts.append(self.prompt(context, len(visuals)))
+        inputs = self._inputs(images, texts)
+        max_new_tokens = int(gen_kwargs.get("max_new_tokens", 1024))  # lmms-eval's llava_hf default
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [cut(a, until).strip() for a in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _warn_if_sampling(self, gen_kwargs: dict[str, Any]) -> None:
+        sampling = gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0
+        if (sampling or int(gen_kwargs.get("num_beams") or 1) > 1) and not self._warned_sampling:
+            logger.warning(f"the task asks for {gen_kwargs}; redundancy_llava decodes greedily")
+            self._warned_sampling = True
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """``(log p(continuation | context, images), continuation is the greedy one)`` under
+        the schedule. The context is labelled ``-100`` so the engine ranks with its last
+        token, the same query as in generation."""
+        results = []
+        with apply_schedule(self.model, self.schedule, trace=False):
+            for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+                continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+                images = self._images(doc_to_visual, doc_id, task, split)
+                prompt = self.prompt(context, len(images))
+                n_context = self._inputs(images, [prompt])["input_ids"].shape[1]
+                inputs = self._inputs(images, [prompt + continuation])
+                ids = inputs["input_ids"]
+                labels = ids.clone()
+                labels[:, :n_context] = -100
+                logits = self.model(**inputs, labels=labels).logits[0, n_context - 1 : -1].float()  # [cont, vocab]
+                wanted = ids[0, n_context:]
+                logprob = F.log_softmax(logits, dim=-1).gather(1, wanted[:, None]).sum()
+                results.append((float(logprob), bool((logits.argmax(-1) == wanted).all())))
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("redundancy_llava answers single-round tasks only")
