@@ -24,11 +24,13 @@ def test_shipped_checkpoint_answers_held_out_questions(name: str, monkeypatch: p
         assert f.stat().st_size < 25 * 2**20, f"{f.name} exceeds 25 MiB"
     model, processor = load_model(name)
     assert model.config.text_config.num_hidden_layers == 32
-    samples = load_dataset(TEST_SET)[:32]
+    samples = load_dataset(TEST_SET)[:64]
     with torch.no_grad():
         preds = predict(model, processor, samples, batch_size=32, progress=False)
     accuracy = sum(score(p, s.answers, "exact") for p, s in zip(preds, samples)) / len(samples)
     card = json.loads((SHIPPED / name / "card.json").read_text())
-    # The card's accuracy was measured on the whole test set; 32 questions agree with it roughly.
-    assert accuracy >= card["test_accuracy"]["accuracy"] - 0.25
-    assert accuracy > 0.5
+    # The card's accuracy was measured on the whole test set; 64 questions agree with it roughly.
+    assert abs(accuracy - card["test_accuracy"]["accuracy"]) < 0.15
+    # Guessing scores about 0.17 over the four families (1/8, 1/25, ~0.35, 1/6); the shipped
+    # models are weak (see their cards) but answer from the image, well above that.
+    assert accuracy > 0.25
