@@ -29,6 +29,8 @@ How it works (``docs/method.md`` sections 2-6):
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -268,6 +270,7 @@ class DropEngine:
                 self.model.register_forward_pre_hook(self._capture_labels, with_kwargs=True),
             ]
             self._undo.extend(h.remove for h in hooks)
+            self._wrap_image_features()
         except BaseException:
             self.detach()
             raise
@@ -277,10 +280,37 @@ class DropEngine:
             self._undo.pop()()
         self._state = None
 
+    def _wrap_image_features(self) -> None:
+        """``generate`` encodes the images itself and drops the layout inputs (LLaVA-NeXT's
+        ``image_sizes``) from the forward call, so they are also captured where the images
+        are encoded."""
+        multimodal = self.adapter.multimodal
+        encode = getattr(multimodal, "get_image_features", None)
+        if encode is None:
+            return
+        previous = multimodal.__dict__.get("get_image_features")
+        names = self.adapter.layout_inputs
+        params = list(inspect.signature(encode).parameters)
+
+        @functools.wraps(encode)  # generate reads the signature to route the image inputs
+        def capture(*args: Any, **kwargs: Any) -> Any:
+            for name in names:
+                value = kwargs.get(name, args[params.index(name)] if name in params[: len(args)] else None)
+                if value is not None:
+                    self._pending[name] = value
+            return encode(*args, **kwargs)
+
+        multimodal.get_image_features = capture
+        self._undo.append(
+            lambda: setattr(multimodal, "get_image_features", previous) if previous is not None
+            else delattr(multimodal, "get_image_features")
+        )
+
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["input_ids"] = kwargs.get("input_ids", args[0] if args else None)
         for name in self.adapter.layout_inputs:
-            self._pending[name] = kwargs.get(name)
+            if kwargs.get(name) is not None or name not in self._pending:
+                self._pending[name] = kwargs.get(name)
 
     def _capture_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["labels"] = kwargs.get("labels")

@@ -40,3 +40,19 @@ def test_batched_equals_one_by_one(family: str, schedule: DropSchedule) -> None:
                 assert torch.equal(record.kept[0], kept[row][b]), (row, b)
     if family == "llava_next":
         assert len({c[0] for c in counts}) > 1, "rows should hold different image-token counts"
+
+
+def test_next_layout_reaches_the_uniform_control_under_generate() -> None:
+    """``generate`` encodes LLaVA-NeXT images itself and calls the forward without
+    ``image_sizes``; the uniform control must still see each image's crop grid, so the
+    tokens it keeps under ``generate`` are those of a plain forward."""
+    model = tiny_model("llava_next")
+    batch = make_batch(model, [(3, 4), (2, 5)], image_hw=[(40, 60), (60, 30)])
+    schedule = DropSchedule.drop(layer=2, ratio=0.5, ranker="uniform")
+    with torch.no_grad(), apply_schedule(model, schedule) as trace:
+        model(**batch)
+        forward_kept = [k.clone() for k in trace.boundaries[0].kept]
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        generate_kept = trace.boundaries[0].kept
+    for fwd, gen in zip(forward_kept, generate_kept):
+        assert torch.equal(fwd, gen)
