@@ -1,0 +1,189 @@
+"""Rebuild every figure and table of the study from recorded results; nothing is recomputed.
+
+    python -m redundancy.figures                  # results/sweep, results/maps -> results/figures, results/tables
+    python -m redundancy.figures results=<dir>    # another results folder
+
+Inputs: the sweep's rows (``store``, by default ``<results>/sweep``; :func:`redundancy.results.load_results`;
+the studies' commands are the header comments of ``conf/sweep/experiment/fig*.yaml`` / ``table*.yaml``), the
+attention-map artefacts (``<results>/maps/*.npz``, ``python -m redundancy.maps``) and the shipped
+checkpoints' cards. Figures are written as PDF (vector) and PNG (preview), tables as Markdown and CSV.
+What a figure needs but the results lack is listed as ``missing``; a figure with no rows at all is
+``skipped``. Settings: ``conf/figures.yaml``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import matplotlib
+import pandas as pd
+from hydra.core.config_store import ConfigStore
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+
+from redundancy.cli import run_entry
+from redundancy.plots import curves, images, tables
+from redundancy.plots.frames import MissingInput, NothingToDraw
+from redundancy.plots.records import MapRecord, load_all_maps
+from redundancy.plots.style import save_figure
+from redundancy.results import load_results, load_samples
+
+
+@dataclass
+class FiguresConfig:
+    results: str = "results"
+    store: str = "${results}/sweep"
+    maps: str = "${results}/maps"
+    figures: str = "${results}/figures"
+    tables: str = "${results}/tables"
+    data: str = "microvqa"
+    model: str = "micro-llava-vanilla"
+    trained: list[str] = field(default_factory=lambda: ["micro-llava-vanilla", "micro-llava-pdrop"])
+    trained_labels: list[str] = field(default_factory=lambda: ["vanilla-trained", "PyramidDrop-trained"])
+    layers: list[int] = field(default_factory=lambda: [2, 8, 16, 24])
+    ranker: str = "last"
+    control: str | None = "random"
+    fastv_K: int = 2
+    pdrop_layers: list[int] = field(default_factory=lambda: [8, 16, 24])
+    budgets: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    inference: list[str] = field(default_factory=lambda: list(tables.INFERENCE_POINTS))
+    lambdas: list[float] = field(default_factory=lambda: list(tables.LAMBDAS))
+    map_layers: list[int] = field(default_factory=lambda: [2, 16])
+    every_layer: bool = True
+    samples: bool = True
+    formats: list[str] = field(default_factory=lambda: ["pdf", "png"])
+    dpi: int = 150
+
+
+ConfigStore.instance().store(name="figures_schema", node=FiguresConfig)
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def config(*overrides: str) -> FiguresConfig:
+    """``conf/figures.yaml`` with ``overrides`` (e.g. ``"results=../results"``), as the typed config;
+    the notebooks read their settings this way (source checkouts only: ``conf/`` sits beside the package)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="figures", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+Draw = Callable[[], Figure]  # draws one figure
+Job = Callable[[], list[Path]]  # draws and writes one figure or table; returns its files
+
+
+@dataclass
+class Output:
+    """What one figure or table produced: its files, or why it was skipped, and what it lacked."""
+
+    name: str
+    files: list[Path] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+
+def build(name: str, make: Job) -> Output:
+    """Run ``make``, collecting :class:`MissingInput` warnings; :class:`NothingToDraw` skips it."""
+    out = Output(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MissingInput)
+        try:
+            out.files = make()
+        except NothingToDraw as err:
+            out.skipped = str(err)
+    out.missing = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, MissingInput)))
+    return out
+
+
+def trained_models(cfg: FiguresConfig) -> dict[str, str]:
+    """Fig. 3's legend label -> model."""
+    if len(cfg.trained) != len(cfg.trained_labels):
+        raise ValueError(f"trained={cfg.trained} and trained_labels={cfg.trained_labels} differ in length")
+    return dict(zip(cfg.trained_labels, cfg.trained))
+
+
+def result_figures(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None) -> dict[str, Draw]:
+    """The figures drawn from result rows, by file name."""
+    one = {"model": cfg.model, "data": cfg.data, "ranker": cfg.ranker}
+    return {
+        "fig1a_layer_ratio": lambda: curves.layer_ratio_figure(
+            rows, samples, layers=cfg.layers, control=cfg.control, **one),
+        "fig3_trained": lambda: curves.trained_figure(
+            rows, trained_models(cfg), data=cfg.data, layers=cfg.layers, ranker=cfg.ranker),
+        "fig4_flops_tradeoff": lambda: curves.flops_tradeoff_figure(
+            rows, samples, K=cfg.fastv_K, layers=cfg.pdrop_layers, budgets=cfg.budgets, **one),
+    }
+
+
+def result_tables(cfg: FiguresConfig, rows: pd.DataFrame) -> dict[str, Callable[[], tables.Table]]:
+    """The tables drawn from result rows (and the checkpoints' cards), by file name."""
+    one = {"model": cfg.model, "data": cfg.data, "ranker": cfg.ranker}
+    return {
+        "table5_inference": lambda: tables.inference_table(rows, points=cfg.inference, **one),
+        "table4_lambda": lambda: tables.lambda_table(rows, lambdas=cfg.lambdas, layers=cfg.pdrop_layers, **one),
+        "table_training": lambda: tables.training_table(cfg.trained),
+    }
+
+
+def map_figures(cfg: FiguresConfig, tag: str, record: MapRecord) -> dict[str, Draw]:
+    """The figures drawn from one attention-map artefact (``<tag>.npz``), by file name."""
+    out: dict[str, Draw] = {
+        f"fig1b_attention_{tag}": lambda: images.attention_figure(record, cfg.map_layers),
+        f"fig5_retained_{tag}": lambda: images.retained_figure(record),
+    }
+    if cfg.every_layer:
+        for q, item in enumerate(record.questions):
+            out[f"fig1b_layers_{tag}_{item.question_id}"] = lambda q=q: images.attention_layers_figure(record, q)
+    return out
+
+
+def run(cfg: FiguresConfig) -> str:
+    started = time.perf_counter()
+    trained_models(cfg)  # settings checked before anything is read
+    rows = load_results(cfg.store)
+    samples = load_samples(cfg.store) if cfg.samples and not rows.empty else None
+    records = load_all_maps(cfg.maps)
+    draws = result_figures(cfg, rows, samples)
+    for tag, record in records.items():
+        draws.update(map_figures(cfg, tag, record))
+    jobs: dict[str, Job] = {
+        name: lambda name=name, draw=draw: save_figure(draw(), name, cfg.figures, cfg.formats, cfg.dpi)
+        for name, draw in draws.items()
+    }
+    jobs.update({name: lambda name=name, make=make: tables.write_table(make(), name, cfg.tables)
+                 for name, make in result_tables(cfg, rows).items()})
+    outputs = [build(name, job) for name, job in jobs.items()]
+    if not records:
+        outputs.append(Output("fig1b / fig5", skipped=f"no attention-map artefacts in {cfg.maps}; "
+                              "run: python -m redundancy.maps"))
+    head = f"{len(rows)} result rows from {cfg.store}, {len(records)} attention-map artefacts from {cfg.maps}"
+    return "\n".join([head, *map(report_line, outputs), f"{time.perf_counter() - started:.1f} s"])
+
+
+def report_line(out: Output) -> str:
+    if out.skipped is not None:
+        text = f"{out.name}: skipped ({out.skipped})"
+    else:
+        stems = sorted({str(p.with_suffix("")) for p in out.files})
+        kinds = ",".join(p.suffix[1:] for p in out.files)
+        text = f"{out.name}: {', '.join(stems)}.{{{kinds}}}"
+    return "\n".join([text, *(f"    missing: {m}" for m in out.missing)])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="figures")
+def main(cfg: DictConfig) -> None:
+    matplotlib.use("Agg")  # files only, never a window (set here, not on import: notebooks keep their backend)
+    run_entry(run, cfg)
+
+
+if __name__ == "__main__":
+    main()
