@@ -43,7 +43,7 @@ from redundancy.checkpoints import TEST_SET, load_model
 from redundancy.cli import run_entry
 from redundancy.data import load_dataset
 from redundancy.engine import apply_schedule
-from redundancy.flops import FlopsConfig, flops_report, schedule_from_config
+from redundancy.flops import MethodParams, flops_report, schedule_from_config
 from redundancy.micro import PROMPT
 from redundancy.models.factory import build_model, config_from_dims
 from redundancy.models.llava_next import next_image_layout
@@ -77,20 +77,12 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(MethodParams):
     """Schema of ``conf/bench.yaml``; see that file for what each key means."""
 
     checkpoint: str | None = None
     preset: str = "micro"
     methods: list[str] = field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "drop"])
-    layer: int = 16
-    ratio: float = 0.1
-    K: int = 2
-    R: float = 0.5
-    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
-    lam: float = 0.5
-    ranker: str | None = None
-    rank_layer: str | None = None
     batch_size: int = 1
     new_tokens: int = 16
     repeats: int = 10
@@ -108,12 +100,7 @@ ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 def schedules_for(cfg: BenchConfig) -> dict[str, DropSchedule]:
     """Each method of ``cfg.methods`` built by :func:`redundancy.flops.schedule_from_config`."""
-    def one(method: str) -> DropSchedule:
-        return schedule_from_config(FlopsConfig(
-            method=method, layer=cfg.layer, ratio=cfg.ratio, K=cfg.K, R=cfg.R, layers=list(cfg.layers), lam=cfg.lam,
-            ranker=cfg.ranker, rank_layer=cfg.rank_layer,
-        ))
-    return {method: one(method) for method in cfg.methods}
+    return {method: schedule_from_config(cfg, method) for method in cfg.methods}
 
 
 def label(schedule: DropSchedule) -> str:

@@ -304,11 +304,10 @@ def pdrop_lambda_for_budget(
 
 # ----------------------------------------------------------------------- CLI
 @dataclass
-class FlopsConfig:
-    """Schema of ``conf/flops.yaml``; see that file for what each key means."""
+class MethodParams:
+    """The parameters of every method, as the flops and bench entry points take them
+    (:func:`schedule_from_config` builds the one ``method`` names)."""
 
-    model: str = "llava-1.5-7b"
-    method: str = "pdrop"
     layer: int = 16
     ratio: float = 0.1
     K: int = 2
@@ -317,6 +316,14 @@ class FlopsConfig:
     lam: float = 0.5
     ranker: str | None = None
     rank_layer: str | None = None
+
+
+@dataclass
+class FlopsConfig(MethodParams):
+    """Schema of ``conf/flops.yaml``; see that file for what each key means."""
+
+    model: str = "llava-1.5-7b"
+    method: str = "pdrop"
     n_query: int = 1
     budget: float | None = None
     convention: str = "eq4"
@@ -325,8 +332,9 @@ class FlopsConfig:
 ConfigStore.instance().store(name="flops_schema", node=FlopsConfig)
 
 
-def schedule_from_config(cfg: FlopsConfig) -> DropSchedule:
-    """The :class:`DropSchedule` that ``cfg`` names; ranker/rank_layer ``None`` keep the method's default."""
+def schedule_from_config(cfg: MethodParams, method: str) -> DropSchedule:
+    """The :class:`DropSchedule` of ``method`` with ``cfg``'s parameters; ranker/rank_layer
+    ``None`` keep the method's default."""
     # Check every ratio-like key, used or not, so a typo'd value never passes silently.
     check_ratio(cfg.ratio, "ratio")
     check_ratio(cfg.R, "R")
@@ -338,13 +346,13 @@ def schedule_from_config(cfg: FlopsConfig) -> DropSchedule:
         "fastv": lambda: DropSchedule.fastv(K=cfg.K, R=cfg.R, **opts),
         "pdrop": lambda: DropSchedule.pdrop(layers=tuple(cfg.layers), lam=cfg.lam, **opts),
     }
-    if cfg.method not in builders:
+    if method not in builders:
         allowed = [m for m in METHODS if m in builders]
-        raise ValueError(f"method={cfg.method!r} is unknown; choose one of {allowed}")
-    return builders[cfg.method]()
+        raise ValueError(f"method={method!r} is unknown; choose one of {allowed}")
+    return builders[method]()
 
 
-def _rank_opts(cfg: FlopsConfig) -> dict[str, str]:
+def _rank_opts(cfg: MethodParams) -> dict[str, str]:
     """ranker / rank_layer as given; ``None`` leaves the method's official default."""
     return {k: v for k, v in (("ranker", cfg.ranker), ("rank_layer", cfg.rank_layer)) if v is not None}
 
@@ -372,7 +380,7 @@ def run(cfg: FlopsConfig) -> str:
     if cfg.budget is not None:
         cfg, line = solve_budget(cfg, dims)
         lines.append(line)
-    schedule = schedule_from_config(cfg)
+    schedule = schedule_from_config(cfg, cfg.method)
     schedule.validate_for(dims.num_layers)
     report = flops_report(dims, schedule, cfg.n_query, convention=cfg.convention)  # type: ignore[arg-type]
     lines.append(format_report(report, schedule.boundaries))

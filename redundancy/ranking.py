@@ -13,6 +13,7 @@ Several query rows (instruction mode, training) are averaged with weights.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -119,3 +120,22 @@ def sequence_priority(n: int) -> torch.Tensor:
     ranks = np.empty(n, dtype=np.int64)
     ranks[np.argsort(rev, kind="stable")] = np.arange(n)
     return torch.from_numpy(ranks.astype(np.float32) / max(n, 1))
+
+
+def pack_priorities(n_image: Sequence[int], images: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per row, the priorities of the images it holds, concatenated: ``images`` lists each
+    image's token groups (crops, frames) in batch order, images packed row after row. A row
+    whose token count does not match falls back to :func:`sequence_priority`."""
+    out: list[torch.Tensor] = []
+    it = iter(images)
+    for n in n_image:
+        parts: list[torch.Tensor] = []
+        total = 0
+        while total < n:
+            image = next(it, None)
+            if image is None:
+                break
+            parts += list(image)
+            total += sum(len(p) for p in image)
+        out.append(torch.cat(parts) if parts and total == n else sequence_priority(n))
+    return out

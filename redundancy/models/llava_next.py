@@ -20,7 +20,7 @@ import torch
 from transformers.image_processing_utils import select_best_resolution
 
 from redundancy.models.base import FamilyAdapter
-from redundancy.ranking import grid_priority, sequence_priority
+from redundancy.ranking import grid_priority, pack_priorities, sequence_priority
 
 
 def next_image_layout(
@@ -50,24 +50,10 @@ class LlavaNextAdapter(FamilyAdapter):
         cfg = self.model.config
         if sizes is None:
             return [sequence_priority(n) for n in n_image]
-        grids = []
+        images = []
         for h, w in torch.as_tensor(sizes).tolist():
             base, high = next_image_layout(
                 int(h), int(w), cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.image_grid_pinpoints
             )
-            grids.append((base, high))
-        # Images are packed row after row in batch order.
-        out: list[torch.Tensor] = []
-        it = iter(grids)
-        for n in n_image:
-            parts: list[torch.Tensor] = []
-            total = 0
-            while total < n:
-                try:
-                    base, high = next(it)
-                except StopIteration:
-                    break
-                parts += [grid_priority(*base), grid_priority(*high)]
-                total += base[0] * base[1] + high[0] * high[1]
-            out.append(torch.cat(parts) if parts and total == n else sequence_priority(n))
-        return out
+            images.append([grid_priority(*base), grid_priority(*high)])
+        return pack_priorities(n_image, images)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from redundancy.models.base import FamilyAdapter, PositionEmbeddings
-from redundancy.ranking import grid_priority, sequence_priority
+from redundancy.ranking import grid_priority, pack_priorities, sequence_priority
 
 _MROPE = 3  # temporal, height, width
 
@@ -108,19 +108,6 @@ class Qwen2VLAdapter(FamilyAdapter):
         if grid_thw is None:
             return [sequence_priority(n) for n in n_image]
         merge = int(self.model.config.vision_config.spatial_merge_size)
-        grids = [(t, h // merge, w // merge) for t, h, w in torch.as_tensor(grid_thw).tolist()]
-        # Images are numbered row after row in batch order.
-        out: list[torch.Tensor] = []
-        it = iter(grids)
-        for n in n_image:
-            parts: list[torch.Tensor] = []
-            total = 0
-            while total < n:
-                try:
-                    t, h, w = next(it)
-                except StopIteration:
-                    break
-                parts += [grid_priority(h, w)] * t  # every frame subsampled alike
-                total += t * h * w
-            out.append(torch.cat(parts) if parts and total == n else sequence_priority(n))
-        return out
+        # Every frame of an image subsampled alike.
+        images = [[grid_priority(h // merge, w // merge)] * t for t, h, w in torch.as_tensor(grid_thw).tolist()]
+        return pack_priorities(n_image, images)
