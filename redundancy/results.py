@@ -9,6 +9,7 @@ Layout of a store (``<root>``, e.g. ``results/sweep``)::
     points/<key>.json       the result row of a finished point (its presence means "done")
     samples/<key>.jsonl     that point's per-sample records
     partial/<key>.jsonl     per-sample records of a point still in flight, appended per batch
+    partial/<key>.<tag>.jsonl  the same, from one process of a data-parallel run (redundancy.distributed)
 
 ``key`` is :func:`point_key` of the point's identity (model checkpoint, data, evaluation
 settings and the drop schedule's record), so every process that evaluates the same point
@@ -123,8 +124,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 class ResultStore:
     """The files of one results directory (see the module docstring)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, tag: str | None = None) -> None:
         self.root = Path(root)
+        self.tag = tag  # this process's partial files are partial/<key>.<tag>.jsonl (data-parallel runs)
 
     def _row(self, key: str) -> Path:
         return self.root / "points" / f"{key}.json"
@@ -133,7 +135,12 @@ class ResultStore:
         return self.root / "samples" / f"{key}.jsonl"
 
     def _partial(self, key: str) -> Path:
-        return self.root / "partial" / f"{key}.jsonl"
+        return self.root / "partial" / (f"{key}.jsonl" if self.tag is None else f"{key}.{self.tag}.jsonl")
+
+    def _partials(self, key: str) -> list[Path]:
+        """Every partial file of ``key``: the plain one and those of data-parallel processes."""
+        folder = self.root / "partial"
+        return sorted({*folder.glob(f"{key}.jsonl"), *folder.glob(f"{key}.*.jsonl")})
 
     def done(self, key: str) -> bool:
         return self._row(key).is_file()
@@ -142,9 +149,13 @@ class ResultStore:
         return json.loads(self._row(key).read_text(encoding="utf-8"))
 
     def partial(self, key: str) -> dict[Any, dict[str, Any]]:
-        """Per-sample records of an unfinished point, by question id (later lines win)."""
-        path = self._partial(key)
-        return {r["question_id"]: r for r in _read_jsonl(path)} if path.is_file() else {}
+        """Per-sample records of an unfinished point from all its partial files (every process's),
+        by question id (later lines of a file win)."""
+        return {r["question_id"]: r for path in self._partials(key) for r in _read_jsonl(path)}
+
+    def clear_partial(self, key: str) -> None:
+        for path in self._partials(key):
+            path.unlink(missing_ok=True)
 
     def append_partial(self, key: str, records: Sequence[Mapping[str, Any]]) -> None:
         """Append one batch of per-sample records in one write (flushed to disk)."""
@@ -160,7 +171,7 @@ class ResultStore:
         """Write the point's per-sample records, then its row (which marks it done), atomically."""
         _atomic_write(self._samples(key), "".join(json.dumps(r, default=str) + "\n" for r in records))
         _atomic_write(self._row(key), json.dumps(dict(row), indent=1, default=str))
-        self._partial(key).unlink(missing_ok=True)
+        self.clear_partial(key)
 
     def rows(self) -> list[dict[str, Any]]:
         folder = self.root / "points"

@@ -12,6 +12,7 @@ Defaults: the shipped ``micro-llava-vanilla`` on the shipped microvqa test set, 
 a list, and the sweep runs the product in one process (:mod:`redundancy.grid`, sharing the
 layers before each drop unless ``share=false``). Every point writes one row and its
 per-sample records under ``out`` (:mod:`redundancy.results`); points already there are skipped.
+Under ``accelerate launch`` the processes share each point's questions (:mod:`redundancy.distributed`).
 The whole configuration is checked (ranges, layers against the model's depth read from its
 ``config.json``) before any weights load.
 """
@@ -42,6 +43,7 @@ from redundancy.checkpoints import TEST_SET, git_revision, load_model, resolve
 from redundancy.cli import run_entry
 from redundancy.data import Sample, load_dataset, metric_for, score
 from redundancy.data import evaluate as score_predictions
+from redundancy.distributed import Processes, processes
 from redundancy.flops import TERA, full_sequence_flops, image_part_flops
 from redundancy.grid import SampleResult, run_grid, time_prefill
 from redundancy.presets import ModelDims
@@ -387,19 +389,37 @@ def run(cfg: SweepConfig) -> str:
         "data": {"name": cfg.data.name, "data_id": fingerprint([data_file]), "limit": cfg.data.limit,
                  "prompt_suffix": cfg.data.prompt_suffix, "max_new_tokens": cfg.data.max_new_tokens},
     }, provenance={})
+    procs = processes()
     store = ResultStore(cfg.out)
     keys = [point_key(point_identity(ctx, s)) for s in schedules]
     pending = [i for i, k in enumerate(keys) if cfg.rerun or not store.done(k)]
+    procs.wait()  # every process has chosen its points before any row is written
     stats = None
     if pending:
-        model, processor, device = _load(cfg, model_dir)
-        ctx.provenance = _provenance(cfg, device)
-        writer = _PointWriter(ctx, store, model, processor, [schedules[i] for i in pending], [keys[i] for i in pending])
+        model, processor, device = _load(cfg, model_dir, procs.device)
+        ctx.provenance = _provenance(cfg, device, procs)
+        todo_schedules, todo_keys = [schedules[i] for i in pending], [keys[i] for i in pending]
+        mine = procs.shard(samples, cfg.batch_size)
+        if procs.distributed and cfg.rerun and procs.is_main:
+            for k in todo_keys:
+                store.clear_partial(k)
+        procs.wait()
+        writer = _PointWriter(ctx, ResultStore(cfg.out, procs.tag), model, processor, todo_schedules, todo_keys,
+                              answer=mine, rows=not procs.distributed)
         torch.manual_seed(cfg.seed)
         _, stats = run_grid(
-            model, processor, samples, writer.schedules, share=cfg.share, batch_size=cfg.batch_size,
-            max_new_tokens=cfg.data.max_new_tokens, todo=writer.todo, on_batch=writer.on_batch, progress=cfg.progress,
+            model, processor, mine, writer.schedules, share=cfg.share, batch_size=cfg.batch_size,
+            max_new_tokens=cfg.data.max_new_tokens, todo=writer.todo, on_batch=writer.on_batch,
+            progress=cfg.progress and procs.is_main,
         )
+        if procs.distributed:
+            procs.wait()  # every shard answered: the main process reads them all back and writes the rows
+            if procs.is_main:
+                _PointWriter(ctx, store, model, processor, todo_schedules, todo_keys, resume=True)
+            procs.wait()
+    if not procs.is_main:
+        mine = procs.shard(samples, cfg.batch_size)
+        return f"process {procs.rank} of {procs.world}: {len(mine)} of {len(samples)} questions per point (rows: process 0)"
     rows = [store.row(k) if store.done(k) else {} for k in keys]
     status = ["new" if i in pending else "done before" for i in range(len(keys))]
     return summary(cfg, schedules, rows, status, stats, time.perf_counter() - started)
@@ -408,15 +428,20 @@ def run(cfg: SweepConfig) -> str:
 class _PointWriter:
     """Collects the per-sample records of the points to evaluate, batch by batch (appended to
     each point's partial file), and writes a point's row as soon as all its samples are answered.
-    Records left by a crashed run are read back, and only the missing samples are asked for."""
+    Records left by a crashed run are read back, and only the missing samples are asked for.
+
+    ``answer``: the questions this process answers (default: all; a data-parallel shard);
+    ``rows=False``: only answer (the main process writes the rows); ``resume=True``: read the
+    partial records back even when ``rerun`` (the main process gathering the shards)."""
 
     def __init__(self, ctx: _Context, store: ResultStore, model: Any, processor: Any,
-                 schedules: list[DropSchedule], keys: list[str]) -> None:
+                 schedules: list[DropSchedule], keys: list[str], answer: Sequence[Sample] | None = None,
+                 rows: bool = True, resume: bool = False) -> None:
         self.ctx, self.store, self.model, self.processor = ctx, store, model, processor
-        self.schedules, self.keys = schedules, keys
-        ids = {s.question_id for s in ctx.samples}
+        self.schedules, self.keys, self.rows = schedules, keys, rows
+        ids = {s.question_id for s in (ctx.samples if answer is None else answer)}
         self.order = {s.question_id: n for n, s in enumerate(ctx.samples)}
-        earlier = [{} if ctx.cfg.rerun else store.partial(k) for k in keys]
+        earlier = [{} if ctx.cfg.rerun and not resume else store.partial(k) for k in keys]
         self.records = [[r for q, r in done.items() if q in ids] for done in earlier]
         self.todo = [ids - set(done) for done in earlier]
         for j, todo in enumerate(self.todo):
@@ -435,6 +460,8 @@ class _PointWriter:
 
     def finish(self, j: int) -> None:
         """Time the point's prefill and write its row and per-sample records."""
+        if not self.rows:
+            return
         timing, schedule = self.ctx.cfg.timing, self.schedules[j]
         recs = sorted(self.records[j], key=lambda r: self.order[r["question_id"]])
         prefill = None
@@ -445,18 +472,21 @@ class _PointWriter:
         self.store.finish(self.keys[j], row, recs)
 
 
-def _load(cfg: SweepConfig, model_dir: Path) -> tuple[Any, Any, torch.device]:
+def _load(cfg: SweepConfig, model_dir: Path, launched: torch.device | None = None) -> tuple[Any, Any, torch.device]:
+    """The model on ``model.device``; ``auto``: the launcher's device for this process, else cuda when available."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = cfg.model.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(launched) if launched is not None else "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load_model(model_dir, dtype=DTYPES[cfg.model.dtype], device=device, attn_implementation=cfg.model.attn)
     return model, processor, torch.device(device)
 
 
-def _provenance(cfg: SweepConfig, device: torch.device) -> dict[str, Any]:
+def _provenance(cfg: SweepConfig, device: torch.device, procs: Processes) -> dict[str, Any]:
+    parallel = {"processes": procs.world} if procs.distributed else {}  # wall_s then sums over processes
     return {
+        **parallel,
         "dtype": cfg.model.dtype, "attn": cfg.model.attn, "threads": torch.get_num_threads(),
         "version": redundancy.__version__, "git": git_revision(), "torch": torch.__version__,
         "transformers": package_version("transformers"),
