@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from redundancy.checkpoints import TEST_SET, load_model
+from redundancy.checkpoints import TEST_SET, load_model, resolve_device
 from redundancy.cli import run_entry
 from redundancy.data import load_dataset
 from redundancy.engine import apply_schedule
@@ -122,12 +122,6 @@ class Subject:
     inputs: dict[str, torch.Tensor]
     dims: ModelDims  # n_image / n_text of the batch's first row, crops of its image
     weights: str  # "trained" | "random init"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

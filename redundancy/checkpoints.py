@@ -46,6 +46,13 @@ def resolve(name_or_path: str | Path) -> Path:
     raise ValueError(f"model {str(name_or_path)!r} is neither a shipped checkpoint {known} nor a local directory")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def load_model(
     name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",

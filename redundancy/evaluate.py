@@ -33,6 +33,14 @@ def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 @torch.no_grad()
+def greedy_answers(model: Any, processor: Any, inputs: Any, max_new_tokens: int) -> list[str]:
+    """The greedy continuations of a left-padded batch, decoded and stripped."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [a.strip() for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+@torch.no_grad()
 def predict(
     model: Any,
     processor: Any,
@@ -51,7 +59,5 @@ def predict(
         for chunk in tqdm(list(batches(samples, batch_size)), desc="answering", disable=not progress, leave=False):
             images = [Image.open(s.image_path).convert("RGB") for s in chunk]
             inputs = processor(images=images, text=prompts(chunk), return_tensors="pt", padding=True).to(model.device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[:, inputs["input_ids"].shape[1] :]
-            answers += [a.strip() for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            answers += greedy_answers(model, processor, inputs, max_new_tokens)
     return answers

@@ -27,11 +27,11 @@ from omegaconf import DictConfig
 from PIL import Image
 
 import redundancy
-from redundancy.checkpoints import git_revision, load_model, resolve
+from redundancy.checkpoints import git_revision, load_model, resolve, resolve_device
 from redundancy.cli import run_entry
 from redundancy.data import Sample
 from redundancy.engine import apply_schedule
-from redundancy.evaluate import prompts
+from redundancy.evaluate import greedy_answers, prompts
 from redundancy.microvqa import patch_indices
 from redundancy.plots.records import MapRecord, Question, evidence_share, save_maps
 from redundancy.results import checkpoint_fingerprint
@@ -111,25 +111,21 @@ def evidence_tokens(sample: Sample, image: Image.Image, model: Any) -> list[int]
     return sorted(found)
 
 
-@torch.no_grad()
-def answer(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> str:
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def record_question(model: Any, processor: Any, sample: Sample, cfg: MapsConfig, grid: int) -> dict[str, Any]:
+def record_question(
+    model: Any, processor: Any, sample: Sample, cfg: MapsConfig, grid: int, schedule: DropSchedule
+) -> dict[str, Any]:
     """Both runs of one question: attention per layer (unmodified model) and kept masks (PyramidDrop)."""
     image = Image.open(sample.image_path).convert("RGB")
     inputs = processor(images=[image], text=prompts([sample]), return_tensors="pt").to(model.device)
     layers = list(range(model.config.text_config.num_hidden_layers))
     n = grid * grid
     with apply_schedule(model, DropSchedule.vanilla(ranker=cfg.query), record_attention=layers) as trace:
-        prediction = answer(model, processor, inputs, cfg.max_new_tokens)
+        prediction = greedy_answers(model, processor, inputs, cfg.max_new_tokens)[0]
         if trace.n_image[0] != n:
             raise ValueError(f"{trace.n_image[0]} image tokens, expected a {grid}x{grid} grid")
         attention = torch.stack([trace.attention[k][0].float().cpu() for k in layers]).numpy()  # [layers, N]
-    with apply_schedule(model, DropSchedule.pdrop(cfg.pdrop_layers, cfg.lam)) as trace:
-        prediction_drop = answer(model, processor, inputs, cfg.max_new_tokens)
+    with apply_schedule(model, schedule) as trace:
+        prediction_drop = greedy_answers(model, processor, inputs, cfg.max_new_tokens)[0]
         kept = np.zeros((len(trace.boundaries), n), bool)  # [boundaries, N]
         for s, boundary in enumerate(trace.boundaries):
             kept[s, boundary.kept[0].cpu().numpy()] = True
@@ -151,24 +147,24 @@ def slug(name: str) -> str:
 def run(cfg: MapsConfig) -> str:
     if cfg.query not in QUERIES:
         raise ValueError(f"query={cfg.query!r} is unknown; choose one of {list(QUERIES)}")
-    DropSchedule.pdrop(cfg.pdrop_layers, cfg.lam)  # checks the schedule before anything loads
+    schedule = DropSchedule.pdrop(cfg.pdrop_layers, cfg.lam)  # checks the schedule before anything loads
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r} is unknown; choose one of {list(DTYPES)}")
     samples, _ = load_samples(DataConfig(name="maps", path=cfg.data, max_new_tokens=cfg.max_new_tokens))
     chosen = choose(samples, list(cfg.questions), cfg.per_family)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(cfg.device))
     model_dir = resolve(cfg.model)
     model, processor = load_model(model_dir, dtype=DTYPES[cfg.dtype], device=device, attn_implementation=cfg.attn)
     grid = image_grid(model)
-    DropSchedule.pdrop(cfg.pdrop_layers, cfg.lam).validate_for(model.config.text_config.num_hidden_layers)
-    recs = [record_question(model, processor, s, cfg, grid) for s in chosen]
+    schedule.validate_for(model.config.text_config.num_hidden_layers)
+    recs = [record_question(model, processor, s, cfg, grid, schedule) for s in chosen]
     record = MapRecord(
         model=cfg.model, checkpoint_id=checkpoint_fingerprint(model_dir), grid=grid,
         num_layers=model.config.text_config.num_hidden_layers, query=cfg.query,
         layers=list(range(model.config.text_config.num_hidden_layers)),
-        schedule=DropSchedule.pdrop(cfg.pdrop_layers, cfg.lam).record(),
+        schedule=schedule.record(),
         questions=[r["question"] for r in recs], images=[r["image"] for r in recs],
         attention=np.stack([r["attention"] for r in recs]), kept=np.stack([r["kept"] for r in recs]),
         provenance={"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -39,7 +39,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from transformers import AutoConfig
 
 import redundancy
-from redundancy.checkpoints import TEST_SET, git_revision, load_model, resolve
+from redundancy.checkpoints import TEST_SET, git_revision, load_model, resolve, resolve_device
 from redundancy.cli import run_entry
 from redundancy.data import Sample, load_dataset, metric_for, score
 from redundancy.data import evaluate as score_predictions
@@ -478,7 +478,7 @@ def _load(cfg: SweepConfig, model_dir: Path, launched: torch.device | None = Non
         torch.set_num_threads(cfg.threads)
     device = cfg.model.device
     if device == "auto":
-        device = str(launched) if launched is not None else "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(launched) if launched is not None else str(resolve_device("auto"))
     model, processor = load_model(model_dir, dtype=DTYPES[cfg.model.dtype], device=device, attn_implementation=cfg.model.attn)
     return model, processor, torch.device(device)
 

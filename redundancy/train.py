@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from redundancy.checkpoints import resolve_device
 from redundancy.cli import run_entry
 from redundancy.engine import apply_schedule
 from redundancy.micro import PROMPT, MicroConfig, build_micro, grow
@@ -292,8 +293,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

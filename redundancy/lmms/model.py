@@ -40,9 +40,9 @@ from loguru import logger
 from PIL import Image
 from tqdm.auto import tqdm
 
-from redundancy.checkpoints import load_model
+from redundancy.checkpoints import load_model, resolve_device
 from redundancy.engine import apply_schedule
-from redundancy.evaluate import batches
+from redundancy.evaluate import batches, greedy_answers
 from redundancy.micro import CHAT_TEMPLATE
 from redundancy.schedule import DropSchedule
 
@@ -96,7 +96,7 @@ class RedundancyLlava(lmms):
     ) -> None:
         super().__init__()
         self.schedule = schedule_from_args(method, **method_args)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or str(resolve_device("auto"))
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
@@ -177,9 +177,7 @@ class RedundancyLlava(lmms):
             texts.append(self.prompt(context, len(visuals)))
         inputs = self._inputs(images, texts)
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", 1024))  # lmms-eval's llava_hf default
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1] :]
-        return [cut(a, until).strip() for a in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return [cut(a, until).strip() for a in greedy_answers(self.model, self.processor, inputs, max_new_tokens)]
 
     def _warn_if_sampling(self, gen_kwargs: dict[str, Any]) -> None:
         sampling = gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0
