@@ -30,6 +30,19 @@ from redundancy.presets import ModelDims
 
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
+# Training curriculum only (redundancy.train, stages with prompt=bare): the question without
+# "?" and the "ASSISTANT:" suffix, so the prompt ends on the word that names the object.
+BARE_PROMPT = "USER: <image>\n{question}"
+
+
+def format_prompt(question: str, prompt: str = "llava") -> str:
+    """The text prompt for ``question``: ``llava`` (LLaVA-1.5's template, what every
+    evaluation uses) or ``bare`` (a training-curriculum template, see ``BARE_PROMPT``)."""
+    if prompt == "llava":
+        return PROMPT.format(question=question)
+    if prompt == "bare":
+        return BARE_PROMPT.format(question=question.rstrip().rstrip("?").rstrip())
+    raise ValueError(f"prompt={prompt!r} is unknown; choose llava or bare")
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"

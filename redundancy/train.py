@@ -45,7 +45,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from redundancy.checkpoints import resolve_device
 from redundancy.cli import run_entry
 from redundancy.engine import apply_schedule
-from redundancy.micro import PROMPT, MicroConfig, build_micro, grow
+from redundancy.micro import MicroConfig, build_micro, format_prompt, grow
 from redundancy.micro import build_model as build_micro_model
 from redundancy.microvqa import (
     FAMILIES,
@@ -72,6 +72,7 @@ class Stage:
     warmup: int = 50
     batch_size: int = 32
     drop: bool = False  # with method=pdrop, train this stage under the PyramidDrop schedule
+    prompt: str = "llava"  # llava: LLaVA-1.5's template | bare: ends on the question's last word (curriculum)
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (0 freezes it, as LLaVA does)
     min_objects: int = 1
     max_objects: int = 6
@@ -122,9 +123,11 @@ def draw(stage: Stage, shape: MicroConfig, seed: int, step: int, n: int, split: 
     return [next(stream) for _ in range(n)]
 
 
-def collate(processor: Any, examples: list[Example], with_answers: bool) -> dict[str, torch.Tensor]:
+def collate(
+    processor: Any, examples: list[Example], with_answers: bool, prompt: str = "llava"
+) -> dict[str, torch.Tensor]:
     """Left-padded batch; with answers, labels supervise the answer word and ``</s>``."""
-    texts = [PROMPT.format(question=e.question) for e in examples]
+    texts = [format_prompt(e.question, prompt) for e in examples]
     if with_answers:
         texts = [f"{t} {e.answer} </s>" for t, e in zip(texts, examples)]
     images = [Image.fromarray(e.image) for e in examples]
@@ -137,13 +140,15 @@ def collate(processor: Any, examples: list[Example], with_answers: bool) -> dict
 
 
 @torch.no_grad()
-def first_token_accuracy(model: Any, processor: Any, examples: list[Example], batch_size: int = 64) -> dict[str, float]:
+def first_token_accuracy(
+    model: Any, processor: Any, examples: list[Example], batch_size: int = 64, prompt: str = "llava"
+) -> dict[str, float]:
     """Held-out accuracy of the first answer token (answers are one word), per family."""
     model.eval()
     hits: dict[str, list[bool]] = {}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        batch = collate(processor, chunk, with_answers=False)
+        batch = collate(processor, chunk, with_answers=False, prompt=prompt)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         pred = model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
         words = processor.tokenizer.convert_ids_to_tokens(pred)
@@ -260,24 +265,40 @@ def build_optimizer(
 
 
 def step_loss(
-    model: Any, head: PatchHead | None, processor: Any, examples: list[Example], shape: MicroConfig, device: torch.device
+    model: Any,
+    head: PatchHead | None,
+    processor: Any,
+    examples: list[Example],
+    shape: MicroConfig,
+    device: torch.device,
+    prompt: str = "llava",
 ) -> torch.Tensor:
     """The training loss of one batch: per-patch targets (vision stage) or the answer tokens."""
     if head is not None:
         return vision_loss(model, head, {k: v.to(device) for k, v in vision_batch(processor, examples, shape).items()})
-    batch = collate(processor, examples, with_answers=True)
+    batch = collate(processor, examples, with_answers=True, prompt=prompt)
     return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
 def validate(
-    model: Any, head: PatchHead | None, processor: Any, val: list[Example], shape: MicroConfig, device: torch.device
-) -> tuple[str, dict[str, float]]:
-    """``("val_patch", per-target patch accuracy)`` in a vision stage, else
-    ``("val", first-token accuracy per family)``."""
+    model: Any,
+    head: PatchHead | None,
+    processor: Any,
+    val: list[Example],
+    shape: MicroConfig,
+    device: torch.device,
+    prompt: str = "llava",
+) -> dict[str, dict[str, float]]:
+    """``{"val_patch": per-target patch accuracy}`` in a vision stage, else ``{"val": first-token
+    accuracy per family}`` with the LLaVA prompt, plus ``"val_<prompt>"`` with the stage's own
+    prompt when it trains with another one."""
     if head is not None:
         batch = {k: v.to(device) for k, v in vision_batch(processor, val[:128], shape).items()}
-        return "val_patch", patch_accuracy(model, head, batch)
-    return "val", first_token_accuracy(model, processor, val)
+        return {"val_patch": patch_accuracy(model, head, batch)}
+    out = {"val": first_token_accuracy(model, processor, val)}
+    if prompt != "llava":
+        out[f"val_{prompt}"] = first_token_accuracy(model, processor, val, prompt=prompt)
+    return out
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -289,6 +310,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for stage in cfg.stages:
         if stage.kind not in ("vqa", "vision"):
             raise ValueError(f"stage {stage.name!r}: kind={stage.kind!r} is unknown; choose vqa or vision")
+        if stage.prompt not in ("llava", "bare"):
+            raise ValueError(f"stage {stage.name!r}: prompt={stage.prompt!r} is unknown; choose llava or bare")
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
     if cfg.threads:
@@ -344,7 +367,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(stage, step) * group["scale"]
                 examples = draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size)
-                loss = step_loss(model, head, processor, examples, shape, device)
+                loss = step_loss(model, head, processor, examples, shape, device, stage.prompt)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -353,9 +376,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
                 record: dict[str, Any] = {"stage": stage.name, "step": step + 1, "loss": loss.item(), "wall_s": wall}
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == stage.steps:
-                    key, accuracy = validate(model, head, processor, val, shape, device)
-                    record[key] = accuracy
-                    bar.set_postfix(loss=f"{loss_ema:.3f}", **{k: f"{v:.3f}" for k, v in accuracy.items()})
+                    accuracies = validate(model, head, processor, val, shape, device, stage.prompt)
+                    record.update(accuracies)
+                    shown = accuracies.get(f"val_{stage.prompt}", next(iter(accuracies.values())))
+                    bar.set_postfix(loss=f"{loss_ema:.3f}", **{k: f"{v:.3f}" for k, v in shown.items()})
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 progress.update(stage=si, step=step + 1)

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
-for _name in PRIMARY:  # each primary config belongs to the entry module of the same name
-    importlib.import_module(f"redundancy.{_name}")  # registers its typed schema
+for _name in PRIMARY:  # each primary config belongs to the entry module its name starts with
+    importlib.import_module(f"redundancy.{_name.split('_')[0]}")  # registers its typed schema
 
 
 @pytest.mark.parametrize("name", PRIMARY)

@@ -49,6 +49,38 @@ def test_collate_supervises_answer_and_eos() -> None:
     assert (labels[:, -1] == processor.tokenizer.eos_token_id).all()
 
 
+def test_bare_prompt_ends_on_the_question_word() -> None:
+    _, processor = build_micro(_micro(2), vocabulary(SHAPE))
+    examples = [e for e in draw(Stage(**EASY), SHAPE, 0, 0, 8) if e.family == "color"][:2]
+    assert examples
+    batch = collate(processor, examples, with_answers=True, prompt="bare")
+    tokens = [processor.tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+    for e, row in zip(examples, tokens):
+        # ... "what color is the <shape>" <answer> </s>: no "?", no "ASSISTANT:"
+        assert row[-3] == e.question.rstrip("?").split()[-1].lower()
+        assert row[-2] == e.answer and "assistant" not in row and "?" not in row
+    llava = collate(processor, examples, with_answers=True)
+    assert processor.tokenizer.convert_ids_to_tokens(llava["input_ids"][0, -5:-2].tolist()) == ["?", "assistant", ":"]
+    with pytest.raises(ValueError, match="prompt"):
+        collate(processor, examples, with_answers=False, prompt="chatml")
+
+
+def test_binding_curriculum_config() -> None:
+    """conf/train_bind.yaml: train.yaml's settings, bare-prompt stages before LLaVA-prompt ones,
+    and the last stage (the one that differs between the variants) on the LLaVA prompt."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        base = OmegaConf.to_object(compose(config_name="train"))
+        bind = OmegaConf.to_object(compose(config_name="train_bind"))
+    assert isinstance(bind, TrainConfig) and bind.model == base.model and bind.lam == base.lam
+    prompts = [s.prompt for s in bind.stages if s.kind == "vqa"]
+    assert prompts[0] == "bare" and prompts[-1] == "llava" and bind.stages[-1].drop
+    assert all(s.prompt == "llava" for s in base.stages)
+
+
 def test_grow_keeps_the_function() -> None:
     shallow, processor = build_micro(_micro(2), vocabulary(SHAPE), seed=1)
     for p in shallow.parameters():  # leave the zero initialisation: make every layer do something
