@@ -33,6 +33,7 @@ PROMPT = "USER: <image>\n{question} ASSISTANT:"
 # Training curriculum only (redundancy.train, stages with prompt=bare): the question without
 # "?" and the "ASSISTANT:" suffix, so the prompt ends on the word that names the object.
 BARE_PROMPT = "USER: <image>\n{question}"
+PROMPTS = ("llava", "bare")
 
 
 def format_prompt(question: str, prompt: str = "llava") -> str:
@@ -42,7 +43,9 @@ def format_prompt(question: str, prompt: str = "llava") -> str:
         return PROMPT.format(question=question)
     if prompt == "bare":
         return BARE_PROMPT.format(question=question.rstrip().rstrip("?").rstrip())
-    raise ValueError(f"prompt={prompt!r} is unknown; choose llava or bare")
+    raise ValueError(f"prompt={prompt!r} is unknown; choose one of {PROMPTS}")
+
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"

@@ -45,7 +45,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from redundancy.checkpoints import resolve_device
 from redundancy.cli import run_entry
 from redundancy.engine import apply_schedule
-from redundancy.micro import MicroConfig, build_micro, format_prompt, grow
+from redundancy.micro import PROMPTS, MicroConfig, build_micro, format_prompt, grow
 from redundancy.micro import build_model as build_micro_model
 from redundancy.microvqa import (
     FAMILIES,
@@ -310,8 +310,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for stage in cfg.stages:
         if stage.kind not in ("vqa", "vision"):
             raise ValueError(f"stage {stage.name!r}: kind={stage.kind!r} is unknown; choose vqa or vision")
-        if stage.prompt not in ("llava", "bare"):
-            raise ValueError(f"stage {stage.name!r}: prompt={stage.prompt!r} is unknown; choose llava or bare")
+        if stage.prompt not in PROMPTS:
+            raise ValueError(f"stage {stage.name!r}: prompt={stage.prompt!r} is unknown; choose one of {PROMPTS}")
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
     if cfg.threads:

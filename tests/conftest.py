@@ -8,10 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import DynamicCache
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from redundancy.engine import apply_schedule
 from redundancy.models.factory import build_model, tiny_config
 from redundancy.models.llava_next import next_image_layout
+from redundancy.schedule import DropSchedule
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -99,3 +102,34 @@ def select_rows(batch: dict[str, torch.Tensor], row: int) -> dict[str, torch.Ten
     if "image_sizes" in batch:
         out["image_sizes"] = batch["image_sizes"][row : row + 1]
     return out
+
+
+def engine_generate(
+    model: Any, schedule: DropSchedule, steps: int, **inputs: Any
+) -> tuple[torch.Tensor, torch.Tensor, Any, DynamicCache]:
+    """Greedy generation of ``steps`` tokens under the engine with our own cache. Returns
+    the new tokens ``[batch, steps]``, the next-token logits of every step as the model
+    computed them ``[steps, batch, vocab]`` (``generate``'s own ``output_logits`` are cast
+    to float32), the trace and the cache."""
+    cache = DynamicCache()
+    seen: list[torch.Tensor] = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out[:, -1].detach().clone()))
+    try:
+        with torch.no_grad(), apply_schedule(model, schedule) as trace:
+            out = model.generate(
+                **inputs,
+                past_key_values=cache,
+                max_new_tokens=steps,
+                do_sample=False,
+                eos_token_id=None,  # always `steps` tokens
+                pad_token_id=0,
+                suppress_tokens=[int(model.config.image_token_id)],  # a generated "image token" is no image
+                return_dict_in_generate=True,
+            )
+    finally:
+        hook.remove()
+    width = inputs["input_ids"].shape[1]
+    assert trace.prefills == 1
+    assert len(seen) == steps
+    assert out.sequences.shape == (inputs["input_ids"].shape[0], width + steps)
+    return out.sequences[:, width:], torch.stack(seen), trace, cache

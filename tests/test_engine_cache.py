@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from redundancy.engine import apply_schedule
 from redundancy.schedule import DropSchedule
 
 try:
+    from tests.conftest import engine_generate
     from tests.reference import make_sample, reference_greedy, reference_run, tiny_model  # noqa: F401
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from conftest import engine_generate
     from reference import make_sample, reference_greedy, reference_run, tiny_model  # noqa: F401
 
 STEPS = 6
@@ -40,35 +41,10 @@ def left_pad(samples):
 
 
 def generate(model, schedule, ids, mask, pv, sizes):
-    """Greedy generation under the engine with our own cache. Returns the new tokens
-    ``[batch, STEPS]``, the float64 next-token logits of every step ``[STEPS, batch,
-    vocab]`` (``generate``'s own ``output_logits`` are cast to float32), the trace
-    and the cache."""
-    image_id = int(model.config.image_token_id)
-    cache = DynamicCache()
-    seen: list[torch.Tensor] = []
-    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out[:, -1].detach().clone()))
-    try:
-        with torch.no_grad(), apply_schedule(model, schedule) as trace:
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                pixel_values=pv,
-                image_sizes=sizes,
-                past_key_values=cache,
-                max_new_tokens=STEPS,
-                do_sample=False,
-                eos_token_id=None,  # always STEPS tokens
-                pad_token_id=0,
-                suppress_tokens=[image_id],  # a generated "image token" would not be an image
-                return_dict_in_generate=True,
-            )
-    finally:
-        hook.remove()
-    assert trace.prefills == 1
-    assert len(seen) == STEPS
-    assert out.sequences.shape == (ids.shape[0], ids.shape[1] + STEPS)
-    return out.sequences[:, ids.shape[1] :], torch.stack(seen), trace, cache
+    """:func:`engine_generate` of ``STEPS`` tokens from one left-padded batch."""
+    return engine_generate(
+        model, schedule, STEPS, input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes
+    )
 
 
 def check_generation(model, schedule, samples):

@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from redundancy.engine import apply_schedule
 from redundancy.models.factory import build_model, tiny_config
 from redundancy.models.qwen2_vl import compact_mrope
 from redundancy.ranking import grid_priority
 from redundancy.schedule import DropSchedule, kept_count
+from tests.conftest import engine_generate
 
 try:
     from tests.reference import _attention_row, _layer_forward, _qkv, query_rows
@@ -308,27 +308,6 @@ def test_batched_equals_one_by_one(family: str, schedule: DropSchedule) -> None:
 STEPS = 5
 
 
-def engine_generate(
-    model: Any, schedule: DropSchedule, batch: Sample
-) -> tuple[torch.Tensor, torch.Tensor, Any, DynamicCache]:
-    """Greedy generation under the engine with our own cache: new tokens ``[batch, STEPS]``,
-    the float64 next-token logits ``[STEPS, batch, vocab]``, the trace and the cache."""
-    cache = DynamicCache()
-    seen: list[torch.Tensor] = []
-    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out[:, -1].detach().clone()))
-    try:
-        with torch.no_grad(), apply_schedule(model, schedule) as trace:
-            out = model.generate(
-                **batch, past_key_values=cache, max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
-                pad_token_id=0, suppress_tokens=[model.config.image_token_id],
-            )
-    finally:
-        hook.remove()
-    assert trace.prefills == 1 and len(seen) == STEPS
-    width = batch["input_ids"].shape[1]
-    return out[:, width:], torch.stack(seen), trace, cache
-
-
 CACHE_CASES = {
     "single": [((6, 8), 2, 4, 21)],
     "batch": [((4, 6), 4, 3, 22), ((8, 8), 1, 5, 23)],
@@ -343,7 +322,7 @@ def test_cached_generation_equals_recomputation(family: str, positions: str, cas
     schedule = DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5, rank_layer="next", positions=positions)
     samples = [make_sample(model, grid, before, after, seed) for grid, before, after, seed in CACHE_CASES[case]]
     batch = left_pad(samples)
-    new, logits, trace, cache = engine_generate(model, schedule, batch)
+    new, logits, trace, cache = engine_generate(model, schedule, STEPS, **batch)
     stage_lengths = []
     for row, sample in enumerate(samples):
         with torch.no_grad():
@@ -380,7 +359,7 @@ def test_position_ids_follow_the_policy(positions: str) -> None:
 
     handle = model.model.language_model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        new, _, trace, _ = engine_generate(model, schedule, batch)
+        new, _, trace, _ = engine_generate(model, schedule, STEPS, **batch)
     finally:
         handle.remove()
     stages = len(schedule.boundaries) + 1
