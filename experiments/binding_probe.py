@@ -5,7 +5,8 @@ accuracy every 50 steps. Run from the repository root, e.g.
     python experiments/binding_probe.py --nosuffix --steps 300 --save probe-bind
     python experiments/binding_probe.py --init probe-bind --steps 400
 
---nosuffix uses the bare prompt (redundancy.micro.BARE_PROMPT); --invert asks
+--nosuffix uses the bare prompt (redundancy.micro.BARE_PROMPT); --mixed trains on half bare,
+half LLaVA prompts (evaluated with the LLaVA prompt); --invert asks
 "what shape is <colour>?"; --qfirst puts the question before the image;
 --attn_layer L adds -log(attention mass of the answering position on the asked
 object's patches) at layer L (eager attention); --qk scales the q/k projections.
@@ -29,8 +30,10 @@ ap.add_argument("--qk", type=float, default=1.0); ap.add_argument("--minsize", t
 ap.add_argument("--fam", default="color"); ap.add_argument("--init", default="checkpoints/micro-vanilla/stage-vision")
 ap.add_argument("--save", default="")
 ap.add_argument("--invert", action="store_true"); ap.add_argument("--qfirst", action="store_true"); ap.add_argument("--nosuffix", action="store_true")
+ap.add_argument("--mixed", action="store_true"); ap.add_argument("--suffix_sup", action="store_true")
 a = ap.parse_args()
 PROMPT = "bare" if a.nosuffix else "llava"
+TRAIN_PROMPT = "mixed" if a.mixed else PROMPT
 if a.qfirst: T.format_prompt = lambda q, p="llava": f"USER: {q}\n<image> ASSISTANT:"
 def inv(exs):
     out = []
@@ -58,8 +61,15 @@ for step in range(a.steps):
     for g in opt.param_groups: g["lr"] = T.lr_at(st, step) * g["scale"]
     ex = T.draw(st, shape, 2, step, 32)
     if a.invert: ex = inv(ex)
-    if not attn:
-        loss = T.step_loss(model, None, proc, ex, shape, torch.device("cpu"), PROMPT); aux = torch.tensor(0.)
+    if a.suffix_sup:  # the answer is also supervised at the object word, "?" and "assistant"
+        batch = T.collate(proc, ex, with_answers=True, prompt=TRAIN_PROMPT)
+        out = model(**batch)
+        ans = batch["input_ids"][:, -2]
+        lp = out.logits[:, -6:-3].log_softmax(-1)
+        aux = -lp.gather(-1, ans[:, None, None].expand(-1, 3, 1)).mean()
+        loss = out.loss + aux
+    elif not attn:
+        loss = T.step_loss(model, None, proc, ex, shape, torch.device("cpu"), TRAIN_PROMPT); aux = torch.tensor(0.)
     else:
         batch = T.collate(proc, ex, with_answers=True, prompt=PROMPT)
         out = model(**batch, output_attentions=True)
@@ -77,5 +87,6 @@ for step in range(a.steps):
     loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad()
     if (step + 1) % 50 == 0:
         acc = T.first_token_accuracy(model, proc, val, prompt=PROMPT)
+        if a.save: model.save_pretrained(a.save); proc.save_pretrained(a.save)
         print(step + 1, round(loss.item(), 3), round(aux.item(), 3), {k: round(v, 3) for k, v in acc.items()}, round(time.time() - t0), flush=True)
 if a.save: model.save_pretrained(a.save); proc.save_pretrained(a.save)

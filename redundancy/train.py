@@ -72,7 +72,13 @@ class Stage:
     warmup: int = 50
     batch_size: int = 32
     drop: bool = False  # with method=pdrop, train this stage under the PyramidDrop schedule
-    prompt: str = "llava"  # llava: LLaVA-1.5's template | bare: ends on the question's last word (curriculum)
+    # llava: LLaVA-1.5's template | bare: ends on the question's last word (curriculum) |
+    # mixed: even-indexed examples of each batch bare, odd ones LLaVA
+    prompt: str = "llava"
+    # Also supervise the answer at every LLaVA-prompt position from the question's last word
+    # on ("<word> ? ASSISTANT :"): a training-only loss that builds the answering position's
+    # fetch of the question one token at a time (experiments/micro_llava_training.md)
+    suffix_loss: bool = False
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (0 freezes it, as LLaVA does)
     min_objects: int = 1
     max_objects: int = 6
@@ -123,11 +129,18 @@ def draw(stage: Stage, shape: MicroConfig, seed: int, step: int, n: int, split: 
     return [next(stream) for _ in range(n)]
 
 
+def _example_prompt(prompt: str, index: int) -> str:
+    """The prompt of a batch's ``index``-th example: ``mixed`` alternates bare and LLaVA."""
+    if prompt == "mixed":
+        return "bare" if index % 2 == 0 else "llava"
+    return prompt
+
+
 def collate(
     processor: Any, examples: list[Example], with_answers: bool, prompt: str = "llava"
 ) -> dict[str, torch.Tensor]:
     """Left-padded batch; with answers, labels supervise the answer word and ``</s>``."""
-    texts = [format_prompt(e.question, prompt) for e in examples]
+    texts = [format_prompt(e.question, _example_prompt(prompt, i)) for i, e in enumerate(examples)]
     if with_answers:
         texts = [f"{t} {e.answer} </s>" for t, e in zip(texts, examples)]
     images = [Image.fromarray(e.image) for e in examples]
@@ -264,6 +277,12 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=weight_decay), params
 
 
+def suffix_length(processor: Any) -> int:
+    """Tokens the LLaVA prompt adds after the question's last word (``? ASSISTANT :``)."""
+    count = lambda p: len(processor.tokenizer(format_prompt("what color is the circle?", p)).input_ids)  # noqa: E731
+    return count("llava") - count("bare")
+
+
 def step_loss(
     model: Any,
     head: PatchHead | None,
@@ -272,12 +291,22 @@ def step_loss(
     shape: MicroConfig,
     device: torch.device,
     prompt: str = "llava",
+    suffix_loss: bool = False,
 ) -> torch.Tensor:
-    """The training loss of one batch: per-patch targets (vision stage) or the answer tokens."""
+    """The training loss of one batch: per-patch targets (vision stage) or the answer tokens
+    (with ``suffix_loss``, plus the answer's mean cross-entropy at the LLaVA-prompt positions
+    from the question's last word up to the one before the answering position)."""
     if head is not None:
         return vision_loss(model, head, {k: v.to(device) for k, v in vision_batch(processor, examples, shape).items()})
-    batch = collate(processor, examples, with_answers=True, prompt=prompt)
-    return model(**{k: v.to(device) for k, v in batch.items()}).loss
+    batch = {k: v.to(device) for k, v in collate(processor, examples, with_answers=True, prompt=prompt).items()}
+    out = model(**batch)
+    llava = [i for i in range(len(examples)) if _example_prompt(prompt, i) == "llava"]
+    if not suffix_loss or not llava:
+        return out.loss
+    n = suffix_length(processor)  # answering position -3 (then answer, </s>): extra ones -3-n .. -4
+    logp = out.logits[llava, -3 - n : -3].float().log_softmax(-1)
+    answer = batch["input_ids"][llava, -2]
+    return out.loss - logp.gather(-1, answer[:, None, None].expand(-1, n, 1)).mean()
 
 
 def validate(
@@ -290,14 +319,14 @@ def validate(
     prompt: str = "llava",
 ) -> dict[str, dict[str, float]]:
     """``{"val_patch": per-target patch accuracy}`` in a vision stage, else ``{"val": first-token
-    accuracy per family}`` with the LLaVA prompt, plus ``"val_<prompt>"`` with the stage's own
-    prompt when it trains with another one."""
+    accuracy per family}`` with the LLaVA prompt, plus ``"val_bare"`` with the bare prompt
+    when the stage trains with it (``bare`` or ``mixed``)."""
     if head is not None:
         batch = {k: v.to(device) for k, v in vision_batch(processor, val[:128], shape).items()}
         return {"val_patch": patch_accuracy(model, head, batch)}
     out = {"val": first_token_accuracy(model, processor, val)}
-    if prompt != "llava":
-        out[f"val_{prompt}"] = first_token_accuracy(model, processor, val, prompt=prompt)
+    if prompt != "llava":  # bare or mixed: also the bare-prompt accuracy
+        out["val_bare"] = first_token_accuracy(model, processor, val, prompt="bare")
     return out
 
 
@@ -335,6 +364,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     elif cfg.init_from:
         model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from)
         processor = AutoProcessor.from_pretrained(cfg.init_from)
+        inherited = Path(cfg.init_from) / "trainer_state.json"
+        if inherited.exists():  # another run's stage: keep the history of the stages skipped here
+            before = json.loads(inherited.read_text())
+            for key in ("wall_s", "final_loss"):
+                progress[key] = {s: v for s, v in before.get(key, {}).items() if s in names[:first]}
     else:
         micro = dataclasses.replace(shape, layers=cfg.stages[0].layers)
         model, processor = build_micro(micro, vocabulary(shape), seed=cfg.seed)
@@ -367,7 +401,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(stage, step) * group["scale"]
                 examples = draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size)
-                loss = step_loss(model, head, processor, examples, shape, device, stage.prompt)
+                loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()

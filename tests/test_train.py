@@ -11,7 +11,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from redundancy.micro import MicroConfig, build_micro, build_model, grow
-from redundancy.train import Stage, TrainConfig, collate, draw, run, vocabulary
+from redundancy.train import Stage, TrainConfig, collate, draw, run, step_loss, vocabulary
 
 SHAPE = MicroConfig(layers=4, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
                    vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)
@@ -65,6 +65,41 @@ def test_bare_prompt_ends_on_the_question_word() -> None:
         collate(processor, examples, with_answers=False, prompt="chatml")
 
 
+def test_mixed_prompt_alternates_bare_and_llava() -> None:
+    _, processor = build_micro(_micro(2), vocabulary(SHAPE))
+    examples = draw(Stage(**EASY), SHAPE, 0, 0, 4)
+    mixed = collate(processor, examples, with_answers=True, prompt="mixed")
+    for i, e in enumerate(examples):
+        own = collate(processor, [e], with_answers=True, prompt="bare" if i % 2 == 0 else "llava")
+        n = int(mixed["attention_mask"][i].sum())  # left padding: compare the unpadded tails
+        assert mixed["input_ids"][i, -n:].tolist() == own["input_ids"][0].tolist()
+        assert mixed["labels"][i, -n:].tolist() == own["labels"][0].tolist()
+
+
+def test_suffix_loss_supervises_the_answer_from_the_question_word_on() -> None:
+    model, processor = build_micro(_micro(2), vocabulary(SHAPE), seed=3)
+    for p in model.parameters():  # away from the zero initialisation: distinct logits per position
+        torch.nn.init.normal_(p, std=0.05)
+    examples = draw(Stage(**EASY), SHAPE, 0, 0, 4)
+    cpu = torch.device("cpu")
+    plain = step_loss(model, None, processor, examples, SHAPE, cpu)
+    with torch.no_grad():
+        # Independently: one example at a time, the answer's cross-entropy at "<word> ? assistant".
+        extra = []
+        for e in examples:
+            batch = collate(processor, [e], with_answers=True)
+            tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+            assert tokens[-5:-2] == ["?", "assistant", ":"]
+            logp = model(**batch).logits[0].log_softmax(-1)
+            answer = batch["input_ids"][0, -2]
+            extra += [-logp[pos, answer] for pos in (-6, -5, -4)]
+        expected = plain + torch.stack(extra).mean()
+        torch.testing.assert_close(step_loss(model, None, processor, examples, SHAPE, cpu, "llava", True), expected)
+        # Bare prompts end on the word (already the answering position): nothing is added.
+        torch.testing.assert_close(step_loss(model, None, processor, examples, SHAPE, cpu, "bare", True),
+                                   step_loss(model, None, processor, examples, SHAPE, cpu, "bare"))
+
+
 def test_binding_curriculum_config() -> None:
     """conf/train_bind.yaml: train.yaml's settings, bare-prompt stages before LLaVA-prompt ones,
     and the last stage (the one that differs between the variants) on the LLaVA prompt."""
@@ -109,6 +144,12 @@ def test_tiny_training_lowers_the_loss_and_resumes(tmp_path: Path, method: str) 
     again = run(cfg)
     assert len((tmp_path / method / "log.jsonl").read_text().splitlines()) == 40
     assert again["wall_s"] == summary["wall_s"]
+    # A run that starts from this run's stage keeps the skipped stage's history (wall time, loss).
+    follow = run(dataclasses.replace(
+        cfg, out=str(tmp_path / "next"), init_from=str(tmp_path / method / "stage-s"), start_stage="t",
+        stages=[cfg.stages[0], dataclasses.replace(cfg.stages[0], name="t", steps=2)]))
+    assert follow["wall_s"]["s"] == summary["wall_s"]["s"] and follow["wall_s"]["t"] > 0
+    assert follow["final_loss"]["s"] == summary["final_loss"]["s"]
 
 
 def test_pdrop_training_is_cheaper_per_step(tmp_path: Path) -> None:
