@@ -67,13 +67,17 @@ def load_model(
     return model.to(device).eval(), processor
 
 
+_NOT_CODE = (":(exclude)results", ":(exclude)redundancy/assets/checkpoints")
+
+
 def git_revision() -> str:
-    """The package's git revision, ``+dirty`` when tracked files differ from it; ``unknown``
-    outside a git checkout (an installed wheel)."""
+    """The package's git revision, ``+dirty`` when tracked files differ from it (except the
+    recorded ``results/`` and the shipped weights, which rows identify by their fingerprint);
+    ``unknown`` outside a git checkout (an installed wheel)."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here.parent).returncode != 0
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", *_NOT_CODE], cwd=here.parent).returncode != 0
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
