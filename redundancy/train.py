@@ -394,7 +394,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         wall = progress["wall_s"].get(stage.name, 0.0)
         bar = tqdm(range(start_step, stage.steps), desc=f"{stage.name} ({stage.layers}L{', pdrop' if use_drop else ''})",
                    initial=start_step, total=stage.steps)
-        loss_ema = None
+        loss_ema = progress.get("loss_ema") if resumed else None  # a stage resumed at its end keeps its loss
         with ctx:
             for step in bar:
                 t0 = time.perf_counter()
@@ -416,7 +416,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{loss_ema:.3f}", **{k: f"{v:.3f}" for k, v in shown.items()})
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                progress.update(stage=si, step=step + 1)
+                progress.update(stage=si, step=step + 1, loss_ema=loss_ema)
                 progress["wall_s"][stage.name] = wall
                 if (step + 1) % cfg.save_every == 0 and step + 1 < stage.steps and head is None:
                     save_checkpoint(last, model, processor, optimizer, progress)

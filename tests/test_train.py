@@ -152,6 +152,32 @@ def test_tiny_training_lowers_the_loss_and_resumes(tmp_path: Path, method: str) 
     assert follow["final_loss"]["s"] == summary["final_loss"]["s"]
 
 
+def test_a_stage_shortened_on_resume_keeps_its_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the step-10 save; resumed with the stage cut to 10 steps, the stage ends at
+    once and still records its final loss (the running mean saved with the checkpoint)."""
+    import redundancy.train as train
+
+    calls = {"n": 0}
+    real = train.step_loss
+
+    def crash_at_13(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    stage = Stage(name="s", steps=20, layers=2, lr=3e-3, warmup=2, batch_size=4, **EASY)
+    cfg = TrainConfig(out=str(tmp_path), model=SHAPE, stages=[stage], eval_every=100, eval_size=8, save_every=10)
+    monkeypatch.setattr(train, "step_loss", crash_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(train, "step_loss", real)
+    state = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 10 and state["loss_ema"] > 0
+    summary = run(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, steps=10)]))
+    assert summary["final_loss"]["s"] == state["loss_ema"]
+
+
 def test_pdrop_training_is_cheaper_per_step(tmp_path: Path) -> None:
     """The drop schedule really runs in training: fewer tokens after the boundaries."""
     from redundancy.engine import apply_schedule
