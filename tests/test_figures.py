@@ -97,9 +97,11 @@ def make_store(root: Path, vanilla: str, pdrop: str, *, control: bool = True) ->
     return root
 
 
-def write_card(folder: Path, name: str, wall: dict[str, float], acc: float, init_from: str | None = None) -> Path:
+def write_card(folder: Path, name: str, wall: dict[str, float], acc: float, init_from: str | None = None,
+               start_stage: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    card = {"name": name, "train_config": {"method": "pdrop" if init_from else "vanilla", "init_from": init_from},
+    card = {"name": name, "train_config": {"method": "pdrop" if init_from else "vanilla", "init_from": init_from,
+                                           "start_stage": start_stage},
             "training_wall_s": wall, "train_device": "cpu", "train_threads": 2, "test_set": "test",
             "test_accuracy": {"accuracy": acc, "n": 40, "per_family": {"color": acc, "count": acc / 2}}}
     (folder / "card.json").write_text(json.dumps(card))
@@ -111,7 +113,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Models named by their checkpoint directories (holding card.json), as with ``model.path=<dir>``."""
     root = tmp_path_factory.mktemp("results")
     vanilla = str(write_card(root / "ckpt" / "m-vanilla", "m-vanilla", {"a": 600.0, "final": 120.0}, 0.8))
-    pdrop = str(write_card(root / "ckpt" / "m-pdrop", "m-pdrop", {"final": 60.0}, 0.85, init_from="m-vanilla/a"))
+    pdrop = str(write_card(root / "ckpt" / "m-pdrop", "m-pdrop", {"a": 600.0, "final": 60.0}, 0.85,
+                           init_from="m-vanilla/a", start_stage="final"))
     make_store(root / "sweep", vanilla, pdrop)
     save_maps(synthetic_record(), root / "maps" / "m-vanilla.npz")
     return {"root": root, "vanilla": vanilla, "pdrop": pdrop, "rows": load_results(root / "sweep"),
@@ -231,7 +234,9 @@ def test_training_table(world: dict[str, Any]) -> None:
     table = training_table([world["vanilla"], world["pdrop"]])
     frame = table.frame
     assert list(frame["checkpoint"]) == ["m-vanilla", "m-pdrop"]
+    assert list(frame["stages trained"]) == ["a final", "final"]
     assert list(frame["wall min (these stages)"]) == pytest.approx([12.0, 1.0])
+    assert list(frame["wall min (all stages)"]) == pytest.approx([12.0, 11.0])
     assert list(frame["started from"]) == ["scratch", "m-vanilla/a"]
     assert list(frame["accuracy %"]) == pytest.approx([80.0, 85.0])
 

@@ -137,12 +137,18 @@ def training_row(card: dict[str, Any]) -> dict[str, Any]:
     wall = card.get("training_wall_s", {})
     test = card.get("test_accuracy", {})
     train = card.get("train_config", {})
+    # A run started from another run's stage (init_from, start_stage) carries that run's
+    # earlier stages in its card: "these stages" are the ones this run trained.
+    names = list(wall)
+    start = train.get("start_stage")
+    trained = names[names.index(start):] if start in names else names
     row: dict[str, Any] = {
         "checkpoint": card["name"],
         "training": train.get("method", "?"),
-        "stages trained": " ".join(wall) or "?",
+        "stages trained": " ".join(trained) or "?",
         "started from": train.get("init_from") or "scratch",
-        "wall min (these stages)": sum(wall.values()) / 60 if wall else math.nan,
+        "wall min (these stages)": sum(wall[s] for s in trained) / 60 if trained else math.nan,
+        "wall min (all stages)": sum(wall.values()) / 60 if wall else math.nan,
         "wall min (final stage)": wall["final"] / 60 if "final" in wall else math.nan,
         "device": f"{card.get('train_device', '?')} x{card.get('train_threads', '?')}",
         "accuracy %": 100 * test["accuracy"] if "accuracy" in test else math.nan,
@@ -164,8 +170,8 @@ def training_table(checkpoints: Sequence[str | Path]) -> Table:
     if not cards:
         raise NothingToDraw(f"training table: no card.json for any of {list(checkpoints)}")
     frame = pd.DataFrame([training_row(c) for c in cards])
-    notes = [("wall min: training wall time of the stages each run trained (its card's training_wall_s); "
-             "a run started from another run's checkpoint ('started from') did not repeat that run's earlier stages.")]
+    notes = [("wall min: training wall time from each card's training_wall_s; 'these stages' are the ones the run "
+              "trained, 'all stages' add the earlier stages of the run it started from ('started from').")]
     tests = sorted({c.get("test_set", "?") for c in cards})
     notes.append(f"accuracy: unmodified model on {', '.join(tests)} (exact match), from the cards.")
     return Table("Training comparison", frame, notes)
