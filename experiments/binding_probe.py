@@ -4,9 +4,11 @@ accuracy every 50 steps. Run from the repository root, e.g.
 
     python experiments/binding_probe.py --nosuffix --steps 300 --save probe-bind
     python experiments/binding_probe.py --init probe-bind --steps 400
+    python experiments/binding_probe.py --init probe-bind --suffix_sup --nobj 1 --maxobj 6 --minsize 12 --steps 400
 
 --nosuffix uses the bare prompt (redundancy.micro.BARE_PROMPT); --mixed trains on half bare,
-half LLaVA prompts (evaluated with the LLaVA prompt); --invert asks
+half LLaVA prompts (evaluated with the LLaVA prompt); --suffix_sup also supervises the
+answer at the question's last word, "?" and "ASSISTANT" (Stage.suffix_loss); --invert asks
 "what shape is <colour>?"; --qfirst puts the question before the image;
 --attn_layer L adds -log(attention mass of the answering position on the asked
 object's patches) at layer L (eager attention); --qk scales the q/k projections.
@@ -61,15 +63,8 @@ for step in range(a.steps):
     for g in opt.param_groups: g["lr"] = T.lr_at(st, step) * g["scale"]
     ex = T.draw(st, shape, 2, step, 32)
     if a.invert: ex = inv(ex)
-    if a.suffix_sup:  # the answer is also supervised at the object word, "?" and "assistant"
-        batch = T.collate(proc, ex, with_answers=True, prompt=TRAIN_PROMPT)
-        out = model(**batch)
-        ans = batch["input_ids"][:, -2]
-        lp = out.logits[:, -6:-3].log_softmax(-1)
-        aux = -lp.gather(-1, ans[:, None, None].expand(-1, 3, 1)).mean()
-        loss = out.loss + aux
-    elif not attn:
-        loss = T.step_loss(model, None, proc, ex, shape, torch.device("cpu"), TRAIN_PROMPT); aux = torch.tensor(0.)
+    if not attn:
+        loss = T.step_loss(model, None, proc, ex, shape, torch.device("cpu"), TRAIN_PROMPT, a.suffix_sup); aux = torch.tensor(0.)
     else:
         batch = T.collate(proc, ex, with_answers=True, prompt=PROMPT)
         out = model(**batch, output_attentions=True)
