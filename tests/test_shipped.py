@@ -37,3 +37,19 @@ def test_shipped_checkpoint_answers_held_out_questions(name: str, monkeypatch: p
     assert accuracy > 0.35
     color = [score(p, s.answers, "exact") for p, s in zip(preds, samples) if s.family == "color"]
     assert len(color) >= 8 and sum(color) / len(color) > 0.85
+
+
+def test_card_says_what_the_run_trained_and_when_it_misses_the_target() -> None:
+    from redundancy.checkpoints import card_markdown
+
+    card = {"name": "m", "command": "c", "seed": 0, "package_version": "0", "git_revision": "abc",
+            "weights": "w", "size_bytes": 2**20, "final_loss": {"final": 0.5}, "train_device": "cpu",
+            "train_threads": 2, "test_set": "t", "training_wall_s": {"a": 60.0, "final": 120.0},
+            "train_config": {"init_from": "run/stage-a", "start_stage": "final"},
+            "test_accuracy": {"accuracy": 0.6, "n": 10, "per_family": {"color": 0.6}}}
+    weak = card_markdown(card)
+    assert "## Limitations" in weak and "the stages before `final`" in weak and "`run/stage-a`" in weak
+    card["test_accuracy"]["accuracy"] = 0.95
+    card["train_config"] = {}
+    strong = card_markdown(card)
+    assert "Limitations" not in strong and "stages before" not in strong
