@@ -33,8 +33,7 @@ PROMPT = "USER: <image>\n{question} ASSISTANT:"
 # Training curriculum only (redundancy.train, stages with prompt=bare): the question without
 # "?" and the "ASSISTANT:" suffix, so the prompt ends on the word that names the object.
 BARE_PROMPT = "USER: <image>\n{question}"
-# mixed: half of each training batch bare, half LLaVA (redundancy.train.collate).
-PROMPTS = ("llava", "bare", "mixed")
+PROMPTS = ("llava", "bare")
 
 
 def format_prompt(question: str, prompt: str = "llava") -> str:

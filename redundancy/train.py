@@ -129,6 +129,10 @@ def draw(stage: Stage, shape: MicroConfig, seed: int, step: int, n: int, split: 
     return [next(stream) for _ in range(n)]
 
 
+# A stage's prompt: one of redundancy.micro.PROMPTS, or mixed (half of each batch bare, half LLaVA).
+STAGE_PROMPTS = (*PROMPTS, "mixed")
+
+
 def _example_prompt(prompt: str, index: int) -> str:
     """The prompt of a batch's ``index``-th example: ``mixed`` alternates bare and LLaVA."""
     if prompt == "mixed":
@@ -339,8 +343,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for stage in cfg.stages:
         if stage.kind not in ("vqa", "vision"):
             raise ValueError(f"stage {stage.name!r}: kind={stage.kind!r} is unknown; choose vqa or vision")
-        if stage.prompt not in PROMPTS:
-            raise ValueError(f"stage {stage.name!r}: prompt={stage.prompt!r} is unknown; choose one of {PROMPTS}")
+        if stage.prompt not in STAGE_PROMPTS:
+            raise ValueError(f"stage {stage.name!r}: prompt={stage.prompt!r} is unknown; choose one of {STAGE_PROMPTS}")
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
     if cfg.threads:
