@@ -292,17 +292,28 @@ def glyph_shapes(max_size: int) -> tuple[str, ...]:
     return tuple(s for s in SHAPES if (m := glyph_min_size(s)) is not None and m <= max_size)
 
 
-PATCH_TARGETS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "glyph": len(GLYPHS) + 1}
+POSITION_BINS = 12  # the row / column targets: the patch's grid row / column in 12 bins
+PATCH_TARGETS = {
+    "color": len(COLORS) + 1,
+    "shape": len(SHAPES) + 1,
+    "glyph": len(GLYPHS) + 1,
+    "center": 2,  # 1 on the patch holding an object's box centre (one per object: counting)
+    "row": POSITION_BINS + 1,  # the patch's own position, on object patches (spatial relations)
+    "col": POSITION_BINS + 1,
+}
 
 
 def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover: float = 0.2) -> np.ndarray:
-    """Dense per-patch labels ``[3, (image_size / patch) ** 2]`` (raster order) for
-    vision pretraining: the colour, shape and glyph of the object covering most of
-    each patch (at least ``min_cover`` of it; later objects win ties as in
-    :func:`render`), and the glyph on the patches its glyph box covers; 0 for
-    background / no glyph, else 1 + index in ``COLORS`` / ``SHAPES`` / ``GLYPHS``."""
+    """Dense per-patch labels ``[len(PATCH_TARGETS), (image_size / patch) ** 2]`` (raster
+    order, rows in ``PATCH_TARGETS`` order) for vision pretraining: the colour, shape and
+    glyph of the object covering most of each patch (at least ``min_cover`` of it; later
+    objects win ties as in :func:`render`), and the glyph on the patches its glyph box
+    covers; 0 for background / no glyph, else 1 + index in ``COLORS`` / ``SHAPES`` /
+    ``GLYPHS``. ``center`` is 1 on the patch holding each object's box centre; ``row`` and
+    ``col`` are 1 + the patch's grid row / column in ``POSITION_BINS`` bins, on object
+    patches (0 on the background)."""
     grid = image_size // patch
-    out = np.zeros((3, grid, grid), np.int64)
+    out = np.zeros((len(PATCH_TARGETS), grid, grid), np.int64)
     cover = np.full((grid, grid), min_cover)
     colors, shapes = list(COLORS), list(SHAPES)
     for o in objects:
@@ -320,7 +331,14 @@ def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover
             ink[o.y + r : o.y + r + GLYPH_H, o.x + c : o.x + c + GLYPH_W] = 1
             on_glyph = ink.reshape(grid, patch, grid, patch).mean(axis=(1, 3)) >= min_cover
             out[2][on_glyph] = 1 + GLYPHS.index(o.glyph)
-    return out.reshape(3, -1)
+        cx, cy = o.center()
+        out[3][min(int(cy) // patch, grid - 1), min(int(cx) // patch, grid - 1)] = 1
+    fg = out[0] > 0
+    out[3] &= fg
+    rows = np.arange(grid)[:, None] * POSITION_BINS // grid + 1
+    out[4] = np.where(fg, np.broadcast_to(rows, (grid, grid)), 0)
+    out[5] = np.where(fg, np.broadcast_to(rows.T, (grid, grid)), 0)
+    return out.reshape(len(PATCH_TARGETS), -1)
 
 
 def render(objects: Sequence[Obj], image_size: int) -> np.ndarray:

@@ -65,7 +65,7 @@ class Stage:
     """One curriculum stage: model depth, data difficulty and optimiser settings."""
 
     name: str = "stage"
-    kind: str = "vqa"  # vqa: answer questions | vision: dense per-patch colour/shape/glyph targets (pretraining)
+    kind: str = "vqa"  # vqa: answer questions | vision: dense per-patch targets (pretraining; see targets)
     steps: int = 100
     layers: int = 32  # grow the model to this depth at the start of the stage
     lr: float = 1e-3
@@ -85,6 +85,8 @@ class Stage:
     min_size: int = 12
     max_size: int = 36
     families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
+    # vision stages: the per-patch targets (keys of redundancy.microvqa.PATCH_TARGETS; colour first)
+    targets: list[str] = field(default_factory=lambda: ["color", "shape", "glyph"])
 
 
 @dataclass
@@ -178,12 +180,16 @@ def first_token_accuracy(
 
 
 class PatchHead(torch.nn.Module):
-    """Per-patch classifiers on the projected image features (vision pretraining only;
-    not part of the shipped model)."""
+    """Per-patch classifiers on the projected image features, one per target (vision
+    pretraining only; not part of the shipped model)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, targets: list[str]) -> None:
         super().__init__()
-        self.sizes = list(PATCH_TARGETS.values())
+        unknown = [t for t in targets if t not in PATCH_TARGETS]
+        if unknown or not targets or targets[0] != "color":
+            raise ValueError(f"vision targets {targets} must start with color and be among {list(PATCH_TARGETS)}")
+        self.targets = list(targets)
+        self.sizes = [PATCH_TARGETS[t] for t in targets]
         self.proj = torch.nn.Linear(hidden, sum(self.sizes))
 
     def forward(self, model: Any, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -191,33 +197,56 @@ class PatchHead(torch.nn.Module):
         return list(torch.split(self.proj(torch.stack(list(feats))), self.sizes, dim=-1))  # [batch, patches, classes]
 
 
-def vision_batch(processor: Any, examples: list[Example], shape: MicroConfig) -> dict[str, torch.Tensor]:
+def vision_batch(
+    processor: Any, examples: list[Example], shape: MicroConfig, targets: list[str]
+) -> dict[str, torch.Tensor]:
     pixels = processor.image_processor([e.image for e in examples], return_tensors="pt")["pixel_values"]
-    targets = np.stack([patch_targets(e.objects, shape.image_size, shape.patch) for e in examples])
-    return {"pixel_values": pixels, "targets": torch.from_numpy(targets)}  # targets [batch, 3, patches]
+    rows = [list(PATCH_TARGETS).index(t) for t in targets]
+    labels = np.stack([patch_targets(e.objects, shape.image_size, shape.patch)[rows] for e in examples])
+    return {"pixel_values": pixels, "targets": torch.from_numpy(labels)}  # targets [batch, len(targets), patches]
+
+
+SPARSE_TARGETS = ("glyph", "center")  # set on a few object patches only (0 elsewhere)
 
 
 def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Colour (with background) over every patch; shape and glyph over object patches
-    only, so the few informative patches are not drowned by the background."""
+    """Colour (with background) over every patch; every other target over object patches
+    only, so the few informative patches are not drowned by the background; the sparse
+    targets (glyph, center) once more over the patches that carry them, so "none" does
+    not drown them among the object patches either."""
     logits = head(model, batch["pixel_values"])
-    targets = batch["targets"]  # [batch, 3, patches]
+    targets = batch["targets"]  # [batch, targets, patches]
     fg = targets[:, 0] > 0
     ce = torch.nn.functional.cross_entropy
     loss = ce(logits[0].flatten(0, 1), targets[:, 0].flatten())
-    return loss + ce(logits[1][fg], targets[:, 1][fg]) + ce(logits[2][fg], targets[:, 2][fg])
+    for i, (name, lg) in enumerate(zip(head.targets[1:], logits[1:]), start=1):
+        loss = loss + ce(lg[fg], targets[:, i][fg])
+        on = targets[:, i] > 0
+        if name in SPARSE_TARGETS and on.any():
+            loss = loss + ce(lg[on], targets[:, i][on])
+    return loss
 
 
 @torch.no_grad()
 def patch_accuracy(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per-target accuracy: colour and shape on object patches, glyph on glyph patches."""
+    """Per-target accuracy on object patches; glyph on glyph patches; center as the mean of
+    its recall on centre patches and on the other object patches (balanced)."""
     logits = head(model, batch["pixel_values"])
     targets = batch["targets"]
-    where = {"color": targets[:, 0] > 0, "shape": targets[:, 0] > 0, "glyph": targets[:, 2] > 0}
-    return {
-        name: float(((lg.argmax(-1) == targets[:, i]) & where[name]).sum() / where[name].sum().clamp(min=1))
-        for i, (name, lg) in enumerate(zip(PATCH_TARGETS, logits))
-    }
+    fg = targets[:, 0] > 0
+
+    def acc(i: int, where: torch.Tensor) -> float:
+        return float(((logits[i].argmax(-1) == targets[:, i]) & where).sum() / where.sum().clamp(min=1))
+
+    out = {}
+    for i, name in enumerate(head.targets):
+        if name == "glyph":
+            out[name] = acc(i, targets[:, i] > 0)
+        elif name == "center":
+            out[name] = 0.5 * (acc(i, targets[:, i] > 0) + acc(i, fg & (targets[:, i] == 0)))
+        else:
+            out[name] = acc(i, fg)
+    return out
 
 
 # -------------------------------------------------------------- checkpoints
@@ -301,7 +330,8 @@ def step_loss(
     (with ``suffix_loss``, plus the answer's mean cross-entropy at the LLaVA-prompt positions
     from the question's last word up to the one before the answering position)."""
     if head is not None:
-        return vision_loss(model, head, {k: v.to(device) for k, v in vision_batch(processor, examples, shape).items()})
+        batch = vision_batch(processor, examples, shape, head.targets)
+        return vision_loss(model, head, {k: v.to(device) for k, v in batch.items()})
     batch = {k: v.to(device) for k, v in collate(processor, examples, with_answers=True, prompt=prompt).items()}
     out = model(**batch)
     llava = [i for i in range(len(examples)) if _example_prompt(prompt, i) == "llava"]
@@ -326,7 +356,7 @@ def validate(
     accuracy per family}`` with the LLaVA prompt, plus ``"val_bare"`` with the bare prompt
     when the stage trains with it (``bare`` or ``mixed``)."""
     if head is not None:
-        batch = {k: v.to(device) for k, v in vision_batch(processor, val[:128], shape).items()}
+        batch = {k: v.to(device) for k, v in vision_batch(processor, val[:128], shape, head.targets).items()}
         return {"val_patch": patch_accuracy(model, head, batch)}
     out = {"val": first_token_accuracy(model, processor, val)}
     if prompt != "llava":  # bare or mixed: also the bare-prompt accuracy
@@ -387,7 +417,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             deep = build_micro_model(micro, processor.tokenizer, seed=cfg.seed)
             model = grow(model, deep).to(device).train()
         vision = stage.kind == "vision"
-        head = PatchHead(model.config.text_config.hidden_size).to(device) if vision else None
+        head = PatchHead(model.config.text_config.hidden_size, stage.targets).to(device) if vision else None
         optimizer, params = build_optimizer(model, head, stage, cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
         if resumed:

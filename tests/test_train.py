@@ -200,11 +200,16 @@ def test_vision_pretraining_stage_learns_colour(tmp_path: Path) -> None:
 
     examples = draw(Stage(**EASY), SHAPE, 0, 0, 2)
     targets = patch_targets(examples[0].objects, SHAPE.image_size, SHAPE.patch)
-    assert targets.shape == (3, 36) and targets[0].max() > 0 and targets[0].min() == 0
+    assert targets.shape == (6, 36) and targets[0].max() > 0 and targets[0].min() == 0
+    fg = targets[0] > 0
+    assert targets[3].sum() == len(examples[0].objects) and (targets[3] <= fg).all()  # one centre per object
+    assert ((targets[4] > 0) == fg).all() and ((targets[5] > 0) == fg).all()  # positions on object patches only
     cfg = TrainConfig(out=str(tmp_path), model=SHAPE, eval_every=80, eval_size=32,
-                      stages=[Stage(name="v", kind="vision", steps=160, layers=4, lr=3e-3, warmup=5, batch_size=16, **EASY)])
+                      stages=[Stage(name="v", kind="vision", steps=160, layers=4, lr=3e-3, warmup=5, batch_size=16,
+                                    targets=["color", "shape", "glyph", "center", "row", "col"], **EASY)])
     run(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert set(log[-1]["val_patch"]) == {"color", "shape", "glyph", "center", "row", "col"}
     assert log[-1]["val_patch"]["color"] > 0.4  # colour is linear in the pixels: learnt first
     assert log[-1]["loss"] < log[0]["loss"]
 
