@@ -87,6 +87,9 @@ class Stage:
     families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
     # vision stages: the per-patch targets (keys of redundancy.microvqa.PATCH_TARGETS; colour first)
     targets: list[str] = field(default_factory=lambda: ["color", "shape", "glyph"])
+    # vision stages: weight of a second loss term on the sparse targets (glyph, center) over
+    # the patches that carry them only (0: off, as in the shipped recipe)
+    sparse_weight: float = 0.0
 
 
 @dataclass
@@ -183,12 +186,13 @@ class PatchHead(torch.nn.Module):
     """Per-patch classifiers on the projected image features, one per target (vision
     pretraining only; not part of the shipped model)."""
 
-    def __init__(self, hidden: int, targets: list[str]) -> None:
+    def __init__(self, hidden: int, targets: list[str], sparse_weight: float = 0.0) -> None:
         super().__init__()
         unknown = [t for t in targets if t not in PATCH_TARGETS]
         if unknown or not targets or targets[0] != "color":
             raise ValueError(f"vision targets {targets} must start with color and be among {list(PATCH_TARGETS)}")
         self.targets = list(targets)
+        self.sparse_weight = sparse_weight  # see Stage.sparse_weight
         self.sizes = [PATCH_TARGETS[t] for t in targets]
         self.proj = torch.nn.Linear(hidden, sum(self.sizes))
 
@@ -211,9 +215,9 @@ SPARSE_TARGETS = ("glyph", "center")  # set on a few object patches only (0 else
 
 def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Colour (with background) over every patch; every other target over object patches
-    only, so the few informative patches are not drowned by the background; the sparse
-    targets (glyph, center) once more over the patches that carry them, so "none" does
-    not drown them among the object patches either."""
+    only, so the few informative patches are not drowned by the background; with the
+    head's ``sparse_weight``, the sparse targets (glyph, center) once more over the patches that
+    carry them, so "none" does not drown them among the object patches either."""
     logits = head(model, batch["pixel_values"])
     targets = batch["targets"]  # [batch, targets, patches]
     fg = targets[:, 0] > 0
@@ -222,8 +226,8 @@ def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> 
     for i, (name, lg) in enumerate(zip(head.targets[1:], logits[1:]), start=1):
         loss = loss + ce(lg[fg], targets[:, i][fg])
         on = targets[:, i] > 0
-        if name in SPARSE_TARGETS and on.any():
-            loss = loss + ce(lg[on], targets[:, i][on])
+        if head.sparse_weight and name in SPARSE_TARGETS and on.any():
+            loss = loss + head.sparse_weight * ce(lg[on], targets[:, i][on])
     return loss
 
 
@@ -417,7 +421,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             deep = build_micro_model(micro, processor.tokenizer, seed=cfg.seed)
             model = grow(model, deep).to(device).train()
         vision = stage.kind == "vision"
-        head = PatchHead(model.config.text_config.hidden_size, stage.targets).to(device) if vision else None
+        head = None
+        if vision:
+            head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight).to(device)
         optimizer, params = build_optimizer(model, head, stage, cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
         if resumed:

@@ -217,3 +217,26 @@ def test_vision_pretraining_stage_learns_colour(tmp_path: Path) -> None:
 def test_unknown_stage_kind_fails(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="kind='clip'"):
         run(TrainConfig(out=str(tmp_path), stages=[Stage(kind="clip")]))
+
+
+def test_sparse_weight_adds_the_loss_on_glyph_and_centre_patches() -> None:
+    from redundancy.train import PatchHead, vision_batch, vision_loss
+
+    model, processor = build_micro(_micro(2), vocabulary(SHAPE))
+    stage = Stage(**{**EASY, "families": {"color": 0.0, "count": 0.0, "reading": 1.0, "spatial": 0.0}})
+    targets = ["color", "shape", "glyph", "center"]
+    batch = vision_batch(processor, draw(stage, SHAPE, 0, 0, 8), SHAPE, targets)
+    plain = PatchHead(SHAPE.hidden, targets)
+    weighted = PatchHead(SHAPE.hidden, targets, sparse_weight=0.5)
+    weighted.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        logits = plain(model, batch["pixel_values"])
+        t = batch["targets"]
+        expected = sum(
+            torch.nn.functional.cross_entropy(logits[i][t[:, i] > 0], t[:, i][t[:, i] > 0]) for i in (2, 3)
+        )
+        extra = vision_loss(model, weighted, batch) - vision_loss(model, plain, batch)
+    assert (t[:, 2] > 0).any() and (t[:, 3] > 0).any()  # reading scenes carry glyphs; every object a centre
+    torch.testing.assert_close(extra, 0.5 * expected)
+    with pytest.raises(ValueError, match="must start with color"):
+        PatchHead(SHAPE.hidden, ["shape", "color"])
