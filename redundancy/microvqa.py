@@ -301,6 +301,7 @@ PATCH_TARGETS = {
     "row": POSITION_BINS + 1,  # the patch's own position, on object patches (spatial relations)
     "col": POSITION_BINS + 1,
 }
+SPARSE_TARGETS = ("glyph", "center")  # set on a few object patches only (0 elsewhere)
 
 
 def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover: float = 0.2) -> np.ndarray:

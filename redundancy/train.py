@@ -50,6 +50,7 @@ from redundancy.micro import build_model as build_micro_model
 from redundancy.microvqa import (
     FAMILIES,
     PATCH_TARGETS,
+    SPARSE_TARGETS,
     Example,
     GenConfig,
     answer_vocabulary,
@@ -182,15 +183,19 @@ def first_token_accuracy(
     return out
 
 
+def check_targets(targets: list[str]) -> None:
+    """A vision stage's targets: keys of ``PATCH_TARGETS``, colour first (it defines the object patches)."""
+    if not targets or targets[0] != "color" or any(t not in PATCH_TARGETS for t in targets):
+        raise ValueError(f"vision targets {targets} must start with color and be among {list(PATCH_TARGETS)}")
+
+
 class PatchHead(torch.nn.Module):
     """Per-patch classifiers on the projected image features, one per target (vision
     pretraining only; not part of the shipped model)."""
 
     def __init__(self, hidden: int, targets: list[str], sparse_weight: float = 0.0) -> None:
         super().__init__()
-        unknown = [t for t in targets if t not in PATCH_TARGETS]
-        if unknown or not targets or targets[0] != "color":
-            raise ValueError(f"vision targets {targets} must start with color and be among {list(PATCH_TARGETS)}")
+        check_targets(targets)
         self.targets = list(targets)
         self.sparse_weight = sparse_weight  # see Stage.sparse_weight
         self.sizes = [PATCH_TARGETS[t] for t in targets]
@@ -208,9 +213,6 @@ def vision_batch(
     rows = [list(PATCH_TARGETS).index(t) for t in targets]
     labels = np.stack([patch_targets(e.objects, shape.image_size, shape.patch)[rows] for e in examples])
     return {"pixel_values": pixels, "targets": torch.from_numpy(labels)}  # targets [batch, len(targets), patches]
-
-
-SPARSE_TARGETS = ("glyph", "center")  # set on a few object patches only (0 elsewhere)
 
 
 def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -379,6 +381,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             raise ValueError(f"stage {stage.name!r}: kind={stage.kind!r} is unknown; choose vqa or vision")
         if stage.prompt not in STAGE_PROMPTS:
             raise ValueError(f"stage {stage.name!r}: prompt={stage.prompt!r} is unknown; choose one of {STAGE_PROMPTS}")
+        if stage.kind == "vision":  # fail before training, not when the stage starts
+            check_targets(stage.targets)
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
     if cfg.threads:

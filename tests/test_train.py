@@ -240,3 +240,10 @@ def test_sparse_weight_adds_the_loss_on_glyph_and_centre_patches() -> None:
     torch.testing.assert_close(extra, 0.5 * expected)
     with pytest.raises(ValueError, match="must start with color"):
         PatchHead(SHAPE.hidden, ["shape", "color"])
+
+
+def test_unknown_vision_target_fails_before_training(tmp_path: Path) -> None:
+    stages = [Stage(name="q", steps=1, layers=4), Stage(name="v", kind="vision", targets=["color", "depth"])]
+    with pytest.raises(ValueError, match="must start with color"):
+        run(TrainConfig(out=str(tmp_path), model=SHAPE, stages=stages))
+    assert not (tmp_path / "log.jsonl").exists()  # no step of the first stage ran
