@@ -300,8 +300,11 @@ PATCH_TARGETS = {
     "center": 2,  # 1 on the patch holding an object's box centre (one per object: counting)
     "row": POSITION_BINS + 1,  # the patch's own position, on object patches (spatial relations)
     "col": POSITION_BINS + 1,
+    "x": 1,  # the object's box centre, on all its patches: regressed, not classified (spatial relations)
+    "y": 1,
 }
 SPARSE_TARGETS = ("glyph", "center")  # set on a few object patches only (0 elsewhere)
+REGRESSION_TARGETS = ("x", "y")  # labels 1 + the coordinate in px (0 on the background); one output each
 
 
 def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover: float = 0.2) -> np.ndarray:
@@ -312,7 +315,8 @@ def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover
     covers; 0 for background / no glyph, else 1 + index in ``COLORS`` / ``SHAPES`` /
     ``GLYPHS``. ``center`` is 1 on the patch holding each object's box centre; ``row`` and
     ``col`` are 1 + the patch's grid row / column in ``POSITION_BINS`` bins, on object
-    patches (0 on the background)."""
+    patches (0 on the background); ``x`` and ``y`` are 1 + the owning object's box centre
+    (in px, rounded down) on each of its patches, the same on all of them."""
     grid = image_size // patch
     out = np.zeros((len(PATCH_TARGETS), grid, grid), np.int64)
     cover = np.full((grid, grid), min_cover)
@@ -326,13 +330,14 @@ def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover
         out[0][win] = 1 + colors.index(o.color)
         out[1][win] = 1 + shapes.index(o.shape)
         out[2][win] = 0
+        cx, cy = o.center()
+        out[6][win], out[7][win] = 1 + int(cx), 1 + int(cy)
         if o.glyph:  # the glyph label sits on the patches its glyph box covers
             r, c = _glyph_origin(o.shape, o.size)
             ink = np.zeros((image_size, image_size))
             ink[o.y + r : o.y + r + GLYPH_H, o.x + c : o.x + c + GLYPH_W] = 1
             on_glyph = ink.reshape(grid, patch, grid, patch).mean(axis=(1, 3)) >= min_cover
             out[2][on_glyph] = 1 + GLYPHS.index(o.glyph)
-        cx, cy = o.center()
         out[3][min(int(cy) // patch, grid - 1), min(int(cx) // patch, grid - 1)] = 1
     fg = out[0] > 0
     out[3] &= fg

@@ -50,6 +50,7 @@ from redundancy.micro import build_model as build_micro_model
 from redundancy.microvqa import (
     FAMILIES,
     PATCH_TARGETS,
+    REGRESSION_TARGETS,
     SPARSE_TARGETS,
     Example,
     GenConfig,
@@ -91,6 +92,9 @@ class Stage:
     # vision stages: weight of a second loss term on the sparse targets (glyph, center) over
     # the patches that carry them only (0: off, as in the shipped recipe)
     sparse_weight: float = 0.0
+    # vision stages: weight of the regression targets' loss (x, y: squared error of the
+    # object centre, in units of the image side, over object patches)
+    position_weight: float = 1.0
 
 
 @dataclass
@@ -193,11 +197,12 @@ class PatchHead(torch.nn.Module):
     """Per-patch classifiers on the projected image features, one per target (vision
     pretraining only; not part of the shipped model)."""
 
-    def __init__(self, hidden: int, targets: list[str], sparse_weight: float = 0.0) -> None:
+    def __init__(self, hidden: int, targets: list[str], sparse_weight: float = 0.0, position_weight: float = 1.0) -> None:
         super().__init__()
         check_targets(targets)
         self.targets = list(targets)
         self.sparse_weight = sparse_weight  # see Stage.sparse_weight
+        self.position_weight = position_weight  # see Stage.position_weight
         self.sizes = [PATCH_TARGETS[t] for t in targets]
         self.proj = torch.nn.Linear(hidden, sum(self.sizes))
 
@@ -219,13 +224,19 @@ def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> 
     """Colour (with background) over every patch; every other target over object patches
     only, so the few informative patches are not drowned by the background; with the
     head's ``sparse_weight``, the sparse targets (glyph, center) once more over the patches that
-    carry them, so "none" does not drown them among the object patches either."""
+    carry them, so "none" does not drown them among the object patches either; the
+    regression targets (x, y) as ``position_weight`` x the squared error over object patches,
+    in units of the image side."""
     logits = head(model, batch["pixel_values"])
     targets = batch["targets"]  # [batch, targets, patches]
     fg = targets[:, 0] > 0
     ce = torch.nn.functional.cross_entropy
     loss = ce(logits[0].flatten(0, 1), targets[:, 0].flatten())
     for i, (name, lg) in enumerate(zip(head.targets[1:], logits[1:]), start=1):
+        if name in REGRESSION_TARGETS:
+            side = batch["pixel_values"].shape[-1]
+            loss = loss + head.position_weight * torch.nn.functional.mse_loss(lg[fg][:, 0], (targets[:, i][fg] - 1) / side)
+            continue
         loss = loss + ce(lg[fg], targets[:, i][fg])
         on = targets[:, i] > 0
         if head.sparse_weight and name in SPARSE_TARGETS and on.any():
@@ -236,7 +247,8 @@ def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> 
 @torch.no_grad()
 def patch_accuracy(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per-target accuracy on object patches; glyph on glyph patches; center as the mean of
-    its recall on centre patches and on the other object patches (balanced)."""
+    its recall on centre patches and on the other object patches (balanced); for x and y
+    the mean absolute error in px (``x_err_px``)."""
     logits = head(model, batch["pixel_values"])
     targets = batch["targets"]
     fg = targets[:, 0] > 0
@@ -248,6 +260,10 @@ def patch_accuracy(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) 
     for i, name in enumerate(head.targets):
         if name == "glyph":
             out[name] = acc(i, targets[:, i] > 0)
+        elif name in REGRESSION_TARGETS:
+            side = batch["pixel_values"].shape[-1]
+            err = (logits[i][..., 0] * side - (targets[:, i] - 1)).abs()
+            out[f"{name}_err_px"] = float(err[fg].mean())
         elif name == "center":
             out[name] = 0.5 * (acc(i, targets[:, i] > 0) + acc(i, fg & (targets[:, i] == 0)))
         else:
@@ -427,7 +443,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         vision = stage.kind == "vision"
         head = None
         if vision:
-            head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight).to(device)
+            head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
+                             stage.position_weight).to(device)
         optimizer, params = build_optimizer(model, head, stage, cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
         if resumed:

@@ -116,6 +116,26 @@ def test_binding_curriculum_config() -> None:
     assert all(s.prompt == "llava" for s in base.stages)
 
 
+def test_every_training_config_composes() -> None:
+    """Every conf/train*.yaml (the recipe and the recorded experiments) is a valid TrainConfig."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from redundancy.train import check_targets
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    names = sorted(p.stem for p in conf.glob("train*.yaml"))
+    assert {"train", "train_bind", "train_position", "train_relation"} <= set(names)
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        for name in names:
+            cfg = OmegaConf.to_object(compose(config_name=name))
+            assert isinstance(cfg, TrainConfig) and cfg.stages, name
+            for stage in cfg.stages:
+                assert stage.kind in ("vqa", "vision"), (name, stage.name)
+                if stage.kind == "vision":
+                    check_targets(stage.targets)
+
+
 def test_grow_keeps_the_function() -> None:
     shallow, processor = build_micro(_micro(2), vocabulary(SHAPE), seed=1)
     for p in shallow.parameters():  # leave the zero initialisation: make every layer do something
@@ -200,16 +220,21 @@ def test_vision_pretraining_stage_learns_colour(tmp_path: Path) -> None:
 
     examples = draw(Stage(**EASY), SHAPE, 0, 0, 2)
     targets = patch_targets(examples[0].objects, SHAPE.image_size, SHAPE.patch)
-    assert targets.shape == (6, 36) and targets[0].max() > 0 and targets[0].min() == 0
+    assert targets.shape == (8, 36) and targets[0].max() > 0 and targets[0].min() == 0
     fg = targets[0] > 0
     assert targets[3].sum() == len(examples[0].objects) and (targets[3] <= fg).all()  # one centre per object
     assert ((targets[4] > 0) == fg).all() and ((targets[5] > 0) == fg).all()  # positions on object patches only
+    assert ((targets[6] > 0) == fg).all() and ((targets[7] > 0) == fg).all()
+    for o in examples[0].objects:  # x, y: 1 + the object's centre on its (own, visible) patches
+        cx, cy = o.center()
+        xs = targets[6][targets[6] == 1 + int(cx)]
+        assert xs.size > 0 and set(targets[7][targets[6] == 1 + int(cx)]) >= {1 + int(cy)}
     cfg = TrainConfig(out=str(tmp_path), model=SHAPE, eval_every=80, eval_size=32,
                       stages=[Stage(name="v", kind="vision", steps=160, layers=4, lr=3e-3, warmup=5, batch_size=16,
-                                    targets=["color", "shape", "glyph", "center", "row", "col"], **EASY)])
+                                    targets=["color", "shape", "glyph", "center", "row", "col", "x", "y"], **EASY)])
     run(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert set(log[-1]["val_patch"]) == {"color", "shape", "glyph", "center", "row", "col"}
+    assert set(log[-1]["val_patch"]) == {"color", "shape", "glyph", "center", "row", "col", "x_err_px", "y_err_px"}
     assert log[-1]["val_patch"]["color"] > 0.4  # colour is linear in the pixels: learnt first
     assert log[-1]["loss"] < log[0]["loss"]
 
@@ -240,6 +265,25 @@ def test_sparse_weight_adds_the_loss_on_glyph_and_centre_patches() -> None:
     torch.testing.assert_close(extra, 0.5 * expected)
     with pytest.raises(ValueError, match="must start with color"):
         PatchHead(SHAPE.hidden, ["shape", "color"])
+
+
+def test_position_weight_scales_the_squared_error_of_object_centres() -> None:
+    from redundancy.train import PatchHead, patch_accuracy, vision_batch, vision_loss
+
+    model, processor = build_micro(_micro(2), vocabulary(SHAPE))
+    batch = vision_batch(processor, draw(Stage(**EASY), SHAPE, 0, 0, 8), SHAPE, ["color", "x", "y"])
+    heads = [PatchHead(SHAPE.hidden, ["color", "x", "y"], position_weight=w) for w in (0.0, 3.0)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    with torch.no_grad():
+        logits = heads[0](model, batch["pixel_values"])
+        t, fg = batch["targets"], batch["targets"][:, 0] > 0
+        expected = sum(  # the centre in units of the image side, against the prediction on object patches
+            ((logits[i][..., 0][fg] - (t[:, i][fg] - 1) / SHAPE.image_size) ** 2).mean() for i in (1, 2)
+        )
+        extra = vision_loss(model, heads[1], batch) - vision_loss(model, heads[0], batch)
+        accuracy = patch_accuracy(model, heads[0], batch)
+    torch.testing.assert_close(extra, 3.0 * expected)
+    assert set(accuracy) == {"color", "x_err_px", "y_err_px"} and accuracy["x_err_px"] > 0
 
 
 def test_unknown_vision_target_fails_before_training(tmp_path: Path) -> None:
