@@ -194,8 +194,9 @@ def check_targets(targets: list[str]) -> None:
 
 
 class PatchHead(torch.nn.Module):
-    """Per-patch classifiers on the projected image features, one per target (vision
-    pretraining only; not part of the shipped model)."""
+    """Per-patch classifiers (one output per class) and regressors (x, y: one output) on the
+    projected image features, one per target (vision pretraining only; not part of the
+    shipped model)."""
 
     def __init__(self, hidden: int, targets: list[str], sparse_weight: float = 0.0, position_weight: float = 1.0) -> None:
         super().__init__()
