@@ -221,6 +221,11 @@ def vision_batch(
     return {"pixel_values": pixels, "targets": torch.from_numpy(labels)}  # targets [batch, len(targets), patches]
 
 
+def _position(labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A regression target's labels (1 + px, see ``patch_targets``) in units of the image side."""
+    return (labels - 1) / batch["pixel_values"].shape[-1]
+
+
 def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Colour (with background) over every patch; every other target over object patches
     only, so the few informative patches are not drowned by the background; with the
@@ -235,8 +240,7 @@ def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> 
     loss = ce(logits[0].flatten(0, 1), targets[:, 0].flatten())
     for i, (name, lg) in enumerate(zip(head.targets[1:], logits[1:]), start=1):
         if name in REGRESSION_TARGETS:
-            side = batch["pixel_values"].shape[-1]
-            loss = loss + head.position_weight * torch.nn.functional.mse_loss(lg[fg][:, 0], (targets[:, i][fg] - 1) / side)
+            loss = loss + head.position_weight * torch.nn.functional.mse_loss(lg[fg][:, 0], _position(targets[:, i][fg], batch))
             continue
         loss = loss + ce(lg[fg], targets[:, i][fg])
         on = targets[:, i] > 0
@@ -262,8 +266,7 @@ def patch_accuracy(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) 
         if name == "glyph":
             out[name] = acc(i, targets[:, i] > 0)
         elif name in REGRESSION_TARGETS:
-            side = batch["pixel_values"].shape[-1]
-            err = (logits[i][..., 0] * side - (targets[:, i] - 1)).abs()
+            err = (logits[i][..., 0] - _position(targets[:, i], batch)).abs() * batch["pixel_values"].shape[-1]
             out[f"{name}_err_px"] = float(err[fg].mean())
         elif name == "center":
             out[name] = 0.5 * (acc(i, targets[:, i] > 0) + acc(i, fg & (targets[:, i] == 0)))
@@ -387,7 +390,8 @@ def validate(
     return out
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def check_config(cfg: TrainConfig) -> None:
+    """Everything about a training config that can fail, checked before any training."""
     if cfg.method not in ("vanilla", "pdrop"):
         raise ValueError(f"method={cfg.method!r} is unknown; choose vanilla or pdrop")
     if not cfg.stages:
@@ -402,6 +406,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             check_targets(stage.targets)
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    check_config(cfg)
+    names = [s.name for s in cfg.stages]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)

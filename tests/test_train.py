@@ -121,7 +121,7 @@ def test_every_training_config_composes() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from redundancy.train import check_targets
+    from redundancy.train import check_config
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     names = sorted(p.stem for p in conf.glob("train*.yaml"))
@@ -130,10 +130,8 @@ def test_every_training_config_composes() -> None:
         for name in names:
             cfg = OmegaConf.to_object(compose(config_name=name))
             assert isinstance(cfg, TrainConfig) and cfg.stages, name
-            for stage in cfg.stages:
-                assert stage.kind in ("vqa", "vision"), (name, stage.name)
-                if stage.kind == "vision":
-                    check_targets(stage.targets)
+            assert all(stage.kind in ("vqa", "vision") for stage in cfg.stages), name
+            check_config(cfg)  # kinds, prompts, vision targets, start stage: what run() checks first
 
 
 def test_grow_keeps_the_function() -> None:
