@@ -582,6 +582,71 @@ def _place(rng: np.random.Generator, scene: _Scene, image_size: int, tries: int 
     return [_orient(o, scene.direction, image_size) for o in placed]
 
 
+def _unorient(o: Obj, direction: str, image_size: int) -> Obj:
+    """The inverse of :func:`_orient`: a box in the frame where ``direction`` is "left"."""
+    flip_x, flip_y = image_size - o.x - o.size, image_size - o.y - o.size
+    x, y = {"left": (o.x, o.y), "right": (flip_x, o.y), "above": (o.y, o.x), "below": (flip_y, o.x)}[direction]
+    return dataclasses.replace(o, x=x, y=y)
+
+
+def _left_of(a: Obj, b: Obj) -> bool:
+    """``a`` clearly left of ``b`` (the placement rule of :func:`_fits_layout`): disjoint in x, |dx| > |dy|."""
+    (ax, ay), (bx, by) = a.center(), b.center()
+    return a.x + a.size + GAP <= b.x and abs(by - ay) < bx - ax
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question about a placed scene; ``evidence`` indexes the scene's objects."""
+
+    family: str
+    subtype: str
+    question: str
+    answer: str
+    evidence: tuple[int, ...]
+
+
+def questions(objects: Sequence[Obj], image_size: int) -> list[Question]:
+    """Every question the benchmark's rules allow about ``objects`` (the rules of the module
+    docstring: each named object unique in the scene, relations along the dominant axis with
+    the boxes disjoint along it, a neighbour the only object on its side of the referent).
+    Whatever :func:`generate` asks about a scene is among them, with the same answer.
+    Training draws extra questions about one image from here (``redundancy.train``)."""
+    out: list[Question] = []
+    shapes = [o.shape for o in objects]
+    pairs = [(o.color, o.shape) for o in objects]
+    named = [i for i, p in enumerate(pairs) if pairs.count(p) == 1]  # nameable as "<colour> <shape>"
+    out.append(Question("count", "count_all", "How many objects are there?", str(len(objects)),
+                        tuple(range(len(objects)))))  # fmt: skip
+    for shape in SHAPES:
+        owners = tuple(i for i, s in enumerate(shapes) if s == shape)
+        if len(owners) == 1:
+            out.append(Question("color", "color", f"What color is the {shape}?", objects[owners[0]].color, owners))
+        if owners:
+            out.append(Question("count", "count_shape", f"How many {PLURAL[shape]} are there?", str(len(owners)), owners))
+    for i in named:
+        o = objects[i]
+        if o.glyph is not None:
+            out.append(Question("reading", "reading", f"What is written on the {o.color} {o.shape}?", o.glyph.lower(), (i,)))
+    where = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+    for direction in DIRECTIONS:
+        frame = [_unorient(o, direction, image_size) for o in objects]
+        axis = "left or right of" if direction in ("left", "right") else "above or below"
+        for i in named:
+            for j in named:
+                if i != j and _left_of(frame[i], frame[j]):
+                    (c1, s1), (c2, s2) = pairs[i], pairs[j]
+                    out.append(Question("spatial", "relation", f"Is the {c1} {s1} {axis} the {c2} {s2}?", direction,
+                                        (min(i, j), max(i, j))))  # fmt: skip
+        for ref in named:
+            side = [k for k in range(len(objects)) if k != ref and frame[k].center()[0] < frame[ref].center()[0]]
+            if len(side) == 1 and _left_of(frame[side[0]], frame[ref]):
+                c, s = pairs[ref]
+                out.append(Question("spatial", "neighbor", f"What shape is {where[direction]} the {c} {s}?",
+                                    objects[side[0]].shape, tuple(sorted((ref, side[0])))))  # fmt: skip
+    return out
+
+
 def scene_bucket(objects: Sequence[Obj], image_size: int) -> int:
     """The scene's hash bucket in [0, 20): a function of what is drawn, not of object order."""
     key = json.dumps([image_size, sorted((o.x, o.y, o.size, o.shape, o.color, o.glyph or "") for o in objects)])

@@ -54,11 +54,13 @@ from redundancy.microvqa import (
     SPARSE_TARGETS,
     Example,
     GenConfig,
+    Question,
     answer_vocabulary,
     generate,
     patch_targets,
     question_words,
 )
+from redundancy.packing import SIDE, collate_packed, extra_questions, packed_loss
 from redundancy.schedule import DropSchedule
 
 
@@ -81,6 +83,10 @@ class Stage:
     # on ("<word> ? ASSISTANT :"): a training-only loss that builds the answering position's
     # fetch of the question one token at a time (experiments/micro_llava_training.md)
     suffix_loss: bool = False
+    # Questions per image: the generator's question plus questions-1 others about the same scene,
+    # packed into one sequence that keeps them from seeing each other (redundancy.packing; a
+    # training-only speed-up: the image's ~145 tokens are computed once, not once per question)
+    questions: int = 1
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (0 freezes it, as LLaVA does)
     min_objects: int = 1
     max_objects: int = 6
@@ -128,7 +134,7 @@ def gen_config(stage: Stage, shape: MicroConfig, seed: int) -> GenConfig:
         max_objects=stage.max_objects,
         min_size=stage.min_size,
         max_size=stage.max_size,
-        families={f: w for f, w in stage.families.items() if w > 0},
+        families={f: w for f, w in stage.families.items() if w > 0 and f in FAMILIES},  # not "side" (extras only)
         seed=seed,
     )
 
@@ -351,13 +357,18 @@ def step_loss(
     device: torch.device,
     prompt: str = "llava",
     suffix_loss: bool = False,
+    extras: list[list[Question]] | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: per-patch targets (vision stage) or the answer tokens
     (with ``suffix_loss``, plus the answer's mean cross-entropy at the LLaVA-prompt positions
-    from the question's last word up to the one before the answering position)."""
+    from the question's last word up to the one before the answering position). With
+    ``extras`` (more questions per example), the same loss over packed sequences."""
     if head is not None:
         batch = vision_batch(processor, examples, shape, head.targets)
         return vision_loss(model, head, {k: v.to(device) for k, v in batch.items()})
+    if extras is not None:
+        packed = collate_packed(processor, examples, extras, prompt, n_image=shape.n_image)
+        return packed_loss(model, packed, suffix_length(processor) if suffix_loss else 0)
     batch = {k: v.to(device) for k, v in collate(processor, examples, with_answers=True, prompt=prompt).items()}
     out = model(**batch)
     llava = [i for i in range(len(examples)) if _example_prompt(prompt, i) == "llava"]
@@ -404,6 +415,11 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"stage {stage.name!r}: prompt={stage.prompt!r} is unknown; choose one of {STAGE_PROMPTS}")
         if stage.kind == "vision":  # fail before training, not when the stage starts
             check_targets(stage.targets)
+        if stage.questions < 1 or (stage.questions > 1 and (stage.kind == "vision" or stage.drop)):
+            raise ValueError(f"stage {stage.name!r}: questions={stage.questions} must be 1, or > 1 in a vqa stage "
+                             "without drop (PyramidDrop ranks by the one question's last token)")
+        if stage.families.get(SIDE, 0) > 0 and stage.questions < 2:
+            raise ValueError(f"stage {stage.name!r}: side questions are extras: they need questions > 1")
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
 
@@ -472,7 +488,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(stage, step) * group["scale"]
                 examples = draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size)
-                loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss)
+                extras = None
+                if stage.questions > 1:
+                    rng = np.random.default_rng([cfg.seed, si, step])
+                    extras = [extra_questions(e, stage.questions - 1, stage.families, shape.image_size, rng)
+                              for e in examples]
+                loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss,
+                                 extras)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()

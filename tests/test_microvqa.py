@@ -187,6 +187,24 @@ def test_questions_answerable_from_metadata(train_examples: list[mv.Example]) ->
         assert evidence == set(ex.evidence), ex.question
 
 
+def test_every_question_about_a_scene_is_valid(train_examples: list[mv.Example]) -> None:
+    """``questions`` (the extra training questions) obeys the rules the independent checker
+    asserts, and includes what the generator asked, with the same answer and evidence."""
+    subtypes: Counter = Counter()
+    for ex in train_examples[:120]:
+        objects = [o.to_json() for o in ex.objects]
+        asked = mv.questions(ex.objects, CFG.image_size)
+        assert len({q.question for q in asked}) == len(asked)
+        for q in asked:
+            answer, evidence = answer_from_metadata(q.question, objects)
+            assert (q.answer, set(q.evidence)) == (answer, evidence), q.question
+            assert q.subtype in mv.SUBTYPES[q.family]
+            subtypes[q.subtype] += 1
+        own = [q for q in asked if q.question == ex.question]
+        assert [(q.answer, q.evidence, q.subtype) for q in own] == [(ex.answer, ex.evidence, ex.subtype)]
+    assert set(subtypes) == {s for group in mv.SUBTYPES.values() for s in group}
+
+
 def test_answers_in_vocabulary_and_normalised(train_examples: list[mv.Example]) -> None:
     vocab = mv.answer_vocabulary(CFG)
     for ex in train_examples:
