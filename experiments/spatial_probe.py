@@ -3,7 +3,10 @@ directory: (1) how well a least-squares linear readout recovers each image token
 and row from the projected image features (the language model's input), on held-out tokens,
 against predicting the mean; (2) first-token accuracy on validation scenes of 2-4 objects for
 the training-only side questions (redundancy.packing.side_questions) and for relations, with
-the LLaVA and the bare prompt. Run from the repository root:
+the LLaVA and the bare prompt; (3) the same per axis on 400 other scenes (left/right side
+questions, left/right and above/below relations); (4) left/right side questions on scenes of
+1-4 objects, bare prompt, by how far the object's centre lies from the middle. Run from the
+repository root:
 
     python experiments/spatial_probe.py redundancy/assets/checkpoints/micro-llava-vanilla
 """
@@ -39,6 +42,40 @@ for e in scenes:
             q = pool[int(rng.integers(len(pool)))]
             asked[name].append(dataclasses.replace(e, question=q.question, answer=q.answer, family=name))
 
+rng = np.random.default_rng(0)  # each part draws its questions from its own stream
+axis: dict[str, list] = {"left/right side": [], "left/right relation": [], "above/below relation": []}
+for e in T.draw(T.Stage(min_objects=2, max_objects=4), shape, 321, 0, 400, split="val"):
+    pools = {"left/right side": [q for q in side_questions(e.objects, shape.image_size) if q.question.startswith("Left")],
+             "left/right relation": [q for q in questions(e.objects, shape.image_size)
+                                     if q.subtype == "relation" and "left or right" in q.question],
+             "above/below relation": [q for q in questions(e.objects, shape.image_size)
+                                      if q.subtype == "relation" and "above or below" in q.question]}
+    for name, pool in pools.items():
+        if pool:
+            q = pool[int(rng.integers(len(pool)))]
+            axis[name].append(dataclasses.replace(e, question=q.question, answer=q.answer))
+rng = np.random.default_rng(0)
+far: list = []
+offsets: list[float] = []
+for e in T.draw(T.Stage(min_objects=1, max_objects=4), shape, 321, 0, 400, split="val"):
+    pool = [q for q in side_questions(e.objects, shape.image_size) if q.question.startswith("Left")]
+    if pool:
+        q = pool[int(rng.integers(len(pool)))]
+        far.append(dataclasses.replace(e, question=q.question, answer=q.answer))
+        offsets.append(abs(e.objects[q.evidence[0]].center()[0] - shape.image_size / 2))
+
+
+def hits(model: LlavaForConditionalGeneration, processor: object, items: list) -> np.ndarray:
+    """Bare-prompt first-token hits, one per item."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(items), 100):
+            batch = T.collate(processor, items[i : i + 100], with_answers=False, prompt="bare")
+            pred = model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+            out += [w == e.answer for w, e in zip(processor.tokenizer.convert_ids_to_tokens(pred), items[i : i + 100])]
+    return np.array(out)
+
+
 for path in args.models:
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
@@ -58,3 +95,9 @@ for path in args.models:
     for name, items in asked.items():
         acc = {p: T.first_token_accuracy(model, processor, items, prompt=p)["overall"] for p in ("llava", "bare")}
         print(f"  {name} ({len(items)} questions): LLaVA prompt {acc['llava']:.3f}, bare prompt {acc['bare']:.3f}")
+    for name, items in axis.items():
+        acc = {p: T.first_token_accuracy(model, processor, items, prompt=p)["overall"] for p in ("llava", "bare")}
+        print(f"  {name} ({len(items)} questions): LLaVA prompt {acc['llava']:.3f}, bare prompt {acc['bare']:.3f}")
+    hit, off = hits(model, processor, far), np.array(offsets)
+    bins = ", ".join(f"{lo}-{hi} px {hit[(off >= lo) & (off < hi)].mean():.2f}" for lo, hi in ((12, 18), (18, 26), (26, 48)))
+    print(f"  left/right side, 1-4 objects, bare prompt ({len(far)} questions): {hit.mean():.3f} ({bins} off the middle)")

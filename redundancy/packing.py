@@ -22,6 +22,7 @@ shape is left out of the extras: on generated scenes its answers are mostly 1 or
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,15 +55,16 @@ def side_questions(objects: tuple[Obj, ...], image_size: int, margin: int = SIDE
 
 
 def extra_questions(
-    example: Example, n: int, families: dict[str, float], image_size: int, rng: np.random.Generator
+    example: Example, n: int, families: dict[str, float], image_size: int, rng: np.random.Generator, match: str = ""
 ) -> list[Question]:
-    """Up to ``n`` distinct questions about ``example``'s scene other than its own: each
-    draws a family by ``families`` weight (``side``: :func:`side_questions`), then a subtype,
-    then a question, uniformly."""
+    """Up to ``n`` distinct questions about ``example``'s scene other than its own (and matching
+    the regular expression ``match``): each draws a family by ``families`` weight (``side``:
+    :func:`side_questions`), then a subtype, then a question, uniformly."""
     pool: dict[str, dict[str, list[Question]]] = {}
     side = side_questions(example.objects, image_size) if families.get(SIDE, 0) > 0 else []
     for q in questions(example.objects, image_size) + side:
-        if q.question != example.question and q.subtype not in EXTRA_EXCLUDED and families.get(q.family, 0) > 0:
+        if (q.question != example.question and q.subtype not in EXTRA_EXCLUDED and families.get(q.family, 0) > 0
+                and re.search(match, q.question)):
             pool.setdefault(q.family, {}).setdefault(q.subtype, []).append(q)
     out: list[Question] = []
     while len(out) < n and pool:

@@ -87,6 +87,10 @@ class Stage:
     # packed into one sequence that keeps them from seeing each other (redundancy.packing; a
     # training-only speed-up: the image's ~145 tokens are computed once, not once per question)
     questions: int = 1
+    # Family weights of those extra questions (default: ``families``); may also weigh the
+    # training-only "side" family (redundancy.packing.side_questions)
+    extras: dict[str, float] | None = None
+    extras_match: str = ""  # a regular expression every extra question must match ("": all)
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (0 freezes it, as LLaVA does)
     min_objects: int = 1
     max_objects: int = 6
@@ -134,7 +138,7 @@ def gen_config(stage: Stage, shape: MicroConfig, seed: int) -> GenConfig:
         max_objects=stage.max_objects,
         min_size=stage.min_size,
         max_size=stage.max_size,
-        families={f: w for f, w in stage.families.items() if w > 0 and f in FAMILIES},  # not "side" (extras only)
+        families={f: w for f, w in stage.families.items() if w > 0},
         seed=seed,
     )
 
@@ -418,8 +422,14 @@ def check_config(cfg: TrainConfig) -> None:
         if stage.questions < 1 or (stage.questions > 1 and (stage.kind == "vision" or stage.drop)):
             raise ValueError(f"stage {stage.name!r}: questions={stage.questions} must be 1, or > 1 in a vqa stage "
                              "without drop (PyramidDrop ranks by the one question's last token)")
-        if stage.families.get(SIDE, 0) > 0 and stage.questions < 2:
-            raise ValueError(f"stage {stage.name!r}: side questions are extras: they need questions > 1")
+        unknown = set(stage.families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"stage {stage.name!r}: families {sorted(unknown)} are unknown; choose from {FAMILIES} "
+                             f"(the training-only {SIDE!r} questions are extras: weigh them in `extras`)")
+        if stage.extras is not None and set(stage.extras) - {*FAMILIES, SIDE}:
+            raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among {[*FAMILIES, SIDE]}")
+        if (stage.extras is not None or stage.extras_match) and stage.questions < 2:
+            raise ValueError(f"stage {stage.name!r}: extras and extras_match need questions > 1")
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
 
@@ -491,7 +501,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 extras = None
                 if stage.questions > 1:
                     rng = np.random.default_rng([cfg.seed, si, step])
-                    extras = [extra_questions(e, stage.questions - 1, stage.families, shape.image_size, rng)
+                    weights = stage.families if stage.extras is None else stage.extras
+                    extras = [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match)
                               for e in examples]
                 loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss,
                                  extras)

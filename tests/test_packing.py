@@ -111,6 +111,10 @@ def test_side_questions_name_one_object_clearly_off_the_middle() -> None:
             seen.add(q.answer)
         more = extra_questions(e, 6, {"spatial": 1.0, SIDE: 1.0}, 96, np.random.default_rng(1))
         assert all(q.family in ("spatial", SIDE) for q in more)
+        left_right = extra_questions(e, 6, {"spatial": 1.0, SIDE: 1.0}, 96, np.random.default_rng(1), "(?i)left or right")
+        candidates = [q for q in questions(e.objects, 96) + side_questions(e.objects, 96)
+                      if q.family in ("spatial", SIDE) and "left or right" in q.question.lower() and q.question != e.question]
+        assert len(left_right) == min(6, len(candidates)) and set(left_right) <= set(candidates)
     assert seen == {"left", "right", "above", "below"}
 
 
@@ -125,6 +129,10 @@ def test_packed_stage_trains_and_is_checked(tmp_path: Path) -> None:
     for bad in (dict(questions=0), dict(questions=2, drop=True), dict(questions=2, kind="vision")):
         with pytest.raises(ValueError, match="questions="):
             check_config(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, **bad)]))
-    side = dataclasses.replace(stage, questions=1, families={**easy["families"], SIDE: 1.0})
-    with pytest.raises(ValueError, match="side questions"):
-        check_config(dataclasses.replace(cfg, stages=[side]))
+    for bad, message in ((dict(families={**easy["families"], SIDE: 1.0}), "extras"),
+                         (dict(extras={"colour": 1.0}), "extras"),
+                         (dict(questions=1, extras={SIDE: 1.0}), "questions > 1"),
+                         (dict(questions=1, extras_match="^Left"), "questions > 1")):
+        with pytest.raises(ValueError, match=message):
+            check_config(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, **bad)]))
+    check_config(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, extras={SIDE: 1.0}, extras_match="^Left")]))
