@@ -13,6 +13,7 @@ repository root:
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from redundancy import train as T
 from redundancy.micro import MicroConfig
-from redundancy.microvqa import patch_targets, questions
+from redundancy.microvqa import Example, Question, patch_targets, questions
 from redundancy.packing import side_questions
 
 ap = argparse.ArgumentParser()
@@ -31,49 +32,43 @@ torch.set_num_threads(args.threads)
 shape = MicroConfig()
 grid = shape.image_size // shape.patch
 images = T.draw(T.Stage(), shape, 5, 0, 200, split="val")
-scenes = T.draw(T.Stage(min_objects=2, max_objects=4), shape, 321, 0, 300, split="val")
-rng = np.random.default_rng(0)
-asked: dict[str, list] = {"side": [], "relation": []}
-for e in scenes:
-    pools = {"side": side_questions(e.objects, shape.image_size),
-             "relation": [q for q in questions(e.objects, shape.image_size) if q.subtype == "relation"]}
-    for name, pool in pools.items():
-        if pool:
-            q = pool[int(rng.integers(len(pool)))]
-            asked[name].append(dataclasses.replace(e, question=q.question, answer=q.answer, family=name))
-
-rng = np.random.default_rng(0)  # each part draws its questions from its own stream
-axis: dict[str, list] = {"left/right side": [], "left/right relation": [], "above/below relation": []}
-for e in T.draw(T.Stage(min_objects=2, max_objects=4), shape, 321, 0, 400, split="val"):
-    pools = {"left/right side": [q for q in side_questions(e.objects, shape.image_size) if q.question.startswith("Left")],
-             "left/right relation": [q for q in questions(e.objects, shape.image_size)
-                                     if q.subtype == "relation" and "left or right" in q.question],
-             "above/below relation": [q for q in questions(e.objects, shape.image_size)
-                                      if q.subtype == "relation" and "above or below" in q.question]}
-    for name, pool in pools.items():
-        if pool:
-            q = pool[int(rng.integers(len(pool)))]
-            axis[name].append(dataclasses.replace(e, question=q.question, answer=q.answer))
-rng = np.random.default_rng(0)
-far: list = []
-offsets: list[float] = []
-for e in T.draw(T.Stage(min_objects=1, max_objects=4), shape, 321, 0, 400, split="val"):
-    pool = [q for q in side_questions(e.objects, shape.image_size) if q.question.startswith("Left")]
-    if pool:
-        q = pool[int(rng.integers(len(pool)))]
-        far.append(dataclasses.replace(e, question=q.question, answer=q.answer))
-        offsets.append(abs(e.objects[q.evidence[0]].center()[0] - shape.image_size / 2))
 
 
-def hits(model: LlavaForConditionalGeneration, processor: object, items: list) -> np.ndarray:
-    """Bare-prompt first-token hits, one per item."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(items), 100):
-            batch = T.collate(processor, items[i : i + 100], with_answers=False, prompt="bare")
-            pred = model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
-            out += [w == e.answer for w, e in zip(processor.tokenizer.convert_ids_to_tokens(pred), items[i : i + 100])]
-    return np.array(out)
+def ask(objects: tuple[int, int], n: int, pools: Callable[[Example], dict[str, list[Question]]]) -> dict[str, list]:
+    """``n`` validation scenes of ``objects`` = (min, max) objects (seed 321); for each scene and
+    each named pool, one random question of the pool (its own random stream per call),
+    recorded with the pool's name as its family."""
+    rng = np.random.default_rng(0)
+    out: dict[str, list] = {}
+    for e in T.draw(T.Stage(min_objects=objects[0], max_objects=objects[1]), shape, 321, 0, n, split="val"):
+        for name, pool in pools(e).items():
+            out.setdefault(name, [])
+            if pool:
+                q = pool[int(rng.integers(len(pool)))]
+                out[name].append(dataclasses.replace(e, question=q.question, answer=q.answer, family=name, evidence=q.evidence))
+    return out
+
+
+def _relations(e: Example, axis: str = "") -> list[Question]:
+    return [q for q in questions(e.objects, shape.image_size) if q.subtype == "relation" and axis in q.question]
+
+
+def _left_right_side(e: Example) -> list[Question]:
+    return [q for q in side_questions(e.objects, shape.image_size) if q.question.startswith("Left")]
+
+
+def _off_middle(e: Example) -> str:
+    """The distance bin of the asked object's centre from the image's vertical middle (side
+    questions ask about centres 12 px or more off it, and centres lie 6 px or more inside)."""
+    off = abs(e.objects[e.evidence[0]].center()[0] - shape.image_size / 2)
+    return next(f"{lo}-{hi} px" for lo, hi in ((12, 18), (18, 26), (26, 48)) if lo <= off < hi)
+
+
+asked = ask((2, 4), 300, lambda e: {"side": side_questions(e.objects, shape.image_size), "relation": _relations(e)})
+axis = ask((2, 4), 400, lambda e: {"left/right side": _left_right_side(e), "left/right relation": _relations(e, "left or right"),
+                                   "above/below relation": _relations(e, "above or below")})
+# one left/right side question per scene of 1-4 objects, labelled with its distance bin
+far = [dataclasses.replace(e, family=_off_middle(e)) for e in ask((1, 4), 400, lambda e: {"side": _left_right_side(e)})["side"]]
 
 
 for path in args.models:
@@ -92,12 +87,9 @@ for path in args.models:
         err = np.abs(x[half:] @ w - y[half:])
         print(f"  {name}: linear readout error {err.mean():.2f} patches ({err[objects[half:]].mean():.2f} on object "
               f"patches), predicting the mean {np.abs(y[half:] - y[:half].mean()).mean():.2f}")
-    for name, items in asked.items():
+    for name, items in {**asked, **axis}.items():
         acc = {p: T.first_token_accuracy(model, processor, items, prompt=p)["overall"] for p in ("llava", "bare")}
         print(f"  {name} ({len(items)} questions): LLaVA prompt {acc['llava']:.3f}, bare prompt {acc['bare']:.3f}")
-    for name, items in axis.items():
-        acc = {p: T.first_token_accuracy(model, processor, items, prompt=p)["overall"] for p in ("llava", "bare")}
-        print(f"  {name} ({len(items)} questions): LLaVA prompt {acc['llava']:.3f}, bare prompt {acc['bare']:.3f}")
-    hit, off = hits(model, processor, far), np.array(offsets)
-    bins = ", ".join(f"{lo}-{hi} px {hit[(off >= lo) & (off < hi)].mean():.2f}" for lo, hi in ((12, 18), (18, 26), (26, 48)))
-    print(f"  left/right side, 1-4 objects, bare prompt ({len(far)} questions): {hit.mean():.3f} ({bins} off the middle)")
+    acc = T.first_token_accuracy(model, processor, far, prompt="bare")
+    bins = ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
+    print(f"  left/right side, 1-4 objects, bare prompt ({len(far)} questions): {acc['overall']:.3f} ({bins} off the middle)")

@@ -539,19 +539,23 @@ class _SceneSampler:
         return _Scene(specs, "How many objects are there?", str(n), list(range(n)))
 
 
+def _left_of(a: Obj, b: Obj) -> bool:
+    """``a`` clearly left of ``b``: disjoint in x, |dx| > |dy| (the benchmark's relation rule)."""
+    (ax, ay), (bx, by) = a.center(), b.center()
+    return a.x + a.size + GAP <= b.x and abs(by - ay) < bx - ax
+
+
 def _fits_layout(layout: str, i: int, x: int, y: int, size: int, placed: list[Obj]) -> bool:
     """Placement rules in the frame where the asked relation is "left" (see :class:`_Scene`)."""
     if layout == "free" or i == 0:
         return True
-    a = placed[0]
-    ax, ay = a.center()
-    cx, cy = x + size / 2, y + size / 2
-    if i == 1 and layout == "pair":  # object 0 clearly left of object 1: disjoint in x, |dx| > |dy|
-        return a.x + a.size + GAP <= x and abs(cy - ay) < cx - ax
+    a, box = placed[0], Obj("", "", None, x, y, size)
+    if i == 1 and layout == "pair":  # object 0 clearly left of object 1
+        return _left_of(a, box)
     if i == 1 and layout == "neighbor":  # object 1 clearly left of object 0
-        return x + size + GAP <= a.x and abs(cy - ay) < ax - cx
+        return _left_of(box, a)
     if layout == "neighbor":  # nothing else has its centre left of object 0's
-        return cx >= ax
+        return box.center()[0] >= a.center()[0]
     return True
 
 
@@ -589,12 +593,6 @@ def _unorient(o: Obj, direction: str, image_size: int) -> Obj:
     return dataclasses.replace(o, x=x, y=y)
 
 
-def _left_of(a: Obj, b: Obj) -> bool:
-    """``a`` clearly left of ``b`` (the placement rule of :func:`_fits_layout`): disjoint in x, |dx| > |dy|."""
-    (ax, ay), (bx, by) = a.center(), b.center()
-    return a.x + a.size + GAP <= b.x and abs(by - ay) < bx - ax
-
-
 @dataclass(frozen=True)
 class Question:
     """A question about a placed scene; ``evidence`` indexes the scene's objects."""
@@ -606,6 +604,12 @@ class Question:
     evidence: tuple[int, ...]
 
 
+def nameable(objects: Sequence[Obj]) -> list[int]:
+    """Indices of the objects a question can name as "the <colour> <shape>" (unique in the scene)."""
+    pairs = [(o.color, o.shape) for o in objects]
+    return [i for i, p in enumerate(pairs) if pairs.count(p) == 1]
+
+
 def questions(objects: Sequence[Obj], image_size: int) -> list[Question]:
     """Every question the benchmark's rules allow about ``objects`` (the rules of the module
     docstring: each named object unique in the scene, relations along the dominant axis with
@@ -615,7 +619,7 @@ def questions(objects: Sequence[Obj], image_size: int) -> list[Question]:
     out: list[Question] = []
     shapes = [o.shape for o in objects]
     pairs = [(o.color, o.shape) for o in objects]
-    named = [i for i, p in enumerate(pairs) if pairs.count(p) == 1]  # nameable as "<colour> <shape>"
+    named = nameable(objects)
     out.append(Question("count", "count_all", "How many objects are there?", str(len(objects)),
                         tuple(range(len(objects)))))  # fmt: skip
     for shape in SHAPES:

@@ -1,6 +1,6 @@
 """Several questions about one image in one training sequence, none seeing another.
 
-    batch = collate_packed(processor, examples, extras, prompt="llava")
+    batch = collate_packed(processor, examples, extras, prompt="llava", n_image=144)
     loss = packed_loss(model, batch)
 
 A training-only speed-up (``Stage.questions`` in :mod:`redundancy.train`). The image
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from redundancy.micro import format_prompt
-from redundancy.microvqa import Example, Obj, Question, questions
+from redundancy.microvqa import Example, Obj, Question, nameable, questions
 
 EXTRA_EXCLUDED = ("count_shape",)  # skewed answers on generated scenes (module docstring)
 SIDE = "side"  # the training-only family of :func:`side_questions` (a weight in ``families``)
@@ -41,11 +41,9 @@ def side_questions(objects: tuple[Obj, ...], image_size: int, margin: int = SIDE
     """Training-only questions on one named object's side of the image ("Left or right is the red
     circle?" -> ``left``), for objects whose centre lies ``margin`` px or more off the middle:
     the lookup a spatial relation compares, asked on its own (experiments/micro_llava_training.md)."""
-    pairs = [(o.color, o.shape) for o in objects]
     out = []
-    for i, o in enumerate(objects):
-        if pairs.count(pairs[i]) != 1:
-            continue
+    for i in nameable(objects):
+        o = objects[i]
         for axis, (low, high), centre in (("Left or right", ("left", "right"), o.center()[0]),
                                           ("Above or below", ("above", "below"), o.center()[1])):  # fmt: skip
             if abs(centre - image_size / 2) >= margin:
@@ -101,11 +99,13 @@ def collate_packed(
     examples: list[Example],
     extras: list[list[Question]],
     prompt: str = "llava",
-    n_image: int = 144,
+    *,
+    n_image: int,
 ) -> dict[str, Any]:
     """Packed rows (right-padded): ``input_ids``, ``pixel_values``, ``position_ids``, an additive
     4D ``attention_mask`` [rows, 1, len, len], and the ``segments``. ``prompt`` is ``llava``,
-    ``bare`` or ``mixed`` (segments alternate bare, LLaVA, ... over the whole batch)."""
+    ``bare`` or ``mixed`` (segments alternate bare, LLaVA, ... over the whole batch); ``n_image``
+    is the model's image tokens per image (``MicroConfig.n_image``)."""
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     rows: list[list[int]] = []
     positions: list[list[int]] = []
