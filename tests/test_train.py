@@ -116,6 +116,29 @@ def test_binding_curriculum_config() -> None:
     assert all(s.prompt == "llava" for s in base.stages)
 
 
+
+def test_spatial_curriculum_config() -> None:
+    """conf/train_spatial.yaml: train_bind's model and variants; the object-centre targets are
+    learnt before any question, the side questions come before the relations they lead to, and
+    both before the reading stages (which must not be what the spatial chain overwrites last)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        bind = OmegaConf.to_object(compose(config_name="train_bind"))
+        spatial = OmegaConf.to_object(compose(config_name="train_spatial"))
+    assert isinstance(spatial, TrainConfig) and spatial.model == bind.model and spatial.lam == bind.lam
+    names = [s.name for s in spatial.stages]
+    first_vqa = next(i for i, s in enumerate(spatial.stages) if s.kind == "vqa")
+    assert any({"x", "y"} <= set(s.targets) for s in spatial.stages[:first_vqa])
+    sided = [i for i, s in enumerate(spatial.stages) if s.extras and "side" in s.extras]
+    related = [i for i, s in enumerate(spatial.stages) if s.extras and s.extras.get("spatial")]
+    assert sided and related and sided[0] < related[0] < names.index("read")
+    assert all(spatial.stages[i].questions > 1 for i in sided)
+    assert spatial.stages[-1].drop and spatial.stages[-1].prompt == "llava" and spatial.stages[-1].layers == 32
+
+
 def test_every_training_config_composes() -> None:
     """Every conf/train*.yaml (the recipe and the recorded experiments) is a valid TrainConfig."""
     from hydra import compose, initialize_config_dir
@@ -125,7 +148,7 @@ def test_every_training_config_composes() -> None:
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     names = sorted(p.stem for p in conf.glob("train*.yaml"))
-    assert {"train", "train_bind", "train_position", "train_relation"} <= set(names)
+    assert {"train", "train_bind", "train_spatial", "train_position", "train_relation"} <= set(names)
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         for name in names:
             cfg = OmegaConf.to_object(compose(config_name=name))
