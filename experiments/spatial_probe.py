@@ -11,24 +11,18 @@ repository root:
     python experiments/spatial_probe.py redundancy/assets/checkpoints/micro-llava-vanilla
 """
 
-import argparse
 import dataclasses
 from collections.abc import Callable
 
 import numpy as np
-import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from probing import arguments, load_with_features
 
 from redundancy import train as T
 from redundancy.micro import MicroConfig
 from redundancy.microvqa import Example, Question, patch_targets, questions
 from redundancy.packing import side_questions
 
-ap = argparse.ArgumentParser()
-ap.add_argument("models", nargs="+")
-ap.add_argument("--threads", type=int, default=2)
-args = ap.parse_args()
-torch.set_num_threads(args.threads)
+args = arguments(threads=2)
 shape = MicroConfig()
 grid = shape.image_size // shape.patch
 images = T.draw(T.Stage(), shape, 5, 0, 200, split="val")
@@ -72,12 +66,7 @@ far = [dataclasses.replace(e, family=_off_middle(e)) for e in ask((1, 4), 400, l
 
 
 for path in args.models:
-    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    pixels = processor.image_processor([e.image for e in images], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        feats = torch.stack(list(model.model.get_image_features(pixel_values=pixels).pooler_output)).float().numpy()
-    x = np.concatenate([feats.reshape(-1, feats.shape[-1]), np.ones((feats.shape[0] * feats.shape[1], 1))], 1)
+    model, processor, x = load_with_features(path, images)
     objects = np.stack([patch_targets(e.objects, shape.image_size, shape.patch)[0] > 0 for e in images]).reshape(-1)
     half = len(x) // 2  # fit on the first 100 images' tokens, score on the other 100
     print(path)
