@@ -100,34 +100,34 @@ def test_suffix_loss_supervises_the_answer_from_the_question_word_on() -> None:
                                    step_loss(model, None, processor, examples, SHAPE, cpu, "bare"))
 
 
-def test_binding_curriculum_config() -> None:
-    """conf/train_bind.yaml: train.yaml's settings, bare-prompt stages before LLaVA-prompt ones,
-    and the last stage (the one that differs between the variants) on the LLaVA prompt."""
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _compose(*names: str) -> list[TrainConfig]:
+    """The training configs ``conf/<name>.yaml``, composed as ``python -m redundancy.train
+    --config-name <name>`` does."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
-        base = OmegaConf.to_object(compose(config_name="train"))
-        bind = OmegaConf.to_object(compose(config_name="train_bind"))
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return [OmegaConf.to_object(compose(config_name=name)) for name in names]
+
+
+def test_binding_curriculum_config() -> None:
+    """conf/train_bind.yaml: train.yaml's settings, bare-prompt stages before LLaVA-prompt ones,
+    and the last stage (the one that differs between the variants) on the LLaVA prompt."""
+    base, bind = _compose("train", "train_bind")
     assert isinstance(bind, TrainConfig) and bind.model == base.model and bind.lam == base.lam
     prompts = [s.prompt for s in bind.stages if s.kind == "vqa"]
     assert prompts[0] == "bare" and prompts[-1] == "llava" and bind.stages[-1].drop
     assert all(s.prompt == "llava" for s in base.stages)
 
 
-
 def test_spatial_curriculum_config() -> None:
     """conf/train_spatial.yaml: train_bind's model and variants; the object-centre targets are
     learnt before any question, the side questions come before the relations they lead to, and
     both before the reading stages (which must not be what the spatial chain overwrites last)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
-        bind = OmegaConf.to_object(compose(config_name="train_bind"))
-        spatial = OmegaConf.to_object(compose(config_name="train_spatial"))
+    bind, spatial = _compose("train_bind", "train_spatial")
     assert isinstance(spatial, TrainConfig) and spatial.model == bind.model and spatial.lam == bind.lam
     names = [s.name for s in spatial.stages]
     first_vqa = next(i for i, s in enumerate(spatial.stages) if s.kind == "vqa")
@@ -141,20 +141,14 @@ def test_spatial_curriculum_config() -> None:
 
 def test_every_training_config_composes() -> None:
     """Every conf/train*.yaml (the recipe and the recorded experiments) is a valid TrainConfig."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from redundancy.train import check_config
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    names = sorted(p.stem for p in conf.glob("train*.yaml"))
+    names = sorted(p.stem for p in CONF.glob("train*.yaml"))
     assert {"train", "train_bind", "train_spatial", "train_position", "train_relation"} <= set(names)
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
-        for name in names:
-            cfg = OmegaConf.to_object(compose(config_name=name))
-            assert isinstance(cfg, TrainConfig) and cfg.stages, name
-            assert all(stage.kind in ("vqa", "vision") for stage in cfg.stages), name
-            check_config(cfg)  # kinds, prompts, vision targets, start stage: what run() checks first
+    for name, cfg in zip(names, _compose(*names)):
+        assert isinstance(cfg, TrainConfig) and cfg.stages, name
+        assert all(stage.kind in ("vqa", "vision") for stage in cfg.stages), name
+        check_config(cfg)  # kinds, prompts, vision targets, start stage: what run() checks first
 
 
 def test_grow_keeps_the_function() -> None:
