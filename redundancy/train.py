@@ -87,9 +87,10 @@ class Stage:
     # packed into one sequence that keeps them from seeing each other (redundancy.packing; a
     # training-only speed-up: the image's ~145 tokens are computed once, not once per question)
     questions: int = 1
-    # Family weights of those extra questions (default: ``families``); may also weigh the
-    # training-only "side" family (redundancy.packing.side_questions)
-    extras: dict[str, float] | None = None
+    # Family weights of those extra questions (empty: ``families``); may also weigh the
+    # training-only "side" family (redundancy.packing.side_questions). A dict, never None, so
+    # that a command-line override (``stages.8.extras={reading:100.0}``) can fill it
+    extras: dict[str, float] = field(default_factory=dict)
     extras_match: str = ""  # a regular expression every extra question must match ("": all)
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (0 freezes it, as LLaVA does)
     min_objects: int = 1
@@ -426,9 +427,9 @@ def check_config(cfg: TrainConfig) -> None:
         if unknown:
             raise ValueError(f"stage {stage.name!r}: families {sorted(unknown)} are unknown; choose from {FAMILIES} "
                              f"(the training-only {SIDE!r} questions are extras: weigh them in `extras`)")
-        if stage.extras is not None and set(stage.extras) - {*FAMILIES, SIDE}:
+        if set(stage.extras) - {*FAMILIES, SIDE}:
             raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among {[*FAMILIES, SIDE]}")
-        if (stage.extras is not None or stage.extras_match) and stage.questions < 2:
+        if (stage.extras or stage.extras_match) and stage.questions < 2:
             raise ValueError(f"stage {stage.name!r}: extras and extras_match need questions > 1")
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
@@ -501,7 +502,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 extras = None
                 if stage.questions > 1:
                     rng = np.random.default_rng([cfg.seed, si, step])
-                    weights = stage.families if stage.extras is None else stage.extras
+                    weights = stage.extras or stage.families
                     extras = [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match)
                               for e in examples]
                 loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss,
