@@ -13,11 +13,14 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from redundancy.microvqa import Example
 
 
-def arguments(threads: int) -> argparse.Namespace:
-    """``models`` (directories) and ``--threads`` (default ``threads``), applied to torch."""
+def arguments(threads: int, n: int = 0) -> argparse.Namespace:
+    """``models`` (directories), ``--threads`` (default ``threads``), applied to torch, and with
+    ``n``, ``--n`` (how many questions, default ``n``)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
     ap.add_argument("--threads", type=int, default=threads)
+    if n:
+        ap.add_argument("--n", type=int, default=n)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     return args

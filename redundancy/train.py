@@ -28,6 +28,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ class Stage:
     # vision stages: weight of the regression targets' loss (x, y: squared error of the
     # object centre, in units of the image side, over object patches)
     position_weight: float = 1.0
+    # vqa stages: weight of the auxiliary per-patch loss on the projected image features
+    # (TrainConfig.aux_*; None: TrainConfig.aux_weight; 0: off)
+    aux_weight: float | None = None
 
 
 @dataclass
@@ -123,6 +127,15 @@ class TrainConfig:
     eval_size: int = 512
     save_every: int = 200
     weight_decay: float = 0.0
+    # An auxiliary loss in the vqa stages: the vision stage's per-patch targets, read by a
+    # linear head off the same forward pass's projected image features, so that question
+    # stages keep in the language model's input what the vision stage put there (glyphs,
+    # centres, positions); weight 0 (default) turns it off. The head lives for the run
+    # (it is not part of the saved model; a resumed or init_from run starts a fresh one).
+    aux_weight: float = 0.0
+    aux_targets: list[str] = field(default_factory=lambda: ["color", "shape", "glyph", "center", "x", "y"])
+    aux_sparse_weight: float = 1.0
+    aux_position_weight: float = 30.0
     threads: int = 0
     device: str = "auto"
 
@@ -220,7 +233,23 @@ class PatchHead(torch.nn.Module):
 
     def forward(self, model: Any, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         feats = model.model.get_image_features(pixel_values=pixel_values).pooler_output
-        return list(torch.split(self.proj(torch.stack(list(feats))), self.sizes, dim=-1))  # [batch, patches, classes]
+        return self.read(torch.stack(list(feats)))
+
+    def read(self, feats: torch.Tensor) -> list[torch.Tensor]:
+        """Per-target logits of projected image features [batch, patches, hidden]."""
+        return list(torch.split(self.proj(feats), self.sizes, dim=-1))  # [batch, patches, classes]
+
+
+@contextlib.contextmanager
+def projected_features(model: Any) -> Iterator[list[torch.Tensor]]:
+    """Collects the multimodal projector's outputs (the image features the language model
+    reads) of the forward passes run inside the block."""
+    seen: list[torch.Tensor] = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def vision_batch(
@@ -232,26 +261,30 @@ def vision_batch(
     return {"pixel_values": pixels, "targets": torch.from_numpy(labels)}  # targets [batch, len(targets), patches]
 
 
-def _position(labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _position(labels: torch.Tensor, side: int) -> torch.Tensor:
     """A regression target's labels (1 + px, see ``patch_targets``) in units of the image side."""
-    return (labels - 1) / batch["pixel_values"].shape[-1]
+    return (labels - 1) / side
 
 
 def vision_loss(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The vision stage's loss (see ``patch_loss``) on the model's projected image features."""
+    return patch_loss(head, head(model, batch["pixel_values"]), batch["targets"], batch["pixel_values"].shape[-1])
+
+
+def patch_loss(head: PatchHead, logits: list[torch.Tensor], targets: torch.Tensor, side: int) -> torch.Tensor:
     """Colour (with background) over every patch; every other target over object patches
     only, so the few informative patches are not drowned by the background; with the
     head's ``sparse_weight``, the sparse targets (glyph, center) once more over the patches that
     carry them, so "none" does not drown them among the object patches either; the
     regression targets (x, y) as ``position_weight`` x the squared error over object patches,
-    in units of the image side."""
-    logits = head(model, batch["pixel_values"])
-    targets = batch["targets"]  # [batch, targets, patches]
+    in units of the image side (``side`` px)."""
+    # targets: [batch, targets, patches]
     fg = targets[:, 0] > 0
     ce = torch.nn.functional.cross_entropy
     loss = ce(logits[0].flatten(0, 1), targets[:, 0].flatten())
     for i, (name, lg) in enumerate(zip(head.targets[1:], logits[1:]), start=1):
         if name in REGRESSION_TARGETS:
-            loss = loss + head.position_weight * torch.nn.functional.mse_loss(lg[fg][:, 0], _position(targets[:, i][fg], batch))
+            loss = loss + head.position_weight * torch.nn.functional.mse_loss(lg[fg][:, 0], _position(targets[:, i][fg], side))
             continue
         loss = loss + ce(lg[fg], targets[:, i][fg])
         on = targets[:, i] > 0
@@ -277,7 +310,8 @@ def patch_accuracy(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) 
         if name == "glyph":
             out[name] = acc(i, targets[:, i] > 0)
         elif name in REGRESSION_TARGETS:
-            err = (logits[i][..., 0] - _position(targets[:, i], batch)).abs() * batch["pixel_values"].shape[-1]
+            side = batch["pixel_values"].shape[-1]
+            err = (logits[i][..., 0] - _position(targets[:, i], side)).abs() * side
             out[f"{name}_err_px"] = float(err[fg].mean())
         elif name == "center":
             out[name] = 0.5 * (acc(i, targets[:, i] > 0) + acc(i, fg & (targets[:, i] == 0)))
@@ -363,11 +397,23 @@ def step_loss(
     prompt: str = "llava",
     suffix_loss: bool = False,
     extras: list[list[Question]] | None = None,
+    aux: PatchHead | None = None,
+    aux_weight: float = 0.0,
 ) -> torch.Tensor:
     """The training loss of one batch: per-patch targets (vision stage) or the answer tokens
     (with ``suffix_loss``, plus the answer's mean cross-entropy at the LLaVA-prompt positions
     from the question's last word up to the one before the answering position). With
-    ``extras`` (more questions per example), the same loss over packed sequences."""
+    ``extras`` (more questions per example), the same loss over packed sequences. With ``aux``
+    (a vqa stage), plus ``aux_weight`` x the per-patch loss of ``aux`` on the projected image
+    features of the same forward pass (``TrainConfig.aux_weight``)."""
+    if aux is not None and head is None:
+        with projected_features(model) as seen:
+            loss = step_loss(model, None, processor, examples, shape, device, prompt, suffix_loss, extras)
+        rows = [list(PATCH_TARGETS).index(t) for t in aux.targets]
+        labels = np.stack([patch_targets(e.objects, shape.image_size, shape.patch)[rows] for e in examples])
+        (feats,) = seen  # [batch, patches, hidden]: one image per example
+        aux_loss = patch_loss(aux, aux.read(feats), torch.from_numpy(labels).to(device), shape.image_size)
+        return loss + aux_weight * aux_loss
     if head is not None:
         batch = vision_batch(processor, examples, shape, head.targets)
         return vision_loss(model, head, {k: v.to(device) for k, v in batch.items()})
@@ -431,6 +477,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among {[*FAMILIES, SIDE]}")
         if (stage.extras or stage.extras_match) and stage.questions < 2:
             raise ValueError(f"stage {stage.name!r}: extras and extras_match need questions > 1")
+    if cfg.aux_weight > 0 or any((s.aux_weight or 0) > 0 for s in cfg.stages):
+        check_targets(cfg.aux_targets)
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
 
@@ -470,6 +518,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device).train()
     val = draw(cfg.stages[-1], shape, cfg.seed, 0, cfg.eval_size, split="val")
     log_file = (out / "log.jsonl").open("a")
+    aux = None  # the auxiliary head (TrainConfig.aux_weight), created by the first stage that uses it
 
     for si in range(progress["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
@@ -482,7 +531,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if vision:
             head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
                              stage.position_weight).to(device)
-        optimizer, params = build_optimizer(model, head, stage, cfg.weight_decay)
+        aux_weight = cfg.aux_weight if stage.aux_weight is None else stage.aux_weight
+        if aux is None and aux_weight > 0 and not vision:
+            aux = PatchHead(model.config.text_config.hidden_size, cfg.aux_targets, cfg.aux_sparse_weight,
+                            cfg.aux_position_weight).to(device)
+        stage_aux = aux if aux_weight > 0 and not vision else None
+        optimizer, params = build_optimizer(model, head or stage_aux, stage, cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
         if resumed:
             load_optimizer(last, optimizer, progress)
@@ -506,7 +560,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     extras = [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match)
                               for e in examples]
                 loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss,
-                                 extras)
+                                 extras, stage_aux, aux_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()

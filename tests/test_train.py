@@ -11,7 +11,18 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from redundancy.micro import MicroConfig, build_micro, build_model, grow
-from redundancy.train import Stage, TrainConfig, collate, draw, run, step_loss, vocabulary
+from redundancy.train import (
+    PatchHead,
+    Stage,
+    TrainConfig,
+    collate,
+    draw,
+    run,
+    step_loss,
+    vision_batch,
+    vision_loss,
+    vocabulary,
+)
 
 SHAPE = MicroConfig(layers=4, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
                    vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)
@@ -100,6 +111,29 @@ def test_suffix_loss_supervises_the_answer_from_the_question_word_on() -> None:
                                    step_loss(model, None, processor, examples, SHAPE, cpu, "bare"))
 
 
+def test_aux_loss_adds_the_patch_targets_of_the_same_images() -> None:
+    model, processor = build_micro(_micro(2), vocabulary(SHAPE), seed=3)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    head = PatchHead(SHAPE.hidden, ["color", "shape", "glyph", "center", "x", "y"], sparse_weight=1.0,
+                     position_weight=30.0)
+    examples = draw(Stage(**EASY), SHAPE, 0, 0, 4)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        # Independently: the vision stage's loss, on a forward pass of the images alone.
+        patches = vision_loss(model, head, vision_batch(processor, examples, SHAPE, head.targets))
+        assert patches > 0
+        for prompt, suffix, extras in (("llava", False, None), ("mixed", True, None),
+                                       ("llava", True, [[] for _ in examples])):  # the packed path
+            plain = step_loss(model, None, processor, examples, SHAPE, cpu, prompt, suffix, extras)
+            both = step_loss(model, None, processor, examples, SHAPE, cpu, prompt, suffix, extras, head, 0.5)
+            torch.testing.assert_close(both, plain + 0.5 * patches)
+    # The auxiliary term reaches the projector through the question stage's own forward pass.
+    step_loss(model, None, processor, examples, SHAPE, cpu, "llava", False, None, head, 1.0).backward()
+    assert head.proj.weight.grad is not None and head.proj.weight.grad.abs().sum() > 0
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -136,6 +170,9 @@ def test_spatial_curriculum_config() -> None:
     related = [i for i, s in enumerate(spatial.stages) if s.extras and s.extras.get("spatial")]
     assert sided and related and sided[0] < related[0] < names.index("read")
     assert all(spatial.stages[i].questions > 1 for i in sided)
+    # neighbour questions packed beside every family, at 4 layers, before the model is grown
+    neighbour = [i for i, s in enumerate(spatial.stages) if s.questions > 1 and "What shape is" in s.extras_match]
+    assert neighbour and spatial.stages[neighbour[0]].layers == 4 and neighbour[0] < names.index("grow")
     assert spatial.stages[-1].drop and spatial.stages[-1].prompt == "llava" and spatial.stages[-1].layers == 32
 
 
@@ -180,8 +217,9 @@ def test_tiny_training_lowers_the_loss_and_resumes(tmp_path: Path, method: str) 
     assert len((tmp_path / method / "log.jsonl").read_text().splitlines()) == 40
     assert again["wall_s"] == summary["wall_s"]
     # A run that starts from this run's stage keeps the skipped stage's history (wall time, loss).
+    # (with the auxiliary patch-target loss in the new stage)
     follow = run(dataclasses.replace(
-        cfg, out=str(tmp_path / "next"), init_from=str(tmp_path / method / "stage-s"), start_stage="t",
+        cfg, out=str(tmp_path / "next"), init_from=str(tmp_path / method / "stage-s"), start_stage="t", aux_weight=0.5,
         stages=[cfg.stages[0], dataclasses.replace(cfg.stages[0], name="t", steps=2)]))
     assert follow["wall_s"]["s"] == summary["wall_s"]["s"] and follow["wall_s"]["t"] > 0
     assert follow["final_loss"]["s"] == summary["final_loss"]["s"]

@@ -1,0 +1,29 @@
+"""First-token accuracy per question subtype (colour, reading, relation, neighbour, count_shape,
+count_all) on generated validation questions, with the LLaVA prompt (the evaluation's), for
+each model directory: where a family's errors come from (experiments/micro_llava_training.md,
+session 13). Run from the repository root:
+
+    python experiments/subtype_probe.py redundancy/assets/checkpoints/micro-llava-vanilla --n 1200
+"""
+
+import dataclasses
+
+import torch
+from probing import arguments
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from redundancy import train as T
+from redundancy.micro import MicroConfig
+
+args = arguments(threads=2, n=1200)
+shape = MicroConfig()
+# Seed 11: not the training runs' validation draw (seed 0), so no run has selected on it.
+examples = [dataclasses.replace(e, family=e.subtype) for e in T.draw(T.Stage(), shape, 11, 0, args.n, split="val")]
+
+for path in args.models:
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    with torch.no_grad():
+        acc = T.first_token_accuracy(model, processor, examples)
+    print(path, f"({args.n} questions)")
+    print("  " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
