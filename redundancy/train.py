@@ -107,9 +107,6 @@ class Stage:
     # vision stages: weight of the regression targets' loss (x, y: squared error of the
     # object centre, in units of the image side, over object patches)
     position_weight: float = 1.0
-    # vqa stages: weight of the auxiliary per-patch loss on the projected image features
-    # (TrainConfig.aux_*; None: TrainConfig.aux_weight; 0: off)
-    aux_weight: float | None = None
 
 
 @dataclass
@@ -252,13 +249,17 @@ def projected_features(model: Any) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+def patch_labels(examples: list[Example], shape: MicroConfig, targets: list[str]) -> torch.Tensor:
+    """The per-patch labels of ``targets`` for each example's image: [batch, len(targets), patches]."""
+    rows = [list(PATCH_TARGETS).index(t) for t in targets]
+    return torch.from_numpy(np.stack([patch_targets(e.objects, shape.image_size, shape.patch)[rows] for e in examples]))
+
+
 def vision_batch(
     processor: Any, examples: list[Example], shape: MicroConfig, targets: list[str]
 ) -> dict[str, torch.Tensor]:
     pixels = processor.image_processor([e.image for e in examples], return_tensors="pt")["pixel_values"]
-    rows = [list(PATCH_TARGETS).index(t) for t in targets]
-    labels = np.stack([patch_targets(e.objects, shape.image_size, shape.patch)[rows] for e in examples])
-    return {"pixel_values": pixels, "targets": torch.from_numpy(labels)}  # targets [batch, len(targets), patches]
+    return {"pixel_values": pixels, "targets": patch_labels(examples, shape, targets)}
 
 
 def _position(labels: torch.Tensor, side: int) -> torch.Tensor:
@@ -409,10 +410,9 @@ def step_loss(
     if aux is not None and head is None:
         with projected_features(model) as seen:
             loss = step_loss(model, None, processor, examples, shape, device, prompt, suffix_loss, extras)
-        rows = [list(PATCH_TARGETS).index(t) for t in aux.targets]
-        labels = np.stack([patch_targets(e.objects, shape.image_size, shape.patch)[rows] for e in examples])
         (feats,) = seen  # [batch, patches, hidden]: one image per example
-        aux_loss = patch_loss(aux, aux.read(feats), torch.from_numpy(labels).to(device), shape.image_size)
+        labels = patch_labels(examples, shape, aux.targets).to(device)
+        aux_loss = patch_loss(aux, aux.read(feats), labels, shape.image_size)
         return loss + aux_weight * aux_loss
     if head is not None:
         batch = vision_batch(processor, examples, shape, head.targets)
@@ -477,7 +477,7 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among {[*FAMILIES, SIDE]}")
         if (stage.extras or stage.extras_match) and stage.questions < 2:
             raise ValueError(f"stage {stage.name!r}: extras and extras_match need questions > 1")
-    if cfg.aux_weight > 0 or any((s.aux_weight or 0) > 0 for s in cfg.stages):
+    if cfg.aux_weight > 0:
         check_targets(cfg.aux_targets)
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
@@ -518,7 +518,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device).train()
     val = draw(cfg.stages[-1], shape, cfg.seed, 0, cfg.eval_size, split="val")
     log_file = (out / "log.jsonl").open("a")
-    aux = None  # the auxiliary head (TrainConfig.aux_weight), created by the first stage that uses it
+    aux = None  # the auxiliary head (TrainConfig.aux_weight), one for the run
+    if cfg.aux_weight > 0:
+        aux = PatchHead(model.config.text_config.hidden_size, cfg.aux_targets, cfg.aux_sparse_weight,
+                        cfg.aux_position_weight).to(device)
 
     for si in range(progress["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
@@ -531,11 +534,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if vision:
             head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
                              stage.position_weight).to(device)
-        aux_weight = cfg.aux_weight if stage.aux_weight is None else stage.aux_weight
-        if aux is None and aux_weight > 0 and not vision:
-            aux = PatchHead(model.config.text_config.hidden_size, cfg.aux_targets, cfg.aux_sparse_weight,
-                            cfg.aux_position_weight).to(device)
-        stage_aux = aux if aux_weight > 0 and not vision else None
+        stage_aux = None if vision else aux  # the vision stage's own head already reads these targets
         optimizer, params = build_optimizer(model, head or stage_aux, stage, cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
         if resumed:
@@ -560,7 +559,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     extras = [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match)
                               for e in examples]
                 loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss,
-                                 extras, stage_aux, aux_weight)
+                                 extras, stage_aux, cfg.aux_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
