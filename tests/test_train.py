@@ -173,6 +173,23 @@ def test_spatial_curriculum_config() -> None:
     assert spatial.stages[-1].drop and spatial.stages[-1].prompt == "llava" and spatial.stages[-1].layers == 32
 
 
+def test_aux_curriculum_config() -> None:
+    """conf/train_aux.yaml: train_spatial's model, variants and vision stages, plus the auxiliary
+    loss; the reading stage and the first every-family stages after the spatial chain replay the
+    relations that reading would otherwise overwrite; the last stage is still the one the
+    variants differ in."""
+    spatial, aux = _compose("train_spatial", "train_aux")
+    assert aux.model == spatial.model and aux.lam == spatial.lam and aux.pdrop_layers == spatial.pdrop_layers
+    assert aux.aux_weight > 0 and spatial.aux_weight == 0
+    stages = {s.name: s for s in aux.stages}
+    for name in ("read", "all", "all2"):  # reading overwrote the relations here (session 13)
+        stage = stages[name]
+        assert stage.questions > 1 and stage.extras.get("spatial") and "side" in stage.extras, name
+        assert list(stages).index(name) > list(stages).index("relation_both"), name
+    assert aux.stages[-1].drop and aux.stages[-1].layers == 32 and aux.stages[-1].prompt == "llava"
+    assert [s for s in aux.stages if s.kind == "vision"] == [s for s in spatial.stages if s.kind == "vision"]
+
+
 def test_every_training_config_composes() -> None:
     """Every conf/train*.yaml (the recipe and the recorded experiments) is a valid TrainConfig."""
     from redundancy.train import check_config
