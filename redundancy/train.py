@@ -14,8 +14,8 @@ time is then the like-for-like training cost.
 
 Every sample is drawn fresh from the generator's train split (seeded per step,
 so a resumed run sees the same data); accuracy is watched per family on a fixed
-validation set. A checkpoint (``out/last``: model, processor, optimizer state in
-safetensors) is written every ``save_every`` steps and at the end of each stage
+validation set. A checkpoint (``out/last``: model, processor, auxiliary head and
+optimizer state in safetensors) is written every ``save_every`` steps and at the end of each stage
 (``out/stage-<name>``); rerunning the command resumes from ``out/last``.
 """
 
@@ -39,6 +39,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -118,6 +119,9 @@ class TrainConfig:
     stages: list[Stage] = field(default_factory=list)
     pdrop_layers: list[int] = field(default_factory=lambda: [8, 16, 24])
     lam: float = 0.5
+    # Position ids of the kept image tokens in the PyramidDrop stages (docs/method.md section 4):
+    # null = the official PyramidDrop code's ``compact`` (renumbered) | ``keep`` (original ids)
+    pdrop_positions: str | None = None
     init_from: str | None = None  # a model dir to start from (e.g. another run's stage-<name>)
     start_stage: str | None = None  # skip the stages before this one
     eval_every: int = 100
@@ -127,8 +131,9 @@ class TrainConfig:
     # An auxiliary loss in the vqa stages: the vision stage's per-patch targets, read by a
     # linear head off the same forward pass's projected image features, so that question
     # stages keep in the language model's input what the vision stage put there (glyphs,
-    # centres, positions); weight 0 (default) turns it off. The head lives for the run
-    # (it is not part of the saved model; a resumed or init_from run starts a fresh one).
+    # centres, positions); weight 0 (default) turns it off. The head is not part of the model:
+    # it is saved beside it in every checkpoint (aux_head.safetensors), and a resumed or
+    # init_from run continues with it (a fresh one, seeded, only where the checkpoint has none).
     aux_weight: float = 0.0
     aux_targets: list[str] = field(default_factory=lambda: ["color", "shape", "glyph", "center", "x", "y"])
     aux_sparse_weight: float = 1.0
@@ -322,13 +327,23 @@ def patch_accuracy(model: Any, head: PatchHead, batch: dict[str, torch.Tensor]) 
 
 
 # -------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, model: Any, processor: Any, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
-    """Model + processor (HF dir, safetensors), optimizer tensors (safetensors) and
-    progress (JSON), written to a temporary dir then renamed (a crash keeps the old one)."""
+AUX_FILE = "aux_head.safetensors"
+
+
+def save_checkpoint(
+    path: Path, model: Any, processor: Any, optimizer: torch.optim.Optimizer | None, state: dict,
+    aux: PatchHead | None = None,
+) -> None:
+    """Model + processor (HF dir, safetensors), the auxiliary head (safetensors, beside the
+    model: not part of it), optimizer tensors (safetensors) and progress (JSON), written to a
+    temporary dir then renamed (a crash keeps the old one)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if aux is not None:
+        save_file({k: v.detach().contiguous() for k, v in aux.state_dict().items()}, str(tmp / AUX_FILE),
+                  metadata={"targets": ",".join(aux.targets)})
     if optimizer is not None:
         opt = optimizer.state_dict()
         tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
@@ -337,6 +352,19 @@ def save_checkpoint(path: Path, model: Any, processor: Any, optimizer: torch.opt
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def load_aux(path: Path, aux: PatchHead) -> bool:
+    """Load the auxiliary head saved with a checkpoint into ``aux``; False (``aux`` left as it
+    is) when the checkpoint has none or one for other targets."""
+    file = path / AUX_FILE
+    if not file.exists():
+        return False
+    with safe_open(str(file), framework="pt") as f:
+        if (f.metadata() or {}).get("targets") != ",".join(aux.targets):
+            return False
+    aux.load_state_dict(load_file(str(file)))
+    return True
 
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -485,6 +513,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     check_config(cfg)
+    schedule = DropSchedule.pdrop(layers=tuple(cfg.pdrop_layers), lam=cfg.lam,
+                                  **({"positions": cfg.pdrop_positions} if cfg.pdrop_positions else {}))
     names = [s.name for s in cfg.stages]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -494,7 +524,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     last = out / "last"
     shape = cfg.model
-    schedule = DropSchedule.pdrop(layers=tuple(cfg.pdrop_layers), lam=cfg.lam)
 
     first = names.index(cfg.start_stage) if cfg.start_stage else 0
     progress: dict[str, Any] = {"stage": first, "step": 0, "wall_s": {}}
@@ -520,8 +549,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     log_file = (out / "log.jsonl").open("a")
     aux = None  # the auxiliary head (TrainConfig.aux_weight), one for the run
     if cfg.aux_weight > 0:
-        aux = PatchHead(model.config.text_config.hidden_size, cfg.aux_targets, cfg.aux_sparse_weight,
-                        cfg.aux_position_weight).to(device)
+        with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global stream as it is
+            torch.manual_seed(cfg.seed)
+            aux = PatchHead(model.config.text_config.hidden_size, cfg.aux_targets, cfg.aux_sparse_weight,
+                            cfg.aux_position_weight).to(device)
+        source = last if (last / "trainer_state.json").exists() else Path(cfg.init_from) if cfg.init_from else None
+        if source is not None and not load_aux(source, aux):
+            print(f"{source} has no auxiliary head for {cfg.aux_targets}: a fresh one starts", file=sys.stderr)
 
     for si in range(progress["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
@@ -532,7 +566,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         vision = stage.kind == "vision"
         head = None
         if vision:
-            head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
+                head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
                              stage.position_weight).to(device)
         stage_aux = None if vision else aux  # the vision stage's own head already reads these targets
         optimizer, params = build_optimizer(model, head or stage_aux, stage, cfg.weight_decay)
@@ -577,12 +611,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 progress.update(stage=si, step=step + 1, loss_ema=loss_ema)
                 progress["wall_s"][stage.name] = wall
                 if (step + 1) % cfg.save_every == 0 and step + 1 < stage.steps and head is None:
-                    save_checkpoint(last, model, processor, optimizer, progress)
+                    save_checkpoint(last, model, processor, optimizer, progress, aux)
         progress.update(stage=si + 1, step=0)
         progress["wall_s"][stage.name] = wall
         progress.setdefault("final_loss", {})[stage.name] = loss_ema
-        save_checkpoint(out / f"stage-{stage.name}", model, processor, None, progress)
-        save_checkpoint(last, model, processor, None, progress)
+        save_checkpoint(out / f"stage-{stage.name}", model, processor, None, progress, aux)
+        save_checkpoint(last, model, processor, None, progress, aux)
     log_file.close()
     summary = {"method": cfg.method, "wall_s": progress["wall_s"], "final_loss": progress.get("final_loss", {}),
                "val": first_token_accuracy(model, processor, val), "device": str(device),

@@ -181,6 +181,8 @@ def test_aux_curriculum_config() -> None:
     spatial, aux = _compose("train_spatial", "train_aux")
     assert aux.model == spatial.model and aux.lam == spatial.lam and aux.pdrop_layers == spatial.pdrop_layers
     assert aux.aux_weight > 0 and spatial.aux_weight == 0
+    # the PyramidDrop variant trains with original position ids; the older recipes as they ran
+    assert aux.pdrop_positions == "keep" and spatial.pdrop_positions is None
     stages = {s.name: s for s in aux.stages}
     for name in ("read", "all", "all2"):  # reading overwrote the relations here (session 13)
         stage = stages[name]
@@ -239,6 +241,29 @@ def test_tiny_training_lowers_the_loss_and_resumes(tmp_path: Path, method: str) 
     assert follow["final_loss"]["s"] == summary["final_loss"]["s"]
 
 
+def test_the_auxiliary_head_travels_with_the_checkpoint(tmp_path: Path) -> None:
+    """A run started from another run's stage (init_from), as the PyramidDrop final stage is,
+    continues with that run's auxiliary head, not a fresh one (a fresh head's loss is ~100x the
+    trained one's and its gradients reach the projector)."""
+    from safetensors.torch import load_file
+
+    stage = Stage(name="s", steps=3, layers=2, lr=3e-3, warmup=1, batch_size=4, **EASY)
+    cfg = TrainConfig(out=str(tmp_path / "a"), model=SHAPE, stages=[stage], eval_every=100, eval_size=8,
+                      aux_weight=0.5, seed=3)
+    run(cfg)
+    trained = load_file(str(tmp_path / "a" / "stage-s" / "aux_head.safetensors"))
+    still = dataclasses.replace(stage, name="t", steps=1, lr=0.0)  # lr 0: the head must come out as it went in
+    run(dataclasses.replace(cfg, out=str(tmp_path / "b"), init_from=str(tmp_path / "a" / "stage-s"),
+                            start_stage="t", stages=[stage, still]))
+    continued = load_file(str(tmp_path / "b" / "stage-t" / "aux_head.safetensors"))
+    assert trained.keys() == continued.keys()
+    for key in trained:
+        torch.testing.assert_close(continued[key], trained[key])
+    # A fresh head (what a checkpoint without one gives) is not the trained head.
+    fresh = PatchHead(SHAPE.hidden, cfg.aux_targets).state_dict()
+    assert not torch.equal(fresh["proj.weight"], trained["proj.weight"])
+
+
 def test_a_stage_shortened_on_resume_keeps_its_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash after the step-10 save; resumed with the stage cut to 10 steps, the stage ends at
     once and still records its final loss (the running mean saved with the checkpoint)."""
@@ -275,6 +300,36 @@ def test_pdrop_training_is_cheaper_per_step(tmp_path: Path) -> None:
     with apply_schedule(model.train(), DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5)) as trace:
         model(**batch).loss.backward()
     assert trace.kept_counts()[0] == [36, 18, 9, 4]
+
+
+@pytest.mark.parametrize("positions", [None, "keep"])
+def test_pdrop_training_uses_the_configured_position_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, positions: str | None
+) -> None:
+    """``pdrop_positions`` reaches the schedule the drop stages train under (default: the
+    official code's ``compact``); the run's config.json records it."""
+    import redundancy.train as train
+
+    seen = []
+    real = train.apply_schedule
+
+    def spy(model: object, schedule: object, **kwargs: object) -> object:
+        seen.append(schedule)
+        return real(model, schedule, **kwargs)
+
+    monkeypatch.setattr(train, "apply_schedule", spy)
+    stage = Stage(name="s", steps=1, layers=4, lr=1e-3, warmup=1, batch_size=2, drop=True, **EASY)
+    run(TrainConfig(method="pdrop", out=str(tmp_path), model=SHAPE, pdrop_layers=[1, 2, 3], stages=[stage],
+                    eval_every=100, eval_size=4, pdrop_positions=positions))
+    assert [s.positions for s in seen] == [positions or "compact"]
+    assert json.loads((tmp_path / "config.json").read_text())["pdrop_positions"] == positions
+
+
+def test_unknown_pdrop_position_policy_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="positions='shifted'"):
+        run(TrainConfig(method="pdrop", out=str(tmp_path), model=SHAPE, pdrop_positions="shifted",
+                        stages=[Stage(layers=4, drop=True, **EASY)]))
+    assert not (tmp_path / "log.jsonl").exists()
 
 
 def test_unknown_method_fails(tmp_path: Path) -> None:
