@@ -147,6 +147,11 @@ Below the project's target of {100 * TARGET:.0f}% exact match on the held-out te
 per-family accuracies above say which questions it has not learnt. What was tried and measured:
 `experiments/micro_llava_training.md`.
 """
+    drop_stages = [s["name"] for s in train.get("stages", []) if s.get("drop")]
+    method = (f"- method: PyramidDrop in the `{'`, `'.join(drop_stages)}` stage(s): layers {train.get('pdrop_layers')}, "
+              f"lambda {train.get('lam')}, positions {train.get('pdrop_positions') or 'compact'}, ranked by the last "
+              "instruction token with the next layer's q/k\n"
+              if train.get("method") == "pdrop" else f"- method: {train.get('method', 'vanilla')}\n")
     fams = "\n".join(f"| {f} | {100 * a:.1f} |" for f, a in acc["per_family"].items())
     walls = "\n".join(f"| {s} | {w / 60:.1f} |" for s, w in card["training_wall_s"].items())
     return f"""# {card['name']}
@@ -156,7 +161,7 @@ generated microvqa questions by `redundancy.train`. Loads offline with
 `LlavaForConditionalGeneration.from_pretrained(<this dir>)` and `AutoProcessor.from_pretrained(<this dir>)`.
 
 - command: `{card['command']}`
-- seed: {card['seed']}; package {card['package_version']}, git {card['git_revision']}
+{method}- seed: {card['seed']}; package {card['package_version']}, git {card['git_revision']}
 - weights: {card['weights']}, {card['size_bytes'] / 2**20:.1f} MiB in this directory
 - final training loss per stage: {json.dumps({k: round(v, 4) for k, v in card['final_loss'].items() if v is not None})}
 
