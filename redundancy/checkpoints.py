@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 import redundancy
 from redundancy.data import evaluate as score_predictions
 from redundancy.data import load_dataset
+from redundancy.schedule import DropSchedule
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED = ASSETS / "checkpoints"
@@ -147,11 +148,13 @@ Below the project's target of {100 * TARGET:.0f}% exact match on the held-out te
 per-family accuracies above say which questions it has not learnt. What was tried and measured:
 `experiments/micro_llava_training.md`.
 """
-    drop_stages = [s["name"] for s in train.get("stages", []) if s.get("drop")]
-    method = (f"- method: PyramidDrop in the `{'`, `'.join(drop_stages)}` stage(s): layers {train.get('pdrop_layers')}, "
-              f"lambda {train.get('lam')}, positions {train.get('pdrop_positions') or 'compact'}, ranked by the last "
-              "instruction token with the next layer's q/k\n"
-              if train.get("method") == "pdrop" else f"- method: {train.get('method', 'vanilla')}\n")
+    method = f"- method: {train.get('method', 'vanilla')}\n"
+    if train.get("method") == "pdrop":  # the schedule redundancy.train built from this config
+        drop_stages = [s["name"] for s in train.get("stages", []) if s.get("drop")]
+        schedule = DropSchedule.pdrop(layers=train["pdrop_layers"], lam=train["lam"], positions=train.get("pdrop_positions"))
+        method = (f"- method: PyramidDrop in the `{'`, `'.join(drop_stages)}` stage(s): layers {list(schedule.boundaries)}, "
+                  f"lambda {train['lam']}, positions {schedule.positions}, ranker {schedule.ranker}, "
+                  f"rank layer {schedule.rank_layer}\n")
     fams = "\n".join(f"| {f} | {100 * a:.1f} |" for f, a in acc["per_family"].items())
     walls = "\n".join(f"| {s} | {w / 60:.1f} |" for s, w in card["training_wall_s"].items())
     return f"""# {card['name']}

@@ -352,9 +352,9 @@ def schedule_from_config(cfg: MethodParams, method: str) -> DropSchedule:
     return builders[method]()
 
 
-def _rank_opts(cfg: MethodParams) -> dict[str, str]:
+def _rank_opts(cfg: MethodParams) -> dict[str, str | None]:
     """ranker / rank_layer as given; ``None`` leaves the method's official default."""
-    return {k: v for k, v in (("ranker", cfg.ranker), ("rank_layer", cfg.rank_layer)) if v is not None}
+    return {"ranker": cfg.ranker, "rank_layer": cfg.rank_layer}
 
 
 def solve_budget(cfg: FlopsConfig, dims: ModelDims) -> tuple[FlopsConfig, str]:

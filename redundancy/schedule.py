@@ -57,6 +57,12 @@ def check_ratio(ratio: float, name: str = "ratio") -> None:
         raise ValueError(f"{name}={ratio!r} is outside the allowed range [0, 1]")
 
 
+def _chosen(opts: dict[str, Any], **official: Any) -> dict[str, Any]:
+    """A builder's options: those given over the method's official choices; ``None`` (a config
+    left empty) means not given."""
+    return {**official, **{k: v for k, v in opts.items() if v is not None}}
+
+
 @dataclass(frozen=True)
 class DropSchedule:
     """An increasing list of boundaries, each with the fraction of the original
@@ -109,14 +115,14 @@ class DropSchedule:
     # ----------------------------------------------------------------- builders
     @classmethod
     def vanilla(cls, **opts: Any) -> DropSchedule:
-        return cls(method="vanilla", **opts)
+        return cls(method="vanilla", **_chosen(opts))
 
     @classmethod
     def drop(cls, layer: int, ratio: float, **opts: Any) -> DropSchedule:
         """Single-layer drop of the redundancy study: keep ``floor(ratio * N)`` from ``layer`` on."""
         check_ratio(ratio)
-        opts.setdefault("positions", "keep")
-        return cls(method="drop", boundaries=(layer,), ratios=(ratio,), params={"layer": layer, "ratio": ratio}, **opts)
+        return cls(method="drop", boundaries=(layer,), ratios=(ratio,), params={"layer": layer, "ratio": ratio},
+                   **_chosen(opts, positions="keep"))
 
     @classmethod
     def fastv(cls, K: int = 2, R: float = 0.5, **opts: Any) -> DropSchedule:
@@ -126,10 +132,8 @@ class DropSchedule:
         token, original position ids kept.
         """
         check_ratio(R, "R")
-        opts.setdefault("ranker", "last")
-        opts.setdefault("rank_layer", "stage_last")
-        opts.setdefault("positions", "keep")
-        return cls(method="fastv", boundaries=(K,), ratios=(1.0 - R,), params={"K": K, "R": R}, **opts)
+        return cls(method="fastv", boundaries=(K,), ratios=(1.0 - R,), params={"K": K, "R": R},
+                   **_chosen(opts, ranker="last", rank_layer="stage_last", positions="keep"))
 
     @classmethod
     def pdrop(
@@ -154,10 +158,8 @@ class DropSchedule:
             params: dict[str, Any] = {"layers": list(layers), "lam": lam}
         else:
             params = {"layers": list(layers), "ratios": list(ratios)}
-        opts.setdefault("ranker", "last")
-        opts.setdefault("rank_layer", "next")
-        opts.setdefault("positions", "compact")
-        return cls(method="pdrop", boundaries=layers, ratios=tuple(ratios), params=params, **opts)
+        return cls(method="pdrop", boundaries=layers, ratios=tuple(ratios), params=params,
+                   **_chosen(opts, ranker="last", rank_layer="next", positions="compact"))
 
     # ------------------------------------------------------------------ queries
     @property

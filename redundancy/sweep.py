@@ -186,7 +186,7 @@ def schedules_from_config(cfg: SweepConfig, num_layers: int | None = None) -> li
         points.append(DropSchedule.vanilla(**seed))
     else:
         opts = [
-            {k: v for k, v in zip(("ranker", "rank_layer", "positions"), combo) if v is not None}
+            dict(zip(("ranker", "rank_layer", "positions"), combo))  # None: the method's official choice
             for combo in itertools.product(
                 _axis(m.ranker, "ranker"), _axis(m.rank_layer, "rank_layer"), _axis(m.positions, "positions")
             )

@@ -363,7 +363,7 @@ def load_aux(path: Path, aux: PatchHead) -> bool:
     with safe_open(str(file), framework="pt") as f:
         if (f.metadata() or {}).get("targets") != ",".join(aux.targets):
             return False
-    aux.load_state_dict(load_file(str(file)))
+        aux.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
     return True
 
 
@@ -513,8 +513,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     check_config(cfg)
-    schedule = DropSchedule.pdrop(layers=tuple(cfg.pdrop_layers), lam=cfg.lam,
-                                  **({"positions": cfg.pdrop_positions} if cfg.pdrop_positions else {}))
+    schedule = DropSchedule.pdrop(layers=tuple(cfg.pdrop_layers), lam=cfg.lam, positions=cfg.pdrop_positions)
     names = [s.name for s in cfg.stages]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -566,7 +565,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         vision = stage.kind == "vision"
         head = None
         if vision:
-                head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
+            head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
                              stage.position_weight).to(device)
         stage_aux = None if vision else aux  # the vision stage's own head already reads these targets
         optimizer, params = build_optimizer(model, head or stage_aux, stage, cfg.weight_decay)

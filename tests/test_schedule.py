@@ -56,3 +56,12 @@ def test_vanilla_is_empty() -> None:
 def test_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="one ratio per boundary"):
         DropSchedule(method="custom", boundaries=(2, 4), ratios=(0.5,))
+
+
+def test_an_option_left_empty_keeps_the_methods_official_choice() -> None:
+    """``None`` (a config key left empty) is the method's official choice, never a value."""
+    assert DropSchedule.pdrop(ranker=None, rank_layer=None, positions=None) == DropSchedule.pdrop()
+    assert DropSchedule.fastv(positions=None).positions == "keep"
+    assert DropSchedule.pdrop(positions=None).positions == "compact"
+    assert DropSchedule.pdrop(positions="keep").positions == "keep"
+    assert DropSchedule.vanilla(ranker=None) == DropSchedule.vanilla()
