@@ -16,8 +16,9 @@ separate sequences), at about 1.3x the cost of one sequence for four questions.
 The first question of each image is the generator's (answers balanced per subtype);
 the others are drawn from :func:`redundancy.microvqa.questions` (every question the
 benchmark's rules allow about that scene), by the stage's family weights. Counting one
-shape is left out of the extras: on generated scenes its answers are mostly 1 or 2
-(the test set draws 1..6 evenly), and the model would learn that prior.
+shape is left out of the extras by default: on generated scenes its answers are mostly 1 or 2
+(the test set draws 1..6 evenly), and the model would learn that prior (``excluded``, a
+stage's ``extras_excluded``, lets it in).
 """
 
 from __future__ import annotations
@@ -53,15 +54,22 @@ def side_questions(objects: tuple[Obj, ...], image_size: int, margin: int = SIDE
 
 
 def extra_questions(
-    example: Example, n: int, families: dict[str, float], image_size: int, rng: np.random.Generator, match: str = ""
+    example: Example,
+    n: int,
+    families: dict[str, float],
+    image_size: int,
+    rng: np.random.Generator,
+    match: str = "",
+    excluded: tuple[str, ...] = EXTRA_EXCLUDED,
 ) -> list[Question]:
-    """Up to ``n`` distinct questions about ``example``'s scene other than its own (and matching
-    the regular expression ``match``): each draws a family by ``families`` weight (``side``:
-    :func:`side_questions`), then a subtype, then a question, uniformly."""
+    """Up to ``n`` distinct questions about ``example``'s scene other than its own (matching
+    the regular expression ``match``, of no subtype in ``excluded``): each draws a family by
+    ``families`` weight (``side``: :func:`side_questions`), then a subtype, then a question,
+    uniformly."""
     pool: dict[str, dict[str, list[Question]]] = {}
     side = side_questions(example.objects, image_size) if families.get(SIDE, 0) > 0 else []
     for q in questions(example.objects, image_size) + side:
-        if (q.question != example.question and q.subtype not in EXTRA_EXCLUDED and families.get(q.family, 0) > 0
+        if (q.question != example.question and q.subtype not in excluded and families.get(q.family, 0) > 0
                 and re.search(match, q.question)):
             pool.setdefault(q.family, {}).setdefault(q.subtype, []).append(q)
     out: list[Question] = []

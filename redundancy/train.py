@@ -62,7 +62,7 @@ from redundancy.microvqa import (
     patch_targets,
     question_words,
 )
-from redundancy.packing import SIDE, collate_packed, extra_questions, packed_loss
+from redundancy.packing import EXTRA_EXCLUDED, SIDE, collate_packed, extra_questions, packed_loss
 from redundancy.schedule import DropSchedule
 
 
@@ -94,6 +94,9 @@ class Stage:
     # that a command-line override (``stages.8.extras={reading:100.0}``) can fill it
     extras: dict[str, float] = field(default_factory=dict)
     extras_match: str = ""  # a regular expression every extra question must match ("": all)
+    # subtypes never drawn as extras (default: counting one shape, whose answers are skewed on
+    # generated scenes; redundancy.packing); [] lets every subtype in
+    extras_excluded: list[str] = field(default_factory=lambda: list(EXTRA_EXCLUDED))
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (0 freezes it, as LLaVA does)
     min_objects: int = 1
     max_objects: int = 6
@@ -589,7 +592,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 if stage.questions > 1:
                     rng = np.random.default_rng([cfg.seed, si, step])
                     weights = stage.extras or stage.families
-                    extras = [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match)
+                    extras = [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match,
+                                              tuple(stage.extras_excluded))
                               for e in examples]
                 loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss,
                                  extras, stage_aux, cfg.aux_weight)

@@ -90,6 +90,10 @@ def test_extra_questions_are_distinct_valid_and_follow_the_weights() -> None:
         assert all((q.question, q.answer) in allowed and q.subtype not in EXTRA_EXCLUDED for q in more)
         only_colour = extra_questions(e, 5, {"color": 1.0, "count": 0.0}, 96, rng)
         assert all(q.family == "color" for q in only_colour)
+        counts = extra_questions(e, 9, {"count": 1.0}, 96, rng, excluded=())
+        expected = {(q.question, q.answer) for q in questions(e.objects, 96) if q.family == "count"} - {
+            (e.question, e.answer)}
+        assert {(q.question, q.answer) for q in counts} == expected  # every count, one shape's included
     again = [extra_questions(e, 3, FAMILIES, 96, np.random.default_rng(7)) for e in examples]
     assert again == [extra_questions(e, 3, FAMILIES, 96, np.random.default_rng(7)) for e in examples]
 
