@@ -24,6 +24,7 @@ stage's ``extras_excluded``, lets it in).
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ def extra_questions(
     image_size: int,
     rng: np.random.Generator,
     match: str = "",
-    excluded: tuple[str, ...] = EXTRA_EXCLUDED,
+    excluded: Collection[str] = EXTRA_EXCLUDED,
 ) -> list[Question]:
     """Up to ``n`` distinct questions about ``example``'s scene other than its own (matching
     the regular expression ``match``, of no subtype in ``excluded``): each draws a family by

@@ -56,6 +56,7 @@ from redundancy.microvqa import (
     SPARSE_TARGETS,
     Example,
     GenConfig,
+    SUBTYPES,
     Question,
     answer_vocabulary,
     generate,
@@ -506,6 +507,10 @@ def check_config(cfg: TrainConfig) -> None:
                              f"(the training-only {SIDE!r} questions are extras: weigh them in `extras`)")
         if set(stage.extras) - {*FAMILIES, SIDE}:
             raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among {[*FAMILIES, SIDE]}")
+        subtypes = {t for ts in SUBTYPES.values() for t in ts} | {SIDE}
+        if set(stage.extras_excluded) - subtypes:
+            raise ValueError(f"stage {stage.name!r}: extras_excluded {stage.extras_excluded} must be among "
+                             f"{sorted(subtypes)}")
         if (stage.extras or stage.extras_match) and stage.questions < 2:
             raise ValueError(f"stage {stage.name!r}: extras and extras_match need questions > 1")
     if cfg.aux_weight > 0:
@@ -593,7 +598,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     rng = np.random.default_rng([cfg.seed, si, step])
                     weights = stage.extras or stage.families
                     extras = [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match,
-                                              tuple(stage.extras_excluded))
+                                              stage.extras_excluded)
                               for e in examples]
                 loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss,
                                  extras, stage_aux, cfg.aux_weight)

@@ -136,6 +136,7 @@ def test_packed_stage_trains_and_is_checked(tmp_path: Path) -> None:
     for bad, message in ((dict(families={**easy["families"], SIDE: 1.0}), "extras"),
                          (dict(extras={"colour": 1.0}), "extras"),
                          (dict(questions=1, extras={SIDE: 1.0}), "questions > 1"),
+                         (dict(extras_excluded=["count-shape"]), "extras_excluded"),
                          (dict(questions=1, extras_match="^Left"), "questions > 1")):
         with pytest.raises(ValueError, match=message):
             check_config(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, **bad)]))
