@@ -171,6 +171,9 @@ class GenConfig:
     families: dict[str, float] = field(
         default_factory=lambda: {"color": 1.0, "reading": 1.0, "spatial": 1.0, "count": 1.0}
     )
+    # weights of subtypes within their family (a missing subtype weighs 1, 0 turns it off);
+    # empty: each family's subtypes in turn, from a shuffled bag, as the shipped splits are drawn
+    subtypes: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -187,6 +190,12 @@ class GenConfig:
             raise ValueError(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
         if any(w < 0 for w in self.families.values()) or sum(self.families.values()) <= 0:
             raise ValueError(f"family weights must be >= 0 with a positive sum, got {self.families}")
+        known = {t for ts in SUBTYPES.values() for t in ts}
+        if set(self.subtypes) - known or any(w < 0 for w in self.subtypes.values()):
+            raise ValueError(f"subtype weights {self.subtypes} must be >= 0 and among {sorted(known)}")
+        for f in self.families:
+            if self.weight(f) > 0 and not any(self.subtypes.get(t, 1.0) > 0 for t in SUBTYPES[f]):
+                raise ValueError(f"family {f!r} has weight {self.weight(f)} but all its subtypes weigh 0")
         if self.weight("spatial") and self.max_objects < 2:
             raise ValueError("the spatial family needs max_objects >= 2")
         if self.weight("reading") and not glyph_shapes(self.max_size):
@@ -302,6 +311,13 @@ PATCH_TARGETS = {
     "col": POSITION_BINS + 1,
     "x": 1,  # the object's box centre, on all its patches: regressed, not classified (spatial relations)
     "y": 1,
+    # 1 on the patches of the object whose box centre lies nearest that side of the image (the
+    # first object from the left, right, top, bottom; 0 on every other object patch): where an
+    # object stands among the others, which "what shape is left of X?" asks about
+    "edge_left": 2,
+    "edge_right": 2,
+    "edge_above": 2,
+    "edge_below": 2,
 }
 SPARSE_TARGETS = ("glyph", "center")  # set on a few object patches only (0 elsewhere)
 REGRESSION_TARGETS = ("x", "y")  # labels 1 + the coordinate in px (0 on the background); one output each
@@ -316,12 +332,20 @@ def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover
     ``GLYPHS``. ``center`` is 1 on the patch holding each object's box centre; ``row`` and
     ``col`` are 1 + the patch's grid row / column in ``POSITION_BINS`` bins, on object
     patches (0 on the background); ``x`` and ``y`` are 1 + the owning object's box centre
-    (in px, rounded down) on each of its patches, the same on all of them."""
+    (in px, rounded down) on each of its patches, the same on all of them; ``edge_<side>`` is
+    1 on the patches of the objects whose centre is the first from that side."""
     grid = image_size // patch
+    centers = np.array([o.center() for o in objects]).reshape(-1, 2)
+    edges = [
+        centers[:, 0] == centers[:, 0].min(initial=np.inf),
+        centers[:, 0] == centers[:, 0].max(initial=-np.inf),
+        centers[:, 1] == centers[:, 1].min(initial=np.inf),
+        centers[:, 1] == centers[:, 1].max(initial=-np.inf),
+    ]
     out = np.zeros((len(PATCH_TARGETS), grid, grid), np.int64)
     cover = np.full((grid, grid), min_cover)
     colors, shapes = list(COLORS), list(SHAPES)
-    for o in objects:
+    for k, o in enumerate(objects):
         mask = np.zeros((image_size, image_size))
         mask[o.y : o.y + o.size, o.x : o.x + o.size] = shape_mask(o.shape, o.size)
         frac = mask.reshape(grid, patch, grid, patch).mean(axis=(1, 3))
@@ -332,6 +356,8 @@ def patch_targets(objects: Sequence[Obj], image_size: int, patch: int, min_cover
         out[2][win] = 0
         cx, cy = o.center()
         out[6][win], out[7][win] = 1 + int(cx), 1 + int(cy)
+        for row, edge in enumerate(edges, start=8):
+            out[row][win] = int(edge[k])
         if o.glyph:  # the glyph label sits on the patches its glyph box covers
             r, c = _glyph_origin(o.shape, o.size)
             ink = np.zeros((image_size, image_size))
@@ -465,7 +491,12 @@ class _SceneSampler:
 
     def plan(self, rng: np.random.Generator) -> tuple[str, str, Any]:
         family = self.families[int(rng.choice(len(self.families), p=self.p))]
-        subtype = self.subtypes[family].draw(rng)
+        if self.cfg.subtypes:
+            names = SUBTYPES[family]
+            w = np.array([self.cfg.subtypes.get(t, 1.0) for t in names])
+            subtype = names[int(rng.choice(len(names), p=w / w.sum()))]
+        else:
+            subtype = self.subtypes[family].draw(rng)
         return family, subtype, self.answers[subtype].draw(rng)
 
     # -- objects

@@ -104,6 +104,12 @@ class Stage:
     min_size: int = 12
     max_size: int = 36
     families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
+    # weights of the generator's subtypes within their family (redundancy.microvqa.GenConfig;
+    # e.g. {relation: 0.0} asks only neighbour questions of the spatial family); empty: even
+    subtypes: dict[str, float] = field(default_factory=dict)
+    # vqa stages: the auxiliary loss's targets (TrainConfig.aux_targets); empty: the run's. A
+    # stage whose targets differ from the stage before it starts a fresh auxiliary head
+    aux_targets: list[str] = field(default_factory=list)
     # vision stages: the per-patch targets (keys of redundancy.microvqa.PATCH_TARGETS; colour first)
     targets: list[str] = field(default_factory=lambda: ["color", "shape", "glyph"])
     # vision stages: weight of a second loss term on the sparse targets (glyph, center) over
@@ -159,6 +165,7 @@ def gen_config(stage: Stage, shape: MicroConfig, seed: int) -> GenConfig:
         min_size=stage.min_size,
         max_size=stage.max_size,
         families={f: w for f, w in stage.families.items() if w > 0},
+        subtypes=dict(stage.subtypes),
         seed=seed,
     )
 
@@ -513,10 +520,27 @@ def check_config(cfg: TrainConfig) -> None:
                              f"{sorted(subtypes)}")
         if (stage.extras or stage.extras_match) and stage.questions < 2:
             raise ValueError(f"stage {stage.name!r}: extras and extras_match need questions > 1")
+        if stage.kind == "vqa":
+            try:
+                gen_config(stage, cfg.model, cfg.seed)
+            except ValueError as err:
+                raise ValueError(f"stage {stage.name!r}: {err}") from err
     if cfg.aux_weight > 0:
         check_targets(cfg.aux_targets)
+        for stage in cfg.stages:
+            if stage.aux_targets:
+                check_targets(stage.aux_targets)
     if cfg.start_stage is not None and cfg.start_stage not in names:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
+
+
+def aux_head(model: Any, cfg: TrainConfig, stage: Stage, device: torch.device) -> PatchHead:
+    """A fresh auxiliary head for ``stage``'s targets (``TrainConfig.aux_weight``), seeded by the
+    run's seed without touching the global random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return PatchHead(model.config.text_config.hidden_size, stage.aux_targets or cfg.aux_targets,
+                         cfg.aux_sparse_weight, cfg.aux_position_weight).to(device)
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -554,15 +578,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device).train()
     val = draw(cfg.stages[-1], shape, cfg.seed, 0, cfg.eval_size, split="val")
     log_file = (out / "log.jsonl").open("a")
-    aux = None  # the auxiliary head (TrainConfig.aux_weight), one for the run
-    if cfg.aux_weight > 0:
-        with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global stream as it is
-            torch.manual_seed(cfg.seed)
-            aux = PatchHead(model.config.text_config.hidden_size, cfg.aux_targets, cfg.aux_sparse_weight,
-                            cfg.aux_position_weight).to(device)
+    aux = None  # the auxiliary head (TrainConfig.aux_weight): one for the run, a new one where a stage's targets differ
+    todo = [s for s in cfg.stages[progress["stage"] :] if s.kind == "vqa"]
+    if cfg.aux_weight > 0 and todo:
+        aux = aux_head(model, cfg, todo[0], device)
         source = last if (last / "trainer_state.json").exists() else Path(cfg.init_from) if cfg.init_from else None
         if source is not None and not load_aux(source, aux):
-            print(f"{source} has no auxiliary head for {cfg.aux_targets}: a fresh one starts", file=sys.stderr)
+            print(f"{source} has no auxiliary head for {aux.targets}: a fresh one starts", file=sys.stderr)
 
     for si in range(progress["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
@@ -575,6 +597,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if vision:
             head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
                              stage.position_weight).to(device)
+        if aux is not None and not vision and aux.targets != (stage.aux_targets or cfg.aux_targets):
+            aux = aux_head(model, cfg, stage, device)
+            print(f"stage {stage.name}: a fresh auxiliary head for {aux.targets}", file=sys.stderr)
         stage_aux = None if vision else aux  # the vision stage's own head already reads these targets
         optimizer, params = build_optimizer(model, head or stage_aux, stage, cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart

@@ -239,6 +239,10 @@ def test_family_weights_and_curriculum() -> None:
     reading_heavy = Counter(ex.family for ex in take(weighted, "train", 200))
     assert set(reading_heavy) == {"reading", "count"}
     assert reading_heavy["reading"] > 2 * reading_heavy["count"]
+    neighbours = replace(CFG, families={"spatial": 1.0, "count": 1.0}, subtypes={"relation": 0.0, "count_all": 3.0})
+    subtypes = Counter(ex.subtype for ex in take(neighbours, "train", 200))
+    assert set(subtypes) == {"neighbor", "count_all", "count_shape"}
+    assert subtypes["count_all"] > 2 * subtypes["count_shape"]
 
 
 @pytest.mark.parametrize(
@@ -251,6 +255,9 @@ def test_family_weights_and_curriculum() -> None:
         ({"max_size": 14, "min_size": 12}, "glyph"),
         ({"min_objects": 3, "max_objects": 2}, "min_objects"),
         ({"glyph_prob": 1.5}, "glyph_prob"),
+        ({"subtypes": {"neighbour": 1.0}}, "subtype weights"),
+        ({"subtypes": {"relation": -1.0}}, "subtype weights"),
+        ({"subtypes": {"relation": 0.0, "neighbor": 0.0}}, "all its subtypes weigh 0"),
     ],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
@@ -283,6 +290,20 @@ def test_render_draws_shape_and_glyph() -> None:
     ink = np.all(marked == mv.INK["red"], axis=-1)
     assert ink.sum() == mv.glyph_bitmap("T").sum()  # every glyph pixel drawn, nothing else in ink
     assert ink[20:50, 10:40][mv.shape_mask("circle", 30)].sum() == ink.sum()  # all of it on the circle
+
+
+def test_edge_targets_mark_the_answer_of_every_neighbour_question(train_examples: list[mv.Example]) -> None:
+    """``edge_<side>`` flags the first object from that side: the object a neighbour question
+    ("What shape is left of X?") answers with, and no other."""
+    rows = {name: i for i, name in enumerate(mv.PATCH_TARGETS)}
+    asked = [(ex, NEIGHBOR_Q.fullmatch(ex.question)) for ex in train_examples if ex.subtype == "neighbor"]
+    assert len(asked) >= 10
+    for ex, m in asked:
+        labels = mv.patch_targets(ex.objects, CFG.image_size, CFG.patch)
+        flagged = labels[rows[f"edge_{m[1].split()[0]}"]] == 1
+        assert flagged.any() and not (flagged & (labels[0] == 0)).any()  # object patches only
+        assert set(labels[rows["shape"]][flagged]) == {1 + mv.SHAPES.index(ex.answer)}
+        assert all(labels[rows[f"edge_{side}"]].sum() > 0 for side in mv.DIRECTIONS)
 
 
 def test_patch_indices() -> None:

@@ -137,6 +137,7 @@ def test_packed_stage_trains_and_is_checked(tmp_path: Path) -> None:
                          (dict(extras={"colour": 1.0}), "extras"),
                          (dict(questions=1, extras={SIDE: 1.0}), "questions > 1"),
                          (dict(extras_excluded=["count-shape"]), "extras_excluded"),
+                         (dict(subtypes={"count_shape": 0.0, "count_all": 0.0}), "stage 'p'.*subtypes weigh 0"),
                          (dict(questions=1, extras_match="^Left"), "questions > 1")):
         with pytest.raises(ValueError, match=message):
             check_config(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, **bad)]))

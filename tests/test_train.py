@@ -338,11 +338,11 @@ def test_unknown_method_fails(tmp_path: Path) -> None:
 
 
 def test_vision_pretraining_stage_learns_colour(tmp_path: Path) -> None:
-    from redundancy.microvqa import patch_targets
+    from redundancy.microvqa import PATCH_TARGETS, patch_targets
 
     examples = draw(Stage(**EASY), SHAPE, 0, 0, 2)
     targets = patch_targets(examples[0].objects, SHAPE.image_size, SHAPE.patch)
-    assert targets.shape == (8, 36) and targets[0].max() > 0 and targets[0].min() == 0
+    assert targets.shape == (len(PATCH_TARGETS), 36) and targets[0].max() > 0 and targets[0].min() == 0
     fg = targets[0] > 0
     assert targets[3].sum() == len(examples[0].objects) and (targets[3] <= fg).all()  # one centre per object
     assert ((targets[4] > 0) == fg).all() and ((targets[5] > 0) == fg).all()  # positions on object patches only
