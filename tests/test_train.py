@@ -11,10 +11,12 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from redundancy.micro import MicroConfig, build_micro, build_model, grow
+from redundancy.microvqa import PATCH_TARGETS
 from redundancy.train import (
     PatchHead,
     Stage,
     TrainConfig,
+    check_config,
     collate,
     draw,
     run,
@@ -264,6 +266,24 @@ def test_the_auxiliary_head_travels_with_the_checkpoint(tmp_path: Path) -> None:
     assert not torch.equal(fresh["proj.weight"], trained["proj.weight"])
 
 
+def test_a_stage_with_its_own_auxiliary_targets_gets_its_own_head(tmp_path: Path) -> None:
+    """Stage.aux_targets: a stage whose targets differ from the run's trains a fresh head on
+    them (saved with its checkpoint); a stage after it with the run's targets gets one again."""
+    from safetensors import safe_open
+
+    edges = ["color", "shape", "edge_left", "edge_right", "edge_above", "edge_below"]
+    stage = Stage(name="s", steps=2, layers=2, lr=3e-3, warmup=1, batch_size=4, **EASY)
+    stages = [stage, dataclasses.replace(stage, name="t", aux_targets=edges), dataclasses.replace(stage, name="u")]
+    cfg = TrainConfig(out=str(tmp_path), model=SHAPE, stages=stages, eval_every=100, eval_size=8, aux_weight=0.5)
+    run(cfg)
+    for name, targets in (("s", cfg.aux_targets), ("t", edges), ("u", cfg.aux_targets)):
+        with safe_open(str(tmp_path / f"stage-{name}" / "aux_head.safetensors"), "pt") as f:
+            assert f.metadata()["targets"] == ",".join(targets)
+            assert f.get_tensor("proj.weight").shape[0] == sum(PATCH_TARGETS[t] for t in targets)
+    with pytest.raises(ValueError, match="vision targets"):
+        check_config(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, aux_targets=["shape"])]))
+
+
 def test_a_stage_shortened_on_resume_keeps_its_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash after the step-10 save; resumed with the stage cut to 10 steps, the stage ends at
     once and still records its final loss (the running mean saved with the checkpoint)."""
@@ -338,7 +358,7 @@ def test_unknown_method_fails(tmp_path: Path) -> None:
 
 
 def test_vision_pretraining_stage_learns_colour(tmp_path: Path) -> None:
-    from redundancy.microvqa import PATCH_TARGETS, patch_targets
+    from redundancy.microvqa import patch_targets
 
     examples = draw(Stage(**EASY), SHAPE, 0, 0, 2)
     targets = patch_targets(examples[0].objects, SHAPE.image_size, SHAPE.patch)
