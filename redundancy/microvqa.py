@@ -97,6 +97,7 @@ DIRECTIONS = ("left", "right", "above", "below")
 FAMILIES = ("color", "reading", "spatial", "count")
 SUBTYPES = {"color": ("color",), "reading": ("reading",), "spatial": ("relation", "neighbor"),
             "count": ("count_shape", "count_all")}  # fmt: skip
+ALL_SUBTYPES = tuple(t for ts in SUBTYPES.values() for t in ts)
 SPLITS = ("train", "val", "test")
 _BUCKETS = {"train": range(0, 18), "val": range(18, 19), "test": range(19, 20)}  # of 20 hash buckets
 
@@ -190,9 +191,8 @@ class GenConfig:
             raise ValueError(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
         if any(w < 0 for w in self.families.values()) or sum(self.families.values()) <= 0:
             raise ValueError(f"family weights must be >= 0 with a positive sum, got {self.families}")
-        known = {t for ts in SUBTYPES.values() for t in ts}
-        if set(self.subtypes) - known or any(w < 0 for w in self.subtypes.values()):
-            raise ValueError(f"subtype weights {self.subtypes} must be >= 0 and among {sorted(known)}")
+        if set(self.subtypes) - set(ALL_SUBTYPES) or any(w < 0 for w in self.subtypes.values()):
+            raise ValueError(f"subtype weights {self.subtypes} must be >= 0 and among {ALL_SUBTYPES}")
         for f in self.families:
             if self.weight(f) > 0 and not any(self.subtypes.get(t, 1.0) > 0 for t in SUBTYPES[f]):
                 raise ValueError(f"family {f!r} has weight {self.weight(f)} but all its subtypes weigh 0")
@@ -478,6 +478,9 @@ class _SceneSampler:
         weights = np.array([cfg.weight(f) for f in self.families])
         self.p = weights / weights.sum()
         self.subtypes = {f: _Bag(SUBTYPES[f]) for f in self.families}
+        # with subtype weights: each family's subtypes drawn by weight (GenConfig.subtypes), not in turn
+        within = {f: np.array([cfg.subtypes.get(t, 1.0) for t in SUBTYPES[f]]) for f in self.families}
+        self.subtype_p = {f: w / w.sum() for f, w in within.items()}
         self.answers = {
             "color": _Bag(tuple(COLORS)),
             "reading": _Bag(GLYPHS),
@@ -492,9 +495,7 @@ class _SceneSampler:
     def plan(self, rng: np.random.Generator) -> tuple[str, str, Any]:
         family = self.families[int(rng.choice(len(self.families), p=self.p))]
         if self.cfg.subtypes:
-            names = SUBTYPES[family]
-            w = np.array([self.cfg.subtypes.get(t, 1.0) for t in names])
-            subtype = names[int(rng.choice(len(names), p=w / w.sum()))]
+            subtype = SUBTYPES[family][int(rng.choice(len(SUBTYPES[family]), p=self.subtype_p[family]))]
         else:
             subtype = self.subtypes[family].draw(rng)
         return family, subtype, self.answers[subtype].draw(rng)

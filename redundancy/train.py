@@ -50,13 +50,13 @@ from redundancy.engine import apply_schedule
 from redundancy.micro import PROMPTS, MicroConfig, build_micro, format_prompt, grow
 from redundancy.micro import build_model as build_micro_model
 from redundancy.microvqa import (
+    ALL_SUBTYPES,
     FAMILIES,
     PATCH_TARGETS,
     REGRESSION_TARGETS,
     SPARSE_TARGETS,
     Example,
     GenConfig,
-    SUBTYPES,
     Question,
     answer_vocabulary,
     generate,
@@ -514,7 +514,7 @@ def check_config(cfg: TrainConfig) -> None:
                              f"(the training-only {SIDE!r} questions are extras: weigh them in `extras`)")
         if set(stage.extras) - {*FAMILIES, SIDE}:
             raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among {[*FAMILIES, SIDE]}")
-        subtypes = {t for ts in SUBTYPES.values() for t in ts} | {SIDE}
+        subtypes = {*ALL_SUBTYPES, SIDE}
         if set(stage.extras_excluded) - subtypes:
             raise ValueError(f"stage {stage.name!r}: extras_excluded {stage.extras_excluded} must be among "
                              f"{sorted(subtypes)}")
@@ -534,13 +534,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"start_stage={cfg.start_stage!r} is not one of the stages {names}")
 
 
-def aux_head(model: Any, cfg: TrainConfig, stage: Stage, device: torch.device) -> PatchHead:
-    """A fresh auxiliary head for ``stage``'s targets (``TrainConfig.aux_weight``), seeded by the
-    run's seed without touching the global random stream."""
+def aux_head(model: Any, cfg: TrainConfig, targets: list[str], device: torch.device) -> PatchHead:
+    """A fresh auxiliary head for ``targets`` (``TrainConfig.aux_weight``), seeded by the run's
+    seed without touching the global random stream."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return PatchHead(model.config.text_config.hidden_size, stage.aux_targets or cfg.aux_targets,
-                         cfg.aux_sparse_weight, cfg.aux_position_weight).to(device)
+        return PatchHead(model.config.text_config.hidden_size, targets, cfg.aux_sparse_weight,
+                         cfg.aux_position_weight).to(device)
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -578,13 +578,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device).train()
     val = draw(cfg.stages[-1], shape, cfg.seed, 0, cfg.eval_size, split="val")
     log_file = (out / "log.jsonl").open("a")
-    aux = None  # the auxiliary head (TrainConfig.aux_weight): one for the run, a new one where a stage's targets differ
-    todo = [s for s in cfg.stages[progress["stage"] :] if s.kind == "vqa"]
-    if cfg.aux_weight > 0 and todo:
-        aux = aux_head(model, cfg, todo[0], device)
-        source = last if (last / "trainer_state.json").exists() else Path(cfg.init_from) if cfg.init_from else None
-        if source is not None and not load_aux(source, aux):
-            print(f"{source} has no auxiliary head for {aux.targets}: a fresh one starts", file=sys.stderr)
+    aux = None  # the auxiliary head (TrainConfig.aux_weight), made at the first vqa stage and wherever the targets change
+    source = last if (last / "trainer_state.json").exists() else Path(cfg.init_from) if cfg.init_from else None
 
     for si in range(progress["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
@@ -597,9 +592,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if vision:
             head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
                              stage.position_weight).to(device)
-        if aux is not None and not vision and aux.targets != (stage.aux_targets or cfg.aux_targets):
-            aux = aux_head(model, cfg, stage, device)
-            print(f"stage {stage.name}: a fresh auxiliary head for {aux.targets}", file=sys.stderr)
+        targets = stage.aux_targets or cfg.aux_targets
+        if cfg.aux_weight > 0 and not vision and (aux is None or aux.targets != targets):
+            fresh = aux_head(model, cfg, targets, device)
+            if aux is not None:
+                print(f"stage {stage.name}: a fresh auxiliary head for {targets}", file=sys.stderr)
+            elif source is not None and not load_aux(source, fresh):  # continue the checkpoint's head
+                print(f"{source} has no auxiliary head for {targets}: a fresh one starts", file=sys.stderr)
+            aux = fresh
         stage_aux = None if vision else aux  # the vision stage's own head already reads these targets
         optimizer, params = build_optimizer(model, head or stage_aux, stage, cfg.weight_decay)
         resumed = progress["stage"] == si and progress["step"] > 0 and not vision  # vision stages restart
