@@ -187,6 +187,19 @@ def _example_prompt(prompt: str, index: int) -> str:
     return prompt
 
 
+def stage_batch(cfg: TrainConfig, si: int, step: int) -> tuple[list[Example], list[list[Question]] | None]:
+    """The training examples of stage ``si`` at ``step`` and, for a packed stage
+    (``questions > 1``), each example's extra questions: deterministic per seed, stage, step."""
+    stage, shape = cfg.stages[si], cfg.model
+    examples = draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size)
+    if stage.questions <= 1:
+        return examples, None
+    rng = np.random.default_rng([cfg.seed, si, step])
+    weights = stage.extras or stage.families
+    return examples, [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match,
+                                      stage.extras_excluded) for e in examples]
+
+
 def collate(
     processor: Any, examples: list[Example], with_answers: bool, prompt: str = "llava"
 ) -> dict[str, torch.Tensor]:
@@ -617,14 +630,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(stage, step) * group["scale"]
-                examples = draw(stage, shape, cfg.seed + 7919 * si, step, stage.batch_size)
-                extras = None
-                if stage.questions > 1:
-                    rng = np.random.default_rng([cfg.seed, si, step])
-                    weights = stage.extras or stage.families
-                    extras = [extra_questions(e, stage.questions - 1, weights, shape.image_size, rng, stage.extras_match,
-                                              stage.extras_excluded)
-                              for e in examples]
+                examples, extras = stage_batch(cfg, si, step)
                 loss = step_loss(model, head, processor, examples, shape, device, stage.prompt, stage.suffix_loss,
                                  extras, stage_aux, cfg.aux_weight)
                 loss.backward()

@@ -20,6 +20,7 @@ from redundancy.train import (
     collate,
     draw,
     run,
+    stage_batch,
     step_loss,
     vision_batch,
     vision_loss,
@@ -204,6 +205,21 @@ def test_every_training_config_composes() -> None:
         assert isinstance(cfg, TrainConfig) and cfg.stages, name
         assert all(stage.kind in ("vqa", "vision") for stage in cfg.stages), name
         check_config(cfg)  # kinds, prompts, vision targets, start stage: what run() checks first
+
+
+def test_stage_batch_is_deterministic_and_packs_only_packed_stages() -> None:
+    packed = Stage(name="packed", questions=3, batch_size=4, extras={"color": 1.0}, extras_match="^What color", **EASY)
+    cfg = TrainConfig(model=SHAPE, stages=[Stage(name="plain", batch_size=4, **EASY), packed])
+    examples, extras = stage_batch(cfg, 0, 5)
+    assert extras is None and len(examples) == 4
+    examples, extras = stage_batch(cfg, 1, 5)
+    again, extras_again = stage_batch(cfg, 1, 5)
+    assert [e.question for e in examples] == [e.question for e in again] and extras == extras_again
+    assert extras is not None and all(len(qs) <= 2 for qs in extras)
+    assert all(q.question.startswith("What color") for qs in extras for q in qs)
+    assert any(qs for qs in extras)
+    other, _ = stage_batch(cfg, 1, 6)
+    assert [e.question for e in other] != [e.question for e in examples]
 
 
 def test_grow_keeps_the_function() -> None:
