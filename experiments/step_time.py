@@ -28,6 +28,8 @@ ap.add_argument("--config", default="train_aux")
 ap.add_argument("--steps", type=int, default=12)
 ap.add_argument("--threads", type=int, default=2)
 args = ap.parse_args()
+if args.steps < 3:
+    ap.error("--steps must be at least 3 (the first two are not counted)")
 torch.set_num_threads(args.threads)
 with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
     cfg: T.TrainConfig = OmegaConf.to_object(compose(config_name=args.config))
