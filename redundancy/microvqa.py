@@ -618,7 +618,7 @@ def _place(rng: np.random.Generator, scene: _Scene, image_size: int, tries: int 
     return [_orient(o, scene.direction, image_size) for o in placed]
 
 
-def _unorient(o: Obj, direction: str, image_size: int) -> Obj:
+def unorient(o: Obj, direction: str, image_size: int) -> Obj:
     """The inverse of :func:`_orient`: a box in the frame where ``direction`` is "left"."""
     flip_x, flip_y = image_size - o.x - o.size, image_size - o.y - o.size
     x, y = {"left": (o.x, o.y), "right": (flip_x, o.y), "above": (o.y, o.x), "below": (flip_y, o.x)}[direction]
@@ -666,7 +666,7 @@ def questions(objects: Sequence[Obj], image_size: int) -> list[Question]:
             out.append(Question("reading", "reading", f"What is written on the {o.color} {o.shape}?", o.glyph.lower(), (i,)))
     where = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
     for direction in DIRECTIONS:
-        frame = [_unorient(o, direction, image_size) for o in objects]
+        frame = [unorient(o, direction, image_size) for o in objects]
         axis = "left or right of" if direction in ("left", "right") else "above or below"
         for i in named:
             for j in named:

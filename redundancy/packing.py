@@ -32,11 +32,14 @@ import numpy as np
 import torch
 
 from redundancy.micro import format_prompt
-from redundancy.microvqa import Example, Obj, Question, nameable, questions
+from redundancy.microvqa import DIRECTIONS, Example, Obj, Question, nameable, questions, unorient
 
 EXTRA_EXCLUDED = ("count_shape",)  # skewed answers on generated scenes (module docstring)
 SIDE = "side"  # the training-only family of :func:`side_questions` (a weight in ``families``)
 SIDE_MARGIN = 12  # px between a side question's object centre and the image's middle
+SHAPE = "shape"  # the training-only family of :func:`shape_questions`
+TRAINING_ONLY_SUBTYPES = (SIDE, "shape_color", "shape_edge")  # the subtypes of those families
+SHAPE_MARGIN = 8  # px between the first object's centre from a side and the next one's
 
 
 def side_questions(objects: tuple[Obj, ...], image_size: int, margin: int = SIDE_MARGIN) -> list[Question]:
@@ -54,6 +57,28 @@ def side_questions(objects: tuple[Obj, ...], image_size: int, margin: int = SIDE
     return out
 
 
+def shape_questions(objects: tuple[Obj, ...], image_size: int, margin: int = SHAPE_MARGIN) -> list[Question]:
+    """Training-only questions answered by a shape, the readout the neighbour question ends on:
+    of the only object of a colour ("What shape is red?" -> ``circle``, subtype ``shape_color``)
+    and of the first object from a side of the image, whose centre lies ``margin`` px or more
+    before every other's ("What shape is left?", subtype ``shape_edge``). By the benchmark's rule
+    the neighbour question's answer is that first object from its side."""
+    out = []
+    colors = [o.color for o in objects]
+    for i, o in enumerate(objects):
+        if colors.count(o.color) == 1:
+            out.append(Question(SHAPE, "shape_color", f"What shape is {o.color}?", o.shape, (i,)))
+    for direction in DIRECTIONS:
+        order = sorted((unorient(o, direction, image_size).center()[0], i) for i, o in enumerate(objects))
+        if len(order) == 1 or order[1][0] - order[0][0] >= margin:
+            first = order[0][1]
+            out.append(Question(SHAPE, "shape_edge", f"What shape is {direction}?", objects[first].shape, (first,)))
+    return out
+
+
+TRAINING_ONLY = {SIDE: side_questions, SHAPE: shape_questions}  # family -> its question maker
+
+
 def extra_questions(
     example: Example,
     n: int,
@@ -65,11 +90,12 @@ def extra_questions(
 ) -> list[Question]:
     """Up to ``n`` distinct questions about ``example``'s scene other than its own (matching
     the regular expression ``match``, of no subtype in ``excluded``): each draws a family by
-    ``families`` weight (``side``: :func:`side_questions`), then a subtype, then a question,
-    uniformly."""
+    ``families`` weight (the training-only ones of ``TRAINING_ONLY`` among them), then a
+    subtype, then a question, uniformly."""
     pool: dict[str, dict[str, list[Question]]] = {}
-    side = side_questions(example.objects, image_size) if families.get(SIDE, 0) > 0 else []
-    for q in questions(example.objects, image_size) + side:
+    made = [q for family, make in TRAINING_ONLY.items() if families.get(family, 0) > 0
+            for q in make(example.objects, image_size)]  # fmt: skip
+    for q in questions(example.objects, image_size) + made:
         if (q.question != example.question and q.subtype not in excluded and families.get(q.family, 0) > 0
                 and re.search(match, q.question)):
             pool.setdefault(q.family, {}).setdefault(q.subtype, []).append(q)

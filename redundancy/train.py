@@ -63,7 +63,14 @@ from redundancy.microvqa import (
     patch_targets,
     question_words,
 )
-from redundancy.packing import EXTRA_EXCLUDED, SIDE, collate_packed, extra_questions, packed_loss
+from redundancy.packing import (
+    EXTRA_EXCLUDED,
+    TRAINING_ONLY,
+    TRAINING_ONLY_SUBTYPES,
+    collate_packed,
+    extra_questions,
+    packed_loss,
+)
 from redundancy.schedule import DropSchedule
 
 
@@ -91,7 +98,7 @@ class Stage:
     # training-only speed-up: the image's ~145 tokens are computed once, not once per question)
     questions: int = 1
     # Family weights of those extra questions (empty: ``families``); may also weigh the
-    # training-only "side" family (redundancy.packing.side_questions). A dict, never None, so
+    # training-only "side" and "shape" families (redundancy.packing.TRAINING_ONLY). A dict, never None, so
     # that a command-line override (``stages.8.extras={reading:100.0}``) can fill it
     extras: dict[str, float] = field(default_factory=dict)
     extras_match: str = ""  # a regular expression every extra question must match ("": all)
@@ -524,10 +531,11 @@ def check_config(cfg: TrainConfig) -> None:
         unknown = set(stage.families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"stage {stage.name!r}: families {sorted(unknown)} are unknown; choose from {FAMILIES} "
-                             f"(the training-only {SIDE!r} questions are extras: weigh them in `extras`)")
-        if set(stage.extras) - {*FAMILIES, SIDE}:
-            raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among {[*FAMILIES, SIDE]}")
-        subtypes = {*ALL_SUBTYPES, SIDE}
+                             f"(the training-only {sorted(TRAINING_ONLY)} questions are extras: weigh them in `extras`)")
+        if set(stage.extras) - {*FAMILIES, *TRAINING_ONLY}:
+            raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among "
+                             f"{[*FAMILIES, *TRAINING_ONLY]}")
+        subtypes = {*ALL_SUBTYPES, *TRAINING_ONLY_SUBTYPES}
         if set(stage.extras_excluded) - subtypes:
             raise ValueError(f"stage {stage.name!r}: extras_excluded {stage.extras_excluded} must be among "
                              f"{sorted(subtypes)}")

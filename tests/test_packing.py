@@ -12,7 +12,8 @@ import torch
 
 from redundancy.micro import MicroConfig, build_micro
 from redundancy.microvqa import questions
-from redundancy.packing import EXTRA_EXCLUDED, SIDE, SIDE_MARGIN, collate_packed, extra_questions, packed_loss, side_questions
+from redundancy.packing import (EXTRA_EXCLUDED, SHAPE_MARGIN, SIDE, SIDE_MARGIN, collate_packed, extra_questions, packed_loss,
+                                shape_questions, side_questions)
 from redundancy.train import Stage, TrainConfig, check_config, draw, run, step_loss, suffix_length, vocabulary
 
 SHAPE = MicroConfig(layers=3, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
@@ -120,6 +121,35 @@ def test_side_questions_name_one_object_clearly_off_the_middle() -> None:
                       if q.family in ("spatial", SIDE) and "left or right" in q.question.lower() and q.question != e.question]
         assert len(left_right) == min(6, len(candidates)) and set(left_right) <= set(candidates)
     assert seen == {"left", "right", "above", "below"}
+
+
+def test_shape_questions_read_the_named_object_and_end_every_neighbour_question() -> None:
+    examples = draw(Stage(families={"spatial": 1.0}, subtypes={"relation": 0.0, "neighbor": 1.0}), dataclasses.replace(SHAPE, image_size=96), 0, 0, 60)
+    kinds, neighbours = set(), 0
+    for e in examples:
+        made = shape_questions(e.objects, 96)
+        for q in made:
+            (i,) = q.evidence
+            o = e.objects[i]
+            assert q.family == "shape" and q.answer == o.shape
+            word = q.question.removeprefix("What shape is ").removesuffix("?")
+            if q.subtype == "shape_color":
+                assert word == o.color and [p.color for p in e.objects].count(o.color) == 1
+            else:  # the first object from that side, its centre SHAPE_MARGIN px or more before the next one's
+                along = {"left": lambda p: p.center()[0], "right": lambda p: -p.center()[0],
+                         "above": lambda p: p.center()[1], "below": lambda p: -p.center()[1]}[word]
+                rest = sorted(along(p) for j, p in enumerate(e.objects) if j != i)
+                assert not rest or rest[0] - along(o) >= SHAPE_MARGIN
+            kinds.add(q.subtype)
+        edge = {q.question.removeprefix("What shape is ").removesuffix("?"): q.answer for q in made if q.subtype == "shape_edge"}
+        for q in questions(e.objects, 96):
+            if q.subtype == "neighbor":  # its answer is the first object from its side (the benchmark's rule)
+                direction = q.question.split(" the ")[0].removeprefix("What shape is ").removesuffix(" of")
+                assert edge[direction] == q.answer
+                neighbours += 1
+        more = extra_questions(e, 4, {"shape": 1.0}, 96, np.random.default_rng(2))
+        assert len(more) == min(4, len(made)) and set(more) <= set(made)
+    assert kinds == {"shape_color", "shape_edge"} and neighbours >= 60
 
 
 def test_packed_stage_trains_and_is_checked(tmp_path: Path) -> None:
