@@ -156,19 +156,66 @@ def build_micro(
     return build_model(cfg, tokenizer, seed), build_processor(tokenizer, cfg)
 
 
-def grow(model: LlavaForConditionalGeneration, deep: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
-    """Copy a trained shallow model into ``deep`` (same shapes, more layers): every
-    non-decoder weight is copied; shallow layer ``i`` goes to deep layer
-    ``i * L_deep / L_shallow`` (evenly spread), the other deep layers keep their
-    identity initialisation. The grown model computes the shallow model's function."""
+GROWTH = ("identity", "split")
+
+
+def grow_sources(shallow: int, deep: int) -> list[int]:
+    """For ``split`` growth: the shallow layer each deep layer copies. Layer 0 stays alone (its
+    update is many times its input, so copies of it would not add up to it); deep layer ``j >= 1``
+    copies shallow layer ``max(1, j // step)``, so shallow layer 1 fills deep layers 1 to
+    ``2 * step - 1`` and every later layer ``i`` its own span from ``i * step``."""
+    step = deep // shallow
+    if step * shallow != deep or shallow < 2:
+        raise ValueError(f"{deep} deep layers are not a multiple of {shallow} shallow ones (at least 2)")
+    return [0] + [max(1, j // step) for j in range(1, deep)]
+
+
+def grow(
+    model: LlavaForConditionalGeneration, deep: LlavaForConditionalGeneration, mode: str = "identity"
+) -> LlavaForConditionalGeneration:
+    """Copy a trained shallow model into ``deep`` (same shapes, more layers); every non-decoder
+    weight is copied.
+
+    ``identity``: shallow layer ``i`` goes to deep layer ``i * L_deep / L_shallow`` (evenly spread),
+    the other deep layers keep their identity initialisation; the grown model computes the
+    shallow model's function exactly, but the identity layers get no gradient through their
+    zeroed outputs and stay inert (issue 26's measurement of the v22 pair).
+    ``split``: every deep layer is a copy of a shallow layer (:func:`grow_sources`), each of the
+    ``n`` copies of a layer with its residual outputs (``o_proj``, ``down_proj``) scaled by
+    ``1/n``, so that the copies together make the layer's update to first order and every deep
+    layer starts with a working attention and MLP."""
+    if mode not in GROWTH:
+        raise ValueError(f"growth {mode!r} is unknown; choose one of {GROWTH}")
     shallow_layers = model.model.language_model.layers
     deep_layers = deep.model.language_model.layers
-    step = len(deep_layers) // len(shallow_layers)
-    if step * len(shallow_layers) != len(deep_layers):
-        raise ValueError(f"{len(deep_layers)} deep layers are not a multiple of {len(shallow_layers)} shallow ones")
+    sources = grow_sources(len(shallow_layers), len(deep_layers))
     state = {k: v for k, v in model.state_dict().items() if ".language_model.layers." not in k}
     missing = deep.load_state_dict(state, strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys
-    for i, layer in enumerate(shallow_layers):
-        deep_layers[i * step].load_state_dict(layer.state_dict())
+    if mode == "identity":
+        step = len(deep_layers) // len(shallow_layers)
+        for i, layer in enumerate(shallow_layers):
+            deep_layers[i * step].load_state_dict(layer.state_dict())
+        return deep
+    copies = [sources.count(i) for i in range(len(shallow_layers))]
+    with torch.no_grad():
+        for j, i in enumerate(sources):
+            deep_layers[j].load_state_dict(shallow_layers[i].state_dict())
+            deep_layers[j].self_attn.o_proj.weight.div_(copies[i])
+            deep_layers[j].mlp.down_proj.weight.div_(copies[i])
     return deep
+
+
+def shrink(model: LlavaForConditionalGeneration, keep: list[int]) -> LlavaForConditionalGeneration:
+    """The model with only the decoder layers ``keep`` (in order): e.g. the trained layers of a
+    model grown with ``identity`` growth, whose other layers stayed the identity."""
+    layers = model.model.language_model.layers
+    model.model.language_model.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for new, layer in enumerate(model.model.language_model.layers):
+        layer.self_attn.layer_idx = new
+    text = model.config.text_config
+    text.num_hidden_layers = len(keep)
+    if getattr(text, "layer_types", None):
+        text.layer_types = [text.layer_types[i] for i in keep]
+    model.config.micro = {**model.config.micro, "layers": len(keep)} if getattr(model.config, "micro", None) else None
+    return model
