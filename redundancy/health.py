@@ -44,6 +44,7 @@ from redundancy.data import Sample, load_dataset
 from redundancy.evaluate import batches, greedy_answers, prompts
 from redundancy.results import checkpoint_fingerprint
 
+HEALTH_N = 200  # questions of the held-out test set the model cards measure layer health on
 INERT_KL = 1e-3  # a layer whose skip changes no answer and moves the answer's distribution less than this is inert
 
 
@@ -211,7 +212,7 @@ def figure(table: Sequence[LayerHealth], title: str, path: Path) -> None:
 class HealthConfig:
     model: str = "micro-llava-vanilla"  # a shipped checkpoint name or a local HF directory
     data: str | None = None  # null: the shipped microvqa test set
-    n: int = 200  # the first n questions
+    n: int = HEALTH_N  # the first n questions
     batch_size: int = 16
     dtype: str = "float32"
     device: str = "auto"
@@ -220,6 +221,21 @@ class HealthConfig:
 
 
 ConfigStore.instance().store(name="health_schema", node=HealthConfig)
+
+
+def health_record(model_name: str | Path, samples: Sequence[Sample], *, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", batch_size: int = 16) -> dict[str, Any]:
+    """The layer-health record of a checkpoint (what ``results/health/<name>.json`` and the model
+    cards hold): its name, content fingerprint, ``n``, the inert layers and every layer's row."""
+    model, processor = load_model(model_name, dtype=dtype, device=device, attn_implementation="eager")
+    table = layer_health(model, processor, samples, batch_size=batch_size)
+    path = resolve(model_name)
+    return {"model": path.name, "fingerprint": checkpoint_fingerprint(path), "n": len(samples), "inert_kl": INERT_KL,
+            "inert": inert_layers(table), "layers": [asdict(r) for r in table]}
+
+
+def table_of(record: dict[str, Any]) -> list[LayerHealth]:
+    return [LayerHealth(**row) for row in record["layers"]]
 
 
 def run(cfg: HealthConfig) -> str:
@@ -231,15 +247,12 @@ def run(cfg: HealthConfig) -> str:
         torch.set_num_threads(cfg.threads)
     samples = load_dataset(cfg.data or TEST_SET)[: cfg.n]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model, processor = load_model(cfg.model, dtype=dtype, device=resolve_device(cfg.device), attn_implementation="eager")
-    table = layer_health(model, processor, samples, batch_size=cfg.batch_size)
-    name = resolve(cfg.model).name
-    record = {"model": name, "fingerprint": checkpoint_fingerprint(resolve(cfg.model)), "n": len(samples),
-              "inert_kl": INERT_KL, "inert": inert_layers(table), "layers": [asdict(r) for r in table]}
+    record = health_record(cfg.model, samples, dtype=dtype, device=resolve_device(cfg.device), batch_size=cfg.batch_size)
+    name = record["model"]
     (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    text = markdown(table, len(samples))
+    text = markdown(table_of(record), len(samples))
     (out / f"{name}.md").write_text(f"# Layer health: {name}\n\n{text}")
-    figure(table, f"{name}: layer health on {len(samples)} held-out questions", out / f"{name}.png")
+    figure(table_of(record), f"{name}: layer health on {len(samples)} held-out questions", out / f"{name}.png")
     return text
 
 
