@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from redundancy.checkpoints import TEST_SET, load_model, resolve, resolve_device
 from redundancy.cli import run_entry
 from redundancy.data import Sample, load_dataset
-from redundancy.evaluate import batches, greedy_answers, prompts
+from redundancy.evaluate import batches, prompts
 from redundancy.results import checkpoint_fingerprint
 
 HEALTH_N = 200  # questions of the held-out test set the model cards measure layer health on
@@ -121,6 +121,15 @@ def attention_entropy(attentions: Sequence[torch.Tensor], image: torch.Tensor) -
     return torch.stack(out)
 
 
+def answer(model: Any, processor: Any, inputs: Any, max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
+    """Greedy answers of a left-padded batch (decoded and stripped, as
+    :func:`redundancy.evaluate.greedy_answers`) and the raw logits of their first token."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    return [a.strip() for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)], out.logits[0]
+
+
 @torch.no_grad()
 def layer_health(
     model: Any, processor: Any, samples: Sequence[Sample], *, batch_size: int = 16, max_new_tokens: int = 4,
@@ -144,13 +153,14 @@ def layer_health(
             full = model(**inputs, output_attentions=True)
         entropies.append(attention_entropy(full.attentions, inputs["input_ids"] == image_id))
         logp = full.logits[:, -1].float().log_softmax(-1)
-        answers = greedy_answers(model, processor, inputs, max_new_tokens)
+        answers, _ = answer(model, processor, inputs, max_new_tokens)
         bar.update()
         for i in range(depth):
             with skipped(model, i):
-                logq = model(**inputs).logits[:, -1].float().log_softmax(-1)
-                kls[i].append((logp.exp() * (logp - logq)).sum(-1).cpu())
-                changed[i] += [a != b for a, b in zip(answers, greedy_answers(model, processor, inputs, max_new_tokens))]
+                skipped_answers, first = answer(model, processor, inputs, max_new_tokens)
+            logq = first.float().log_softmax(-1)
+            kls[i].append((logp.exp() * (logp - logq)).sum(-1).cpu())
+            changed[i] += [a != b for a, b in zip(answers, skipped_answers)]
             bar.update()
     bar.close()
     entropy = torch.cat(entropies, dim=1).mean(dim=1)
