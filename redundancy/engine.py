@@ -24,15 +24,23 @@ How it works (``docs/method.md`` sections 2-6):
   (dropped positions hold zeros), so logits, ``logits_to_keep``, the HF loss and
   ``generate`` work unchanged. Image tokens are never supervised, so the loss
   equals the loss on the reduced sequence.
+* The rest of the HF contract (``docs/method.md`` section 9): HF's own output capture
+  wraps the engine's forward, so ``output_hidden_states`` (put back at the original
+  positions) and ``output_attentions`` (over each stage's slots, ``Trace.slots``) work;
+  a boundary that drops nothing keeps the layout and the padding; rows without an image
+  or without a query pass through; ``inputs_embeds`` use the model's placeholder rule;
+  packed rows drop per segment; a cache prefilled without the engine continues as the
+  unmodified model.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import inspect
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +50,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.output_capturing import _active_collector, capture_outputs
 
 from redundancy.models import FamilyAdapter, adapter_for
 from redundancy.ranking import query_attention, random_scores, select_top
@@ -107,16 +116,32 @@ class Trace:
     attention: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     """Layer -> per sample ``[N]`` attention of the ranking query over the image
     tokens at that layer (``record_attention``); NaN for tokens already dropped."""
+    untouched: list[bool] = field(default_factory=list)
+    """Per sample: it kept every image token (no image token, or an attention ranker whose
+    query is an image token: nothing to rank with); docs/method.md section 9."""
+    slots: list[torch.Tensor] = field(default_factory=list)
+    """Per stage ``[batch, n_stage]``: the original sequence position of each slot of the
+    stage's layout (-1: padding added when rows were re-padded); maps the stage's
+    attentions and cache entries back to the prompt."""
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    """Packed input: ``(row, start, end)`` of each segment; the trace's samples are these
+    segments, in order. Empty otherwise."""
     prefills: int = 0
     ranking_seconds: float = 0.0
     """Time spent ranking (scores + top-k) in the last prefill; measured only with ``profile=True``."""
 
     def kept_counts(self) -> list[list[int]]:
         """Per sample, the image tokens present in each stage ``[N, k_1, ...]``."""
-        return [list(self.schedule.stage_counts(n)) for n in self.n_image]
+        counts = []
+        for i, n in enumerate(self.n_image):
+            untouched = i < len(self.untouched) and self.untouched[i]
+            stages = [n] * (len(self.schedule.boundaries) + 1) if untouched else list(self.schedule.stage_counts(n))
+            counts.append(stages)
+        return counts
 
     def reset(self) -> None:
         self.n_image, self.boundaries, self.attention = [], [], {}
+        self.untouched, self.slots, self.segments = [], [], []
         self.ranking_seconds = 0.0
         self.prefills += 1
 
@@ -155,7 +180,9 @@ class _QueryProbe:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         timing = self.stopwatch(query.device) if self.stopwatch else contextlib.nullcontext()
-        with timing:
+        # No autograd: a checkpointed layer recomputed after the engine is detached runs
+        # without the probe and must save the same tensors as the first pass.
+        with timing, torch.no_grad():
             # query [batch, heads, n, head_dim] -> the query rows [batch, heads, n_query, head_dim]
             idx = self.index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
             self.result = query_attention(query.gather(2, idx), key, self.visible, self.weight, scaling)
@@ -201,6 +228,54 @@ def _to_ordinals(values: torch.Tensor, ordinal: torch.Tensor, present: torch.Ten
     out.scatter_(1, torch.where(present, ordinal, width - 1), values.float())
     out = out.cpu()
     return [out[i, :n].clone() for i, n in enumerate(n_image)]
+
+
+def _scatter_slots(states: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """``states`` ``[batch, m, d]`` placed at the original positions ``index`` ``[batch, m]``
+    of a ``[batch, length, d]`` tensor; slots at ``length`` (relayout padding) are dropped,
+    positions no slot holds (dropped tokens) are zeros."""
+    b, m, d = states.shape
+    if m == length and bool((index == torch.arange(length, device=index.device)).all()):
+        return states
+    out = states.new_zeros(b, length + 1, d)
+    return out.scatter(1, index[..., None].expand(-1, -1, d), states)[:, :length]
+
+
+def _segment_ids(positions: torch.Tensor) -> torch.Tensor:
+    """Packed-sequence index ``[batch, n]`` of each token: a new segment wherever the sequence
+    position does not advance by one (HF's ``find_packed_sequence_indices``)."""
+    step = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+    return (step != 1).long().cumsum(-1)
+
+
+def _unpack(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """One left-padded row per packed segment: the flat source index ``[S, m]`` into
+    ``[batch * n]`` of each slot (0 at padding), the validity ``[S, m]`` and each segment's
+    ``(row, start, end)``."""
+    b, n = segments.shape
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = first.reshape(-1).nonzero().flatten()  # flat index of each segment's first token
+    ends = torch.cat([starts[1:], starts.new_tensor([b * n])])
+    ends = torch.minimum(ends, (starts // n + 1) * n)  # a segment never spans rows
+    lengths = ends - starts
+    m = int(lengths.max().item())
+    col = torch.arange(m, device=segments.device)[None]
+    pad = (m - lengths)[:, None]
+    valid = col >= pad
+    src = torch.where(valid, starts[:, None] + col - pad, 0)
+    bounds = [(int(s) // n, int(s) % n, int(s) % n + int(k)) for s, k in zip(starts.tolist(), lengths.tolist())]
+    return src, valid, bounds
+
+
+def _as_method(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a leading ``self`` argument it ignores (HF's decorators expect a method)."""
+
+    @functools.wraps(fn)
+    def method(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return method
 
 
 # -------------------------------------------------------- shared-prefix hook
@@ -263,7 +338,9 @@ class DropEngine:
             for cfg in configs:
                 cfg._attn_implementation_internal = _ATTN_NAME
                 self._undo.append(lambda cfg=cfg: setattr(cfg, "_attn_implementation_internal", impl))
-            lm.forward = self._forward
+            # HF's output capture (output_hidden_states / output_attentions) wraps the engine's forward
+            # as it wraps the model's own: its hooks on the decoder layers and attention modules record.
+            lm.forward = functools.partial(capture_outputs(_as_method(self._forward)), lm)
             self._undo.append(lambda: delattr(lm, "forward"))
             hooks = [
                 self.adapter.multimodal.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
@@ -308,6 +385,11 @@ class DropEngine:
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["input_ids"] = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        if self._pending["input_ids"] is None and embeds is not None:
+            # The model's own placeholder rule (get_placeholder_mask): a slot holding the image token's embedding.
+            token = torch.tensor(self.adapter.image_token_id, device=embeds.device)
+            self._pending["image_mask"] = (embeds == self.adapter.language_model.embed_tokens(token)).all(-1)
         for name in self.adapter.layout_inputs:
             if kwargs.get(name) is not None or name not in self._pending:
                 self._pending[name] = kwargs.get(name)
@@ -336,16 +418,80 @@ class DropEngine:
             raise ValueError("the drop engine takes a 2D padding attention_mask [batch, seq]")
         if use_cache is None:
             use_cache = bool(getattr(lm.config, "use_cache", True))
+        if use_cache and lm.gradient_checkpointing and lm.training:
+            use_cache = False  # as HF: checkpointed layers fill no cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=lm.config)
         if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
             raise ValueError(f"only DynamicCache is supported (stage caches differ in length), got {type(past_key_values).__name__}")
         cache = past_key_values if use_cache else None
-        if cache is None or cache.get_seq_length() == 0:
-            hidden = self._prefill(inputs_embeds, attention_mask, position_ids, cache, pending)
-        else:
+        if cache is not None and cache.get_seq_length() > 0:
             hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache)
+            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+        b, length, _ = inputs_embeds.shape
+        dev = inputs_embeds.device
+        pos = self.adapter.positions(position_ids, b, length, 0, dev)  # [components, batch, n]
+        # HF reads restarting sequence positions as packed sequences only without a padding
+        # mask and without a cache (masking_utils._preprocess_mask_arguments); so does the engine.
+        packing = self.adapter.packing_positions(position_ids)
+        segments = None
+        if packing is not None and attention_mask is None and past_key_values is None:
+            segments = _segment_ids(packing.expand(b, length))
+        if segments is not None and bool((segments[:, -1] > 0).any()):
+            hidden, restore = self._prefill_packed(inputs_embeds, segments, pos, pending)
+        else:
+            ones = torch.ones(b, length, dtype=torch.bool, device=dev)
+            valid = ones if attention_mask is None else attention_mask.bool()
+            hidden, slots = self._prefill(inputs_embeds, valid, pos, cache, pending)
+            restore = functools.partial(self._to_full, slots=slots, length=length)
+        self._restore_hidden_states(restore)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+    def _to_full(self, states: torch.Tensor, stage: int, slots: list[torch.Tensor], length: int) -> torch.Tensor:
+        """States ``[batch, n_stage, d]`` of stage ``stage`` at their original positions
+        ``[batch, length, d]`` (dropped and padding slots: zeros)."""
+        return _scatter_slots(states, slots[stage], length)
+
+    def _restore_hidden_states(self, restore: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """``output_hidden_states``: HF's hooks collected each layer's output in its stage's
+        layout; put them back at their original positions (docs/method.md section 9)."""
+        collected = _active_collector.get()
+        states = collected.get("hidden_states") if collected else None
+        if not states or len(states) != self.adapter.num_layers + 1:
+            return  # not requested (or a stage replayed by the grid runner, whose layers did not run)
+        boundaries = self.schedule.boundaries
+        for i, h in enumerate(states):
+            if h is not None:  # entry 0: the embeddings; entry i: the output of layer i - 1
+                states[i] = restore(h, bisect.bisect_right(boundaries, max(i - 1, 0)))
+
+    def _prefill_packed(
+        self, hidden: torch.Tensor, segments: torch.Tensor, pos: torch.Tensor, pending: dict[str, Any]
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]:
+        """Packed rows (restarting positions): each segment runs as its own left-padded row,
+        so it ranks with its own query and drops its own image tokens; the outputs go back
+        to the packed layout. No cache is filled (HF packs only without a cache)."""
+        b, n, d = hidden.shape
+        src, valid, bounds = _unpack(segments)  # [S, m] flat indices into [b * n]
+        flat = src.reshape(-1)
+
+        def take(x: torch.Tensor) -> torch.Tensor:  # [b, n, ...] -> [S, m, ...]
+            return x.reshape(b * n, *x.shape[2:])[flat].reshape(*src.shape, *x.shape[2:])
+
+        for key in ("input_ids", "labels", "image_mask"):
+            if pending.get(key) is not None:
+                pending[key] = take(pending[key].to(hidden.device))
+        pos_u = torch.stack([take(p) for p in pos])
+        out, slots = self._prefill(take(hidden), valid, torch.where(valid[None], pos_u, 0), None, pending)
+        self.trace.segments = bounds
+        keep = valid.reshape(-1)
+
+        def repack(states: torch.Tensor) -> torch.Tensor:  # [S, m, d] -> [b, n, d]
+            packed = states.new_zeros(b * n, states.shape[-1])
+            packed[flat[keep]] = states.reshape(-1, states.shape[-1])[keep]
+            return packed.reshape(b, n, -1)
+
+        m = src.shape[1]
+        return repack(out), lambda states, stage: repack(_scatter_slots(states, slots[stage], m))
 
     def _run_layers(
         self,
@@ -378,8 +524,8 @@ class DropEngine:
         """The attention mask of one stage in the format the kernel expects.
 
         ``valid`` ``[batch, kv]`` marks real tokens (``all_valid``: all of them); the last
-        ``q_len`` keys are the queries. Padding query rows may see their own key so no
-        row is empty.
+        ``q_len`` keys are the queries. Padding query rows see no key, as in HF's own masks,
+        so their outputs equal the unmodified model's.
         """
         kv = valid.shape[1]
         if "flash" in self._impl:
@@ -389,63 +535,75 @@ class DropEngine:
         dev = valid.device
         q_pos = torch.arange(kv - q_len, kv, device=dev)[:, None]  # [query, 1]
         k_pos = torch.arange(kv, device=dev)[None, :]  # [1, key]
-        allowed = (k_pos <= q_pos)[None] & valid[:, None, :]  # [batch, query, key]
-        allowed = (allowed | (k_pos == q_pos)[None])[:, None]  # [batch, 1, query, key]
+        allowed = ((k_pos <= q_pos)[None] & valid[:, None, :])[:, None]  # [batch, 1, query, key]
         if self._impl == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
 
     # ----------------------------------------------------------------- prefill
+    def _image_mask(self, hidden: torch.Tensor, valid: torch.Tensor, pending: dict[str, Any]) -> torch.Tensor | None:
+        """``[batch, n]`` bool, the image tokens: from ``input_ids``, else the placeholder
+        mask the model itself used on ``inputs_embeds`` (captured before the image features
+        were merged in)."""
+        input_ids = pending.get("input_ids")
+        if input_ids is not None:
+            return (input_ids.to(hidden.device) == self.adapter.image_token_id) & valid
+        image_mask = pending.get("image_mask")
+        return None if image_mask is None else image_mask.to(hidden.device) & valid
+
     def _prefill(
         self,
         hidden: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
+        valid: torch.Tensor,
+        pos: torch.Tensor,
         cache: Cache | None,
         pending: dict[str, Any],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run every stage on the prompt; returns the final (normed) states at the original
+        positions and, per stage, the original position of each slot (``length``: padding)."""
         sched, adapter = self.schedule, self.adapter
         b, length, _ = hidden.shape
         dev = hidden.device
         arange = torch.arange(length, device=dev)
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, length, dtype=torch.bool, device=dev)
-        pos = adapter.positions(position_ids, b, length, 0, dev)  # [components, batch, n]
-        input_ids = pending.get("input_ids")
         needs_images = not sched.is_vanilla or bool(self.record_layers)
         window = getattr(adapter.text_config, "sliding_window", None)
         if window is not None and getattr(adapter.text_config, "use_sliding_window", True) and length >= window:
             raise ValueError(f"prompt of {length} tokens exceeds the sliding window ({window}); not supported")
-        if input_ids is None and needs_images:
-            raise ValueError("the drop engine needs input_ids to find the image tokens; pass input_ids, not inputs_embeds")
-        if input_ids is not None:
-            is_img = (input_ids.to(dev) == adapter.image_token_id) & valid
-        else:
+        is_img = self._image_mask(hidden, valid, pending)
+        if is_img is None:
+            if needs_images:
+                raise ValueError(
+                    "the drop engine cannot find the image tokens: pass input_ids, or inputs_embeds to the "
+                    "multimodal model (whose image placeholders it reads), not to the language model"
+                )
             is_img = torch.zeros(b, length, dtype=torch.bool, device=dev)
         n_image = is_img.sum(1).tolist()
-        if needs_images:
-            for row, n in enumerate(n_image):
-                if n == 0:
-                    raise ValueError(
-                        f"sample {row} of the batch has no image tokens (image_token_id={adapter.image_token_id}) "
-                        "in its prompt; the drop schedule needs an image"
-                    )
         self.trace.reset()
         self.trace.n_image = n_image
-        if sched.ranker == "random" and input_ids is not None:
+        if sched.ranker == "random":
             # The random control is seeded by each sample's own prompt (its valid token ids), so a
             # sample draws the same subset whatever batch it sits in.
-            ids, ok = input_ids.cpu(), valid.cpu()
+            source = pending.get("input_ids")
+            source = source if source is not None else hidden.detach().float()
+            ids, ok = source.cpu(), valid.cpu()
             pending["row_keys"] = [ids[i][ok[i]].numpy().tobytes() for i in range(b)]
 
         query = self._query_mask(is_img, valid, pending.get("labels"))
+        # Rows that keep every image token: no image, or an attention ranker whose query is an image token.
+        untouched = [n == 0 for n in n_image]
+        if sched.ranker in _ATTENTION_RANKERS:
+            untouched = [u or bool(q) for u, q in zip(untouched, (query & is_img).any(1).tolist())]
+        self.trace.untouched = untouched
+        dropping = needs_images and not all(untouched)
         ordinal = is_img.long().cumsum(1) - 1  # original image-token index
-        index = arange[None].expand(b, length)  # original sequence index of each slot
+        index = arange[None].expand(b, length)  # original sequence index of each slot (relayout padding: length)
+        slots = [index]
         present = is_img
         starts = (0, *sched.boundaries, adapter.num_layers)
         stages: list[_Stage] = []
-        # Offsets are read on component 0 (the sequence axis) at the last token, which is text.
+        # Offsets are read on component 0 (the sequence axis) at the last token.
         last_pos0 = pos[0].gather(1, self._last_valid(valid)[:, None])[:, 0]
-        rank_rows = _query_rows(query, valid) if needs_images else None
+        rank_rows = _query_rows(query, valid) if dropping or self.record_layers else None
         for s in range(len(starts) - 1):
             start, end = starts[s], starts[s + 1]
             probes: dict[int, list[_QueryProbe]] = {}
@@ -453,7 +611,8 @@ class DropEngine:
             for li, probe in recorders.items():
                 probes.setdefault(li, []).append(probe)
             scorer = None
-            if s < len(sched.boundaries) and sched.ranker in _ATTENTION_RANKERS and sched.rank_layer == "stage_last":
+            ranks_here = dropping and s < len(sched.boundaries) and sched.ranker in _ATTENTION_RANKERS
+            if ranks_here and sched.rank_layer == "stage_last":
                 scorer = recorders.get(end - 1)
                 if scorer is None:
                     scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch)
@@ -472,10 +631,12 @@ class DropEngine:
                 break
 
             # ---- rank and drop at boundary `end`
-            with self._stopwatch(dev):
-                scores = self._scores(s, end, hidden, pe, scorer, rank_rows, present, ordinal, n_image, pending)
-                counts = torch.tensor([kept_count(n, sched.ratios[s]) for n in n_image], device=dev)
-                keep_img = select_top(scores, present, counts)
+            keep_img, scores = present, torch.full(present.shape, float("nan"), device=dev)
+            if dropping:
+                with self._stopwatch(dev):
+                    scores = self._scores(s, end, hidden, pe, scorer, rank_rows, present, ordinal, n_image, pending)
+                    counts = [n if u else kept_count(n, sched.ratios[s]) for n, u in zip(n_image, untouched)]
+                    keep_img = select_top(scores, present, torch.tensor(counts, device=dev))
             if self.keep_trace:
                 kept_masks = _to_ordinals(keep_img.float(), ordinal, present, n_image)
                 self.trace.boundaries.append(
@@ -486,12 +647,16 @@ class DropEngine:
                         scores=_to_ordinals(scores, ordinal, present, n_image),
                     )
                 )
+            if bool((keep_img == present).all()):
+                slots.append(index)  # nothing dropped: the stage keeps the layout, padding included
+                continue
             keep = valid & (~present | keep_img)
             first = valid.long().argmax(1, keepdim=True)[None].expand(pos.shape[0], -1, -1)
             first_pos = pos.gather(2, first).amin(0)  # [batch, 1]
             src, valid = self._relayout(keep)
             hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
             index = torch.where(valid, index.gather(1, src), length)
+            slots.append(index)
             present = present.gather(1, src) & valid
             ordinal = ordinal.gather(1, src)
             query = query.gather(1, src) & valid
@@ -501,12 +666,9 @@ class DropEngine:
         hidden = adapter.language_model.norm(hidden)
         if cache is not None:
             self._state = _DecodeState(cache, stages, next_position=length)
-        if hidden.shape[1] == length and bool((index == arange[None]).all()):
-            return hidden
-        # Back to the original length: dropped and padding slots -> zeros.
-        out = hidden.new_zeros(b, length + 1, hidden.shape[-1])
-        out = out.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
-        return out[:, :length]
+        if self.keep_trace:
+            self.trace.slots = [torch.where(i < length, i, -1) for i in slots]
+        return _scatter_slots(hidden, index, length), slots
 
     @staticmethod
     def _last_valid(valid: torch.Tensor) -> torch.Tensor:
@@ -536,8 +698,6 @@ class DropEngine:
             last_q = torch.where(query, arange[None], -1).max(1).values
             instr = valid & ~is_img & ~answer & (arange[None] > last_img[:, None]) & (arange[None] <= last_q[:, None])
             query |= instr
-        if bool((query & is_img).any()):
-            raise ValueError("the ranking query is an image token; the prompt must end with text after the image")
         return query
 
     def _scores(
@@ -606,14 +766,11 @@ class DropEngine:
         position_ids: torch.Tensor | None,
         cache: Cache,
     ) -> torch.Tensor:
-        state = self._state
-        if state is None or state.cache is not cache:
-            raise ValueError(
-                "continuing from a cache that this drop engine did not prefill is not supported; "
-                "start generation from the prompt inside the engine"
-            )
         b, q, _ = hidden.shape
         dev = hidden.device
+        state = self._state
+        if state is None or state.cache is not cache:
+            state = self._state = self._adopt(cache, attention_mask, b, q, dev)
         new_valid = (
             attention_mask[:, -q:].bool() if attention_mask is not None else torch.ones(b, q, dtype=torch.bool, device=dev)
         )
@@ -626,6 +783,27 @@ class DropEngine:
             hidden, _ = self._run_layers(hidden, stage.start, stage.end, stage.valid, pos, cache, {}, stage.all_valid)
         state.next_position += q
         return self.adapter.language_model.norm(hidden)
+
+    def _adopt(
+        self, cache: Cache, attention_mask: torch.Tensor | None, b: int, q: int, dev: torch.device
+    ) -> _DecodeState:
+        """A cache this engine did not prefill (e.g. an earlier turn run without the engine):
+        its prefix was computed without drops, so it continues as one stage over every layer,
+        exactly as the unmodified model (docs/method.md section 9)."""
+        layers = self.adapter.num_layers
+        lengths = {cache.get_seq_length(i) for i in range(layers)} if len(cache.layers) == layers else set()
+        if len(lengths) != 1:
+            raise ValueError(
+                "continuing from a cache whose layers hold different lengths (a drop engine prefilled it, then was "
+                "detached) is not supported: continue inside the same apply_schedule block, or re-run the prompt"
+            )
+        past = lengths.pop()
+        if attention_mask is not None and attention_mask.shape[1] == past + q:
+            valid = attention_mask[:, :past].bool()
+        else:
+            valid = torch.ones(b, past, dtype=torch.bool, device=dev)
+        stage = _Stage(0, layers, valid, torch.zeros(b, dtype=torch.long, device=dev), bool(valid.all()))
+        return _DecodeState(cache, [stage], next_position=past)
 
 
 @contextlib.contextmanager

@@ -51,14 +51,15 @@ def test_unknown_names() -> None:
         DropSchedule.drop(layer=2, ratio=0.5, positions="renumber")  # type: ignore[arg-type]
 
 
-def test_prompt_without_image_tokens() -> None:
+def test_language_model_embeds_without_image_positions() -> None:
+    """Embeddings handed straight to the language model carry no image placeholders (the
+    image features are already merged); the engine says where to pass them instead."""
     model = tiny_model("llava", "llama", "sdpa")
-    batch = make_batch(model, [(2, 3), (2, 3)])
-    ids = batch["input_ids"].clone()
-    ids[1][ids[1] == model.config.image_token_id] = 5  # second sample: no image in the prompt
+    batch = make_batch(model, [(2, 3)])
+    embeds = model.model.language_model.embed_tokens(batch["input_ids"])
     with apply_schedule(model, DropSchedule.drop(layer=2, ratio=0.5)), torch.no_grad():
-        with pytest.raises(ValueError, match="sample 1 of the batch has no image tokens"):
-            model.model.language_model(input_ids=ids, attention_mask=batch["attention_mask"])
+        with pytest.raises(ValueError, match="cannot find the image tokens.*multimodal model"):
+            model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
 
 
 def test_engine_refuses_unsupported_attention() -> None:

@@ -86,6 +86,11 @@ class FamilyAdapter:
             position_ids = torch.arange(start, start + length, device=device)[None]
         return position_ids.expand(batch, length)[None]
 
+    def packing_positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The sequence positions ``[batch or 1, n]`` in which HF looks for packed sequences
+        (restarts), or ``None`` where it does not look."""
+        return position_ids if position_ids is not None and position_ids.dim() == 2 else None
+
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> PositionEmbeddings:
         """``(cos, sin)`` ``[batch, n, head_dim]`` for ``positions`` ``[components, batch, n]``."""
         return self.language_model.rotary_emb(hidden, position_ids=positions[0])

@@ -32,7 +32,7 @@ class LlavaAdapter(FamilyAdapter):
         per_image = side * side
         out = []
         for n in n_image:
-            if n % per_image == 0:
+            if n > 0 and n % per_image == 0:
                 out.append(torch.cat([grid_priority(side, side) for _ in range(n // per_image)]))
             elif math.isqrt(n) ** 2 == n:
                 out.append(grid_priority(math.isqrt(n), math.isqrt(n)))

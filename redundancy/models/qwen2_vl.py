@@ -89,6 +89,12 @@ class Qwen2VLAdapter(FamilyAdapter):
             position_ids = position_ids[None]
         return position_ids.expand(_MROPE, batch, length)
 
+    def packing_positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        # Only the 1-D text row of the 4-row form marks packed sequences (Qwen2VLTextModel.forward).
+        if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == _MROPE + 1:
+            return position_ids[0]
+        return None
+
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> PositionEmbeddings:
         return self.language_model.rotary_emb(hidden, positions)
 
