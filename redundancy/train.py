@@ -47,7 +47,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from redundancy.checkpoints import resolve_device
 from redundancy.cli import run_entry
 from redundancy.engine import apply_schedule
-from redundancy.micro import PROMPTS, MicroConfig, build_micro, format_prompt, grow
+from redundancy.micro import GROWTH, PROMPTS, MicroConfig, build_micro, format_prompt, grow
 from redundancy.micro import build_model as build_micro_model
 from redundancy.microvqa import (
     ALL_SUBTYPES,
@@ -82,6 +82,10 @@ class Stage:
     kind: str = "vqa"  # vqa: answer questions | vision: dense per-patch targets (pretraining; see targets)
     steps: int = 100
     layers: int = 32  # grow the model to this depth at the start of the stage
+    # how a stage that deepens the model fills the new layers (redundancy.micro.grow): identity
+    # (the shipped recipes before v23: new layers start as the identity, and stay inert) | split
+    # (every new layer a scaled copy of a trained one, so every layer starts working)
+    growth: str = "identity"
     lr: float = 1e-3
     warmup: int = 50
     batch_size: int = 32
@@ -521,6 +525,8 @@ def check_config(cfg: TrainConfig) -> None:
     for stage in cfg.stages:
         if stage.kind not in ("vqa", "vision"):
             raise ValueError(f"stage {stage.name!r}: kind={stage.kind!r} is unknown; choose vqa or vision")
+        if stage.growth not in GROWTH:
+            raise ValueError(f"stage {stage.name!r}: growth={stage.growth!r} is unknown; choose one of {GROWTH}")
         if stage.prompt not in STAGE_PROMPTS:
             raise ValueError(f"stage {stage.name!r}: prompt={stage.prompt!r} is unknown; choose one of {STAGE_PROMPTS}")
         if stage.kind == "vision":  # fail before training, not when the stage starts
@@ -607,7 +613,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if stage.layers > model.config.text_config.num_hidden_layers:
             micro = dataclasses.replace(shape, layers=stage.layers)
             deep = build_micro_model(micro, processor.tokenizer, seed=cfg.seed)
-            model = grow(model, deep).to(device).train()
+            model = grow(model, deep, stage.growth).to(device).train()
         vision = stage.kind == "vision"
         head = None
         if vision:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy.micro import MicroConfig, build_micro, build_model, grow
+from redundancy.micro import MicroConfig, build_micro, build_model, grow, grow_sources, shrink
 from redundancy.microvqa import PATCH_TARGETS
 from redundancy.train import (
     PatchHead,
@@ -192,6 +192,9 @@ def test_aux_curriculum_config() -> None:
         assert stage.questions > 1 and stage.extras.get("spatial") and "side" in stage.extras, name
         assert list(stages).index(name) > list(stages).index("relation_both"), name
     assert aux.stages[-1].drop and aux.stages[-1].layers == 32 and aux.stages[-1].prompt == "llava"
+    # growth in doublings by split copies (issue 26: identity growth left 28 of 32 layers inert)
+    grown = [s for s in aux.stages if s.layers > 4]
+    assert [s.layers for s in grown] == [8, 16, 32] and all(s.growth == "split" for s in grown)
     assert [s for s in aux.stages if s.kind == "vision"] == [s for s in spatial.stages if s.kind == "vision"]
 
 
@@ -232,6 +235,56 @@ def test_grow_keeps_the_function() -> None:
         torch.testing.assert_close(deep.eval()(**batch).logits, shallow.eval()(**batch).logits)
     with pytest.raises(ValueError, match="not a multiple"):
         grow(shallow, build_model(_micro(5), processor.tokenizer))
+
+
+def test_split_growth_sources_keep_layer_zero_alone() -> None:
+    assert grow_sources(4, 32) == [0] + [1] * 15 + [2] * 8 + [3] * 8
+    assert grow_sources(4, 8) == [0, 1, 1, 1, 2, 2, 3, 3]
+    assert grow_sources(8, 16) == [0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
+    with pytest.raises(ValueError, match="not a multiple"):
+        grow_sources(4, 30)
+
+
+def test_split_growth_makes_every_layer_a_scaled_copy_and_keeps_the_function_to_first_order() -> None:
+    shallow, processor = build_micro(_micro(2), vocabulary(SHAPE), seed=1)
+    for p in shallow.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    batch = collate(processor, draw(Stage(**EASY), SHAPE, 0, 0, 2), with_answers=False)
+    split = grow(shallow, build_model(_micro(8), processor.tokenizer, seed=2), "split")
+    identity = grow(shallow, build_model(_micro(8), processor.tokenizer, seed=2), "identity")
+    src, deep = shallow.model.language_model.layers, split.model.language_model.layers
+    for j, i in enumerate(grow_sources(2, 8)):
+        copies = grow_sources(2, 8).count(i)
+        torch.testing.assert_close(deep[j].self_attn.q_proj.weight, src[i].self_attn.q_proj.weight)
+        torch.testing.assert_close(deep[j].mlp.down_proj.weight, src[i].mlp.down_proj.weight / copies)
+        torch.testing.assert_close(deep[j].self_attn.o_proj.weight, src[i].self_attn.o_proj.weight / copies)
+    # identity growth leaves 6 of 8 layers with zero residual outputs; split growth none
+    assert sum(bool(layer.mlp.down_proj.weight.abs().sum() == 0) for layer in identity.model.language_model.layers) == 6
+    assert all(layer.mlp.down_proj.weight.abs().sum() > 0 for layer in deep)
+    with torch.no_grad():
+        want = shallow.eval()(**batch).logits
+        got = split.eval()(**batch).logits
+    # the copies add up to the shallow layer's update to first order (small updates here)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    with pytest.raises(ValueError, match="growth 'stack' is unknown"):
+        grow(shallow, build_model(_micro(8), processor.tokenizer), "stack")
+
+
+def test_shrink_undoes_identity_growth() -> None:
+    shallow, processor = build_micro(_micro(2), vocabulary(SHAPE), seed=1)
+    for p in shallow.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    batch = collate(processor, draw(Stage(**EASY), SHAPE, 0, 0, 2), with_answers=False)
+    small = shrink(grow(shallow, build_model(_micro(8), processor.tokenizer, seed=2)), [0, 4])
+    assert small.config.text_config.num_hidden_layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(**batch).logits, shallow.eval()(**batch).logits)
+
+
+def test_unknown_growth_fails_before_training(tmp_path: Path) -> None:
+    cfg = TrainConfig(out=str(tmp_path), model=SHAPE, stages=[Stage(layers=8, growth="stack", **EASY)])
+    with pytest.raises(ValueError, match="growth='stack' is unknown"):
+        check_config(cfg)
 
 
 @pytest.mark.parametrize("method", ["vanilla", "pdrop"])
