@@ -1,4 +1,4 @@
-"""Binding probes (experiments/micro_llava_training.md, session 4): train the 4-layer
+"""Binding probes (experiments/log/micro_llava_training.md, session 4): train the 4-layer
 micro-LLaVA on one family of questions from a checkpoint, print first-token validation
 accuracy every 50 steps. Run from the repository root, e.g.
 

@@ -1,5 +1,5 @@
 """How well a run's projected image features carry the ``edge_*`` patch targets (the first
-object from each side of the image; experiments/micro_llava_training.md, session 17): the
+object from each side of the image; experiments/log/micro_llava_training.md, session 17): the
 auxiliary head saved with each checkpoint (``aux_head.safetensors``, trained with those
 targets) read on ``--n`` generated validation images (seed 11), as the recall of the flagged
 object patches and of the other object patches. Run from the repository root:

@@ -1,4 +1,4 @@
-"""Does a model's language-model input still carry the glyphs and shapes? (experiments/
+"""Does a model's language-model input still carry the glyphs and shapes? (experiments/log/
 micro_llava_training.md, session 10). For each model directory, a least-squares linear readout
 (one-hot targets, argmax) of each patch's glyph (on the patches a glyph covers) and shape (on
 object patches) from the projected image features, fitted on the first 150 of 300 validation

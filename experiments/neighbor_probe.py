@@ -1,5 +1,5 @@
 """Where a model's neighbour answers ("What shape is left of the red circle?") go wrong
-(experiments/micro_llava_training.md, session 17), for each model directory:
+(experiments/log/micro_llava_training.md, session 17), for each model directory:
 
 - held-out test set: exact-match accuracy per question subtype (errors in parentheses), with
   the weights rounded to bf16 as the shipped export stores them, and what each wrong

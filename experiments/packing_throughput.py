@@ -1,4 +1,4 @@
-"""Training throughput with packed questions (redundancy.packing; experiments/micro_llava_training.md,
+"""Training throughput with packed questions (redundancy.packing; experiments/log/micro_llava_training.md,
 session 9): time training steps of the 4-layer micro-LLaVA (random weights, 144 image tokens)
 with k questions per image, and print seconds per step and questions per second. Run from the
 repository root:

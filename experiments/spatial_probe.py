@@ -1,4 +1,4 @@
-"""Where spatial questions fail (experiments/micro_llava_training.md, session 9). For each model
+"""Where spatial questions fail (experiments/log/micro_llava_training.md, session 9). For each model
 directory: (1) how well a least-squares linear readout recovers each image token's own column
 and row from the projected image features (the language model's input), on held-out tokens,
 against predicting the mean; (2) first-token accuracy on validation scenes of 2-4 objects for

@@ -1,6 +1,6 @@
 """Seconds per training step of one stage of a recipe on this machine: in float32 (what the
 trainer runs) and under bfloat16 autocast, and how much of a step is drawing and collating the
-batch (experiments/micro_llava_training.md, session 18). Run from the repository root:
+batch (experiments/log/micro_llava_training.md, session 18). Run from the repository root:
 
     python experiments/step_time.py checkpoints/micro-vanilla/stage-all3 --stage all4
     python experiments/step_time.py checkpoints/micro-vanilla/stage-grow --stage final

@@ -1,6 +1,6 @@
 """First-token accuracy per question subtype (colour, reading, relation, neighbour, count_shape,
 count_all) on generated validation questions, with the LLaVA prompt (the evaluation's), for
-each model directory: where a family's errors come from (experiments/micro_llava_training.md,
+each model directory: where a family's errors come from (experiments/log/micro_llava_training.md,
 session 13), and on the training-only shape questions about the same images ("What shape is red?",
 "What shape is left?": redundancy.packing.shape_questions, one of each kind drawn per image where
 the scene allows it). Run from the repository root:

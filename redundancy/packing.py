@@ -45,7 +45,7 @@ SHAPE_MARGIN = 8  # px between the first object's centre from a side and the nex
 def side_questions(objects: tuple[Obj, ...], image_size: int, margin: int = SIDE_MARGIN) -> list[Question]:
     """Training-only questions on one named object's side of the image ("Left or right is the red
     circle?" -> ``left``), for objects whose centre lies ``margin`` px or more off the middle:
-    the lookup a spatial relation compares, asked on its own (experiments/micro_llava_training.md)."""
+    the lookup a spatial relation compares, asked on its own (experiments/log/micro_llava_training.md)."""
     out = []
     for i in nameable(objects):
         o = objects[i]
