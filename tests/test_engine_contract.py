@@ -249,6 +249,10 @@ class EngineContractTests:
             close(out, ref)
             for a, b in zip(trace.boundaries[0].kept, kept):
                 assert torch.equal(a, b)
+            kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+            with torch.no_grad(), apply_schedule(model, DROP):
+                by_ids = model.generate(**batch, **kwargs)[:, -4:]
+                assert torch.equal(model.generate(**by_embeds, **kwargs), by_ids)
 
     def test_prompt_ending_on_an_image_token(self) -> None:
         """Attention ranking has no query after the image: that row keeps every image token
@@ -290,6 +294,32 @@ class EngineContractTests:
                 step["mm_token_type_ids"] = torch.zeros_like(turn, dtype=torch.int)
             with apply_schedule(model, DROP):
                 out = model(**step, past_key_values=cache).logits
+        close(out, ref, 1e-4)
+
+    def test_later_turn_keeps_the_first_turns_drops(self) -> None:
+        """A later turn continues each stage's cache and is never ranked: with a query-free
+        ranker (``uniform``) the first turn keeps the same tokens as one prefill of both turns,
+        so the later turn's logits equal that prefill's."""
+        model = self.model()
+        batch = self.batch()
+        schedule = DropSchedule.pdrop(layers=(1, 3), lam=0.5, ranker="uniform")
+        gen = torch.Generator().manual_seed(6)
+        turn = torch.tensor([self.text(gen, 4), self.text(gen, 4)])
+        full = dict(batch, input_ids=torch.cat([batch["input_ids"], turn], 1),
+                    attention_mask=F.pad(batch["attention_mask"], (0, 4), value=1))
+        if "mm_token_type_ids" in batch:
+            full["mm_token_type_ids"] = F.pad(batch["mm_token_type_ids"], (0, 4))
+        step = {"input_ids": turn, "attention_mask": full["attention_mask"]}
+        position_ids = self.turn_positions(full, turn.shape[1])
+        if position_ids is not None:
+            step["position_ids"] = position_ids
+        with torch.no_grad(), apply_schedule(model, schedule) as trace:
+            ref = model(**full).logits[:, -4:]
+            kept = [k.clone() for b in trace.boundaries for k in b.kept]
+            cache = DynamicCache(config=model.config.text_config)
+            model(**batch, past_key_values=cache)
+            assert all(torch.equal(a, k) for a, k in zip(kept, [k for b in trace.boundaries for k in b.kept]))
+            out = model(**step, past_key_values=cache).logits
         close(out, ref, 1e-4)
 
     def test_cache_of_a_detached_engine_is_refused(self) -> None:
