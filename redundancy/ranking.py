@@ -79,8 +79,10 @@ def select_top(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Ten
 def random_scores(n_image: int, seed: int, stage: int, row_key: bytes) -> torch.Tensor:
     """Seeded uniform scores over a sample's original image tokens (the ``random`` control).
 
-    The generator depends on the seed, the boundary and the sample's own prompt
-    (``row_key``), not on its place in the batch.
+    The generator depends on the seed, the stage and the sample's own prompt (``row_key``), not
+    on its place in the batch. The sweep gives every point its own seed, derived from the
+    checkpoint, the boundary layers, the ratios and the seed index
+    (:meth:`redundancy.schedule.DropSchedule.seeded`), so layers and ratios never share a draw.
     """
     digest = hashlib.blake2b(row_key + f"|{seed}|{stage}".encode(), digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)

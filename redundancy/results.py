@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import statistics
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -72,27 +70,6 @@ def checkpoint_fingerprint(model_dir: str | Path) -> str:
     if not files:
         raise ValueError(f"{root} holds no config.json or weight files")
     return fingerprint(files)
-
-
-# ------------------------------------------------------------------ statistics
-def confidence_interval(scores: Sequence[float], level: float = 0.95) -> tuple[float, float, str]:
-    """Two-sided interval for the mean of per-sample ``scores`` in [0, 1]: ``(low, high, method)``.
-
-    Binary scores (exact match): the Wilson score interval. Soft scores (VQA accuracy):
-    the normal approximation ``mean +- z * sd / sqrt(n)``, clipped to [0, 1].
-    """
-    n = len(scores)
-    if n == 0:
-        return math.nan, math.nan, "none"
-    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
-    mean = sum(scores) / n
-    if all(s in (0.0, 1.0) for s in scores):
-        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
-        half = z / (1 + z * z / n) * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
-        return max(0.0, centre - half), min(1.0, centre + half), "wilson"
-    sd = statistics.stdev(scores) if n > 1 else 0.0
-    half = z * sd / math.sqrt(n)
-    return max(0.0, mean - half), min(1.0, mean + half), "normal"
 
 
 # ------------------------------------------------------------------ the store

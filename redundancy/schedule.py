@@ -24,8 +24,10 @@ Conventions (``docs/method.md`` sections 1-4):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
 Ranker = Literal["last", "instruction", "random", "uniform", "inverse"]
@@ -37,6 +39,7 @@ RANKERS: tuple[str, ...] = get_args(Ranker)
 RANK_LAYERS: tuple[str, ...] = get_args(RankLayer)
 POSITION_POLICIES: tuple[str, ...] = get_args(PositionPolicy)
 METHODS: tuple[str, ...] = get_args(Method)
+SEEDED_RANKERS: tuple[str, ...] = ("random",)  # rankers whose choice depends on the schedule's seed
 
 # floor(r * N) is evaluated with this slack so that a ratio typed as a decimal
 # (0.29 * 100 = 28.999999999999996 in binary floating point) keeps the count its
@@ -50,6 +53,14 @@ def kept_count(n_image: int, ratio: float) -> int:
         raise ValueError(f"n_image={n_image} must be >= 0")
     check_ratio(ratio)
     return min(n_image, math.floor(ratio * n_image + _FLOOR_EPS))
+
+
+def derive_seed(checkpoint_id: str, boundaries: tuple[int, ...], ratios: tuple[float, ...], index: int) -> int:
+    """The seed of draw ``index`` of a seeded ranker at one point: a 63-bit hash of the checkpoint's
+    fingerprint, every boundary layer and its ratio and the index, so that two layers, two ratios,
+    two checkpoints or two seed indices never share a random draw."""
+    blob = json.dumps([checkpoint_id, list(boundaries), [float(r) for r in ratios], int(index)])
+    return int.from_bytes(hashlib.blake2b(blob.encode(), digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def check_ratio(ratio: float, name: str = "ratio") -> None:
@@ -165,6 +176,15 @@ class DropSchedule:
     @property
     def is_vanilla(self) -> bool:
         return not self.boundaries
+
+    def seeded(self, checkpoint_id: str, index: int) -> DropSchedule:
+        """This schedule as draw ``index`` of its seeded ranker on the checkpoint ``checkpoint_id``:
+        the seed from :func:`derive_seed`, the index recorded as ``params["seed"]``. Schedules with an
+        unseeded ranker (and vanilla) are returned unchanged."""
+        if self.is_vanilla or self.ranker not in SEEDED_RANKERS:
+            return self
+        seed = derive_seed(checkpoint_id, self.boundaries, self.ratios, index)
+        return replace(self, seed=seed, params={**self.params, "seed": int(index)})
 
     def validate_for(self, num_layers: int) -> None:
         """Raise if a boundary does not fit a language model of ``num_layers`` layers."""

@@ -12,6 +12,10 @@ Defaults: the shipped ``micro-llava-vanilla`` on the shipped microvqa test set, 
 a list, and the sweep runs the product in one process (:mod:`redundancy.grid`, sharing the
 layers before each drop unless ``share=false``). Every point writes one row and its
 per-sample records under ``out`` (:mod:`redundancy.results`); points already there are skipped.
+``out`` defaults to the scratch folder ``outputs/sweep``; only the study commands (the experiment
+configs, which set ``study=true``) write the published ``results/``, and only whole evaluations.
+A seeded ranker (``ranker=random``) gives one point per seed index (``seed=[0,1,2]`` or
+``seeds=5``), each drawing with a seed derived from the checkpoint, layer, ratio and index.
 Under ``accelerate launch`` the processes share each point's questions (:mod:`redundancy.distributed`).
 The whole configuration is checked (ranges, layers against the model's depth read from its
 ``config.json``) before any weights load.
@@ -47,12 +51,14 @@ from redundancy.distributed import Processes, processes
 from redundancy.flops import TERA, full_sequence_flops, image_part_flops
 from redundancy.grid import SampleResult, run_grid, time_prefill
 from redundancy.presets import ModelDims
-from redundancy.results import ResultStore, checkpoint_fingerprint, confidence_interval, fingerprint, point_key
-from redundancy.schedule import DropSchedule, check_ratio
+from redundancy.results import ResultStore, checkpoint_fingerprint, fingerprint, point_key
+from redundancy.schedule import SEEDED_RANKERS, DropSchedule, check_ratio
+from redundancy.stats import LEVEL as CI_LEVEL
+from redundancy.stats import confidence_interval
 
 FLOPS_CONVENTION = "eq4: 1 MAC = 1 FLOP; LM layer 4nd^2 + 2n^2d + 3ndm; LM prefill, mean over samples"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CI_LEVEL = 0.95
+STUDY_FOLDER = Path("results")  # the published study (relative to where the command runs): study=true only
 
 
 # -------------------------------------------------------------------- schema
@@ -127,8 +133,10 @@ class SweepConfig:
     reference: bool | None = None  # also evaluate vanilla; null = when the grid has more than one point
     share: bool = True  # compute the layers before each drop once per batch (redundancy.grid)
     batch_size: int = 32
-    seed: int = 0  # torch seed and the random ranker's seed
-    out: str = "results/sweep"
+    seed: Any = 0  # seed index of seeded rankers (random): an int or a list; the first also seeds torch
+    seeds: int | None = None  # seed indices 0..seeds-1 (instead of `seed`)
+    study: bool = False  # a run of the published study (the experiment configs): may write into results/
+    out: str = "outputs/sweep"  # the result store; trial runs stay out of the published results/
     rerun: bool = False  # recompute points already in `out`
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True
@@ -171,19 +179,38 @@ def _ratio(value: Any, name: str) -> float:
     return float(value)
 
 
-def schedules_from_config(cfg: SweepConfig, num_layers: int | None = None) -> list[DropSchedule]:
+def seed_indices(cfg: SweepConfig) -> list[int]:
+    """The seed indices of seeded rankers: ``0..seeds-1`` when ``seeds`` is given, else ``seed``
+    (an int or a list)."""
+    if cfg.seeds is not None:
+        if isinstance(cfg.seeds, bool) or not isinstance(cfg.seeds, int) or cfg.seeds < 1:
+            raise ValueError(f"seeds={cfg.seeds!r} is outside the allowed range [1, inf)")
+        if cfg.seed not in (0, [0]):
+            raise ValueError(f"seeds={cfg.seeds} and seed={cfg.seed} both choose the seeds; give one of them")
+        return list(range(cfg.seeds))
+    values = _axis(cfg.seed, "seed")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"seed={v!r} is not a seed index (an integer >= 0)")
+    return list(dict.fromkeys(values))
+
+
+def schedules_from_config(cfg: SweepConfig, num_layers: int | None = None,
+                          checkpoint_id: str | None = None) -> list[DropSchedule]:
     """The points of ``cfg``: the product of its list-valued settings, plus the vanilla
     reference when asked (``reference``; by default for more than one point). Every value
-    is checked, layers against ``num_layers`` when known."""
+    is checked, layers against ``num_layers`` when known. A seeded ranker (random) gives one
+    point per seed index, each with the seed :meth:`DropSchedule.seeded` derives from
+    ``checkpoint_id`` (the model's fingerprint; before it is known, the seed is the index)."""
     m = cfg.method
     if not isinstance(m, tuple(_METHODS.values())) or _METHODS.get(m.name) is not type(m):
         raise ValueError(f"method.name={m.name!r} does not match the method group; choose one of {list(_METHODS)}")
     if not isinstance(m, DropMethod) and (cfg.layer is not None or cfg.ratio is not None):
         raise ValueError(f"layer= and ratio= are shorthands for method=drop; method={m.name} takes its own parameters")
-    seed = {"seed": cfg.seed}
+    indices = seed_indices(cfg)
     points: list[DropSchedule] = []
     if isinstance(m, VanillaMethod):
-        points.append(DropSchedule.vanilla(**seed))
+        points.append(DropSchedule.vanilla())
     else:
         opts = [
             dict(zip(("ranker", "rank_layer", "positions"), combo))  # None: the method's official choice
@@ -192,7 +219,6 @@ def schedules_from_config(cfg: SweepConfig, num_layers: int | None = None) -> li
             )
         ]
         for opt in opts:
-            opt.update(seed)
             if isinstance(m, DropMethod):
                 layers = _axis(cfg.layer if cfg.layer is not None else m.layer, "layer")
                 ratios = _axis(cfg.ratio if cfg.ratio is not None else m.ratio, "ratio")
@@ -206,9 +232,12 @@ def schedules_from_config(cfg: SweepConfig, num_layers: int | None = None) -> li
                 layers = tuple(_layer(k, "layers", num_layers) for k in m.layers)
                 for lam in _axis(m.lam, "lam"):
                     points.append(DropSchedule.pdrop(layers, _ratio(lam, "lam"), **opt))
+    points = [p if p.is_vanilla or p.ranker not in SEEDED_RANKERS
+              else p.seeded(checkpoint_id, i) if checkpoint_id is not None else replace(p, seed=i)
+              for p in points for i in (indices if p.ranker in SEEDED_RANKERS else [0])]
     reference = cfg.reference if cfg.reference is not None else len(points) > 1
     if reference and not any(p.is_vanilla for p in points):
-        points.insert(0, DropSchedule.vanilla(**seed))
+        points.insert(0, DropSchedule.vanilla())
     unique = {json.dumps(p.record(), sort_keys=True): p for p in points}
     return list(unique.values())
 
@@ -230,6 +259,25 @@ def _check_settings(cfg: SweepConfig) -> None:
             raise ValueError(f"{name}={value} is outside the allowed range [{low}, inf)")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ValueError(f"data.limit={cfg.data.limit} is outside the allowed range [1, inf)")
+
+
+def published(folder: str | Path) -> bool:
+    """Whether ``folder`` lies in the published study (:data:`STUDY_FOLDER`, from where the command runs)."""
+    study = STUDY_FOLDER.resolve()
+    target = Path(folder).resolve()
+    return target == study or study in target.parents
+
+
+def check_destination(cfg: SweepConfig) -> None:
+    """Only the study commands (``study=true``, set by the experiment configs) write into the
+    published ``results/``, and only whole evaluations (no ``data.limit``); trial sweeps go to
+    ``outputs/`` (the default ``out``)."""
+    if published(cfg.out) and not cfg.study:
+        raise ValueError(f"out={cfg.out} is inside the published study ({STUDY_FOLDER}/), which only the study "
+                         f"commands write (experiment=..., study=true); trial sweeps write to outputs/sweep (the default)")
+    if cfg.study and cfg.data.limit is not None:
+        raise ValueError(f"study=true evaluates every question; data.limit={cfg.data.limit} makes a trial run "
+                         "(leave study=false: it writes to outputs/sweep)")
 
 
 def model_depth(path: Path) -> int:
@@ -358,7 +406,7 @@ def build_row(ctx: _Context, schedule: DropSchedule, key: str, records: list[dic
         "ratio": schedule.ratios[0] if schedule.method in ("drop", "fastv") else None,
         "boundaries": list(schedule.boundaries), "ratios": list(schedule.ratios),
         "ranker": schedule.ranker, "rank_layer": schedule.rank_layer, "positions": schedule.positions,
-        "seed": schedule.seed,
+        "seed": schedule.seed, "seed_index": schedule.params.get("seed") if schedule.ranker in SEEDED_RANKERS else None,
         "accuracy": result["accuracy"], "ci_low": low, "ci_high": high, "ci_level": CI_LEVEL, "ci_method": ci_method,
         "n": result["n"], "missing": result["missing"], "per_family": result["per_family"],
         **flops_summary(model.config, schedule, records),
@@ -376,15 +424,17 @@ def run(cfg: SweepConfig) -> str:
     """Evaluate every point of ``cfg`` not yet in ``cfg.out``; return the summary table."""
     started = time.perf_counter()
     _check_settings(cfg)
+    check_destination(cfg)
     schedules_from_config(cfg, cfg.model.num_layers)  # every value checked before any file is read
     model_dir = resolve(cfg.model.path)
     depth = model_depth(model_dir)
     if cfg.model.num_layers is not None and cfg.model.num_layers != depth:
         raise ValueError(f"model.num_layers={cfg.model.num_layers} but {cfg.model.path} has {depth} layers")
-    schedules = schedules_from_config(cfg, depth)
+    checkpoint_id = checkpoint_fingerprint(model_dir)
+    schedules = schedules_from_config(cfg, depth, checkpoint_id)
     samples, data_file = load_samples(cfg.data)
     ctx = _Context(cfg, samples, metric_for(samples), identity={
-        "model": {"name": cfg.model.name, "checkpoint_id": checkpoint_fingerprint(model_dir),
+        "model": {"name": cfg.model.name, "checkpoint_id": checkpoint_id,
                   "dtype": cfg.model.dtype, "attn": cfg.model.attn},
         "data": {"name": cfg.data.name, "data_id": fingerprint([data_file]), "limit": cfg.data.limit,
                  "prompt_suffix": cfg.data.prompt_suffix, "max_new_tokens": cfg.data.max_new_tokens},
@@ -406,7 +456,7 @@ def run(cfg: SweepConfig) -> str:
         procs.wait()
         writer = _PointWriter(ctx, ResultStore(cfg.out, procs.tag), model, processor, todo_schedules, todo_keys,
                               answer=mine, rows=not procs.distributed)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed_indices(cfg)[0])
         _, stats = run_grid(
             model, processor, mine, writer.schedules, share=cfg.share, batch_size=cfg.batch_size,
             max_new_tokens=cfg.data.max_new_tokens, todo=writer.todo, on_batch=writer.on_batch,

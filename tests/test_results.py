@@ -1,4 +1,4 @@
-"""The result store: keys, intervals, atomic point files, merging (redundancy/results.py)."""
+"""The result store: keys, atomic point files, merging (redundancy/results.py; intervals: tests/test_stats.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from redundancy.results import (
     ResultStore,
     checkpoint_fingerprint,
-    confidence_interval,
     fingerprint,
     load_results,
     load_samples,
@@ -25,23 +24,6 @@ def test_point_key_is_canonical() -> None:
     assert point_key(a) == point_key(b) and len(point_key(a)) == 16
     c = {**a, "schedule": {"boundaries": [16], "ratios": [0.25]}}
     assert point_key(c) != point_key(a)
-
-
-def test_wilson_interval_closed_form() -> None:
-    # 5 of 10 correct: Wilson 95% interval 0.5 -+ 0.2634 (centre stays 0.5 at p = 0.5)
-    low, high, method = confidence_interval([1.0] * 5 + [0.0] * 5)
-    assert method == "wilson"
-    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
-    low, high, _ = confidence_interval([1.0] * 20)
-    assert high == 1.0 and low == pytest.approx(20 / (20 + 1.959964**2), abs=1e-4)
-
-
-def test_soft_scores_use_normal_interval() -> None:
-    scores = [1.0, 0.6, 0.3, 0.0, 0.9, 1.0]
-    low, high, method = confidence_interval(scores)
-    mean = sum(scores) / len(scores)  # 0.6333, sample sd sqrt(0.85333 / 5) = 0.413118
-    assert method == "normal" and low < mean < high and 0.0 <= low and high <= 1.0
-    assert (high - low) / 2 == pytest.approx(1.959964 * 0.413118 / len(scores) ** 0.5, rel=1e-3)
 
 
 def _row(key: str, created: str, accuracy: float) -> dict:

@@ -248,10 +248,77 @@ def test_every_experiment_expands(experiment: str) -> None:
 
 
 def test_redundancy_experiment_is_the_study_grid() -> None:
-    points = sweep.schedules_from_config(config("experiment=redundancy"), 32)
+    points = sweep.schedules_from_config(config("experiment=redundancy"), 32, checkpoint_id="c")
     drops = [p for p in points if p.method == "drop"]
-    assert len(drops) == 40 and {p.boundaries[0] for p in drops} == {2, 8, 16, 24}
-    assert 0.1 in {p.ratios[0] for p in drops}
+    by_ranker = {r: [p for p in drops if p.ranker == r] for r in ("last", "instruction", "uniform", "inverse", "random")}
+    assert all(len(by_ranker[r]) == 40 for r in ("last", "instruction", "uniform", "inverse"))
+    assert len(by_ranker["random"]) == 40 * 5 and len({p.seed for p in by_ranker["random"]}) == 200
+    assert {p.boundaries[0] for p in drops} == {2, 8, 16, 24} and 0.1 in {p.ratios[0] for p in drops}
+
+
+# ---------------------------------------------------------------- seeded rankers
+def test_random_control_seeds_differ_by_layer_ratio_checkpoint_and_index() -> None:
+    cfg = config("layer=[2,8]", "ratio=[0.1,0.5]", "method.ranker=[last,random]", "seeds=3")
+    points = sweep.schedules_from_config(cfg, 32, checkpoint_id="ckpt-a")
+    random = [p for p in points if p.ranker == "random"]
+    assert len(random) == 2 * 2 * 3 and len([p for p in points if p.ranker == "last" and not p.is_vanilla]) == 4
+    assert len({p.seed for p in random}) == 12  # layer 2 and layer 8 never share a draw (the old seed was the index)
+    assert sorted(p.params["seed"] for p in random) == [0] * 4 + [1] * 4 + [2] * 4
+    assert all("seed" not in p.params for p in points if p.ranker == "last")
+    other = sweep.schedules_from_config(cfg, 32, checkpoint_id="ckpt-b")
+    assert not {p.seed for p in random} & {p.seed for p in other if p.ranker == "random"}
+    again = sweep.schedules_from_config(config("layer=[2,8]", "ratio=[0.1,0.5]", "method.ranker=random",
+                                               "seed=[0,1,2]"), 32, checkpoint_id="ckpt-a")
+    assert [p.record() for p in again if not p.is_vanilla] == [p.record() for p in random]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["seeds=0"], "seeds=0 is outside the allowed range [1, inf)"),
+    (["seeds=2", "seed=3"], "give one of them"),
+    (["seed=-1"], "seed=-1 is not a seed index"),
+])
+def test_bad_seeds_fail(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        sweep.schedules_from_config(config(*overrides), 32)
+    assert message in str(err.value)
+
+
+def test_seed_index_recorded_per_row(tiny_dir: Path, tmp_path: Path) -> None:
+    sweep.run(tiny(tiny_dir, tmp_path, "layer=[2,4]", "ratio=0.25", "method.ranker=random", "seeds=2"))
+    drop = load_results(tmp_path).query("method == 'drop'")
+    assert sorted(zip(drop["layer"], drop["seed_index"])) == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    assert drop["seed"].is_unique and sorted(set(drop["point"]))[0] == "drop layer=2 ratio=0.25 seed=0"
+
+
+# ---------------------------------------------------------------- published results
+def test_trial_sweep_never_touches_the_published_results(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's one-point command on a checkout whose results/ holds that point (here on 6
+    questions): it evaluates the point into outputs/ and prints it; results/ is left byte for byte,
+    and writing there takes a study command."""
+    monkeypatch.chdir(tmp_path)
+    published = tmp_path / "results" / "sweep"
+    sweep.run(tiny(tiny_dir, published, "layer=3", "ratio=0.1", "data.limit=null", "study=true",
+                   "out=results/sweep"))  # the committed study's point (a whole evaluation, written by study=true)
+    before = {p: p.read_bytes() for p in published.rglob("*") if p.is_file()}
+    trial = ("layer=3", "ratio=0.1")
+    text = sweep.run(config(f"model.path={tiny_dir}", "model.num_layers=null", "timing.repeats=0", "progress=false",
+                            "data.limit=6", *trial))
+    assert "out outputs/sweep: 1 new, 0 done before" in text and "drop layer=3 ratio=0.1" in text
+    assert len(load_results(tmp_path / "outputs" / "sweep")) == 1
+    assert {p: p.read_bytes() for p in published.rglob("*") if p.is_file()} == before
+    for overrides in (["out=results/sweep"], ["out=results/other"], ["experiment=redundancy"]):
+        with pytest.raises(ValueError, match="published study|study=true evaluates every question"):
+            sweep.run(config(f"model.path={tiny_dir}", "model.num_layers=null", "data.limit=6", *trial, *overrides))
+    assert {p: p.read_bytes() for p in published.rglob("*") if p.is_file()} == before
+
+
+def test_only_the_study_commands_write_results() -> None:
+    assert not sweep.published(config().out) and not config().study
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        cfg = config(f"experiment={path.stem}")
+        assert cfg.study and sweep.published(cfg.out), path.name
 
 
 def test_slurm_launcher_config_composes() -> None:

@@ -23,12 +23,24 @@ from redundancy.plots.frames import (
     OVERALL,
     NothingToDraw,
     accuracy_long,
+    average_seeds,
     column,
     note_missing,
     panel_families,
     rows_of_model,
 )
-from redundancy.plots.style import BAND_ALPHA, REFERENCE, flops_scale, new_figure, pair_palette, palette, percent
+from redundancy.plots.style import (
+    BAND_ALPHA,
+    REFERENCE,
+    add_legend,
+    flops_scale,
+    new_figure,
+    pair_palette,
+    palette,
+    panel_grid,
+    percent,
+    styled,
+)
 
 STUDY_LAYERS = (2, 8, 16, 24)
 
@@ -59,6 +71,13 @@ def panel_title(family: str, data: pd.DataFrame) -> str:
     return f"{family} (n={int(n.max())})" if len(n) else family
 
 
+def control_label(control: str, long: pd.DataFrame) -> str:
+    """``random control (mean of 5 seeds)``: the control's legend entry."""
+    seeds = column(long[long["ranker"] == control], "seeds").dropna()
+    k = int(seeds.max()) if len(seeds) else 1
+    return f"{control} control" + (f" (mean of {k} seeds)" if k > 1 else " (1 seed)")
+
+
 def note_family_bands(long: pd.DataFrame) -> None:
     fam = long[long["family"] != OVERALL]
     if len(fam) and fam["ci_low"].isna().all():
@@ -66,6 +85,7 @@ def note_family_bands(long: pd.DataFrame) -> None:
 
 
 # ------------------------------------------------------------------ Fig. 1a
+@styled
 def layer_ratio_figure(
     results: pd.DataFrame, samples: pd.DataFrame | None = None, *, model: str | None = None, data: str | None = None,
     layers: Sequence[int] = STUDY_LAYERS, ranker: str = "last", control: str | None = "random",
@@ -80,7 +100,7 @@ def layer_ratio_figure(
     if drop.empty:
         raise NothingToDraw("fig1: no single-layer drop rows (method=drop); "
                             "run: python -m redundancy.sweep experiment=fig1_redundancy")
-    long = accuracy_long(rows, samples)
+    long = average_seeds(accuracy_long(rows, samples))
     note_family_bands(long)
     panels = panel_families(long, None if families is None else [OVERALL, *families])
     colors = palette(len(layers))
@@ -90,8 +110,8 @@ def layer_ratio_figure(
                 note_missing(f"fig1: no {which} rows (ranker={name}) at layer {layer}")
     if rows[rows["method"] == "vanilla"].empty:
         note_missing("fig1: no vanilla reference row")
-    fig, axes = new_figure(1, len(panels), sharey=True)
-    for ax, family in zip(axes.flat, panels):
+    fig, axes, spare = panel_grid(len(panels), sharey=True)
+    for ax, family in zip(axes, panels):
         here = long[long["family"] == family]
         for layer, color in zip(layers, colors):
             at = here[(here["method"] == "drop") & (here["layer"] == layer)]
@@ -101,20 +121,23 @@ def layer_ratio_figure(
         reference(ax, here[here["method"] == "vanilla"])
         ax.set_title(panel_title(family, here))
         ax.set_xlim(-0.02, 1.02)
-    fig.supxlabel("keep ratio r (fraction of the image tokens kept from the drop layer on)", fontsize=9)
-    axes[0, 0].set_ylabel("accuracy (%)")
+        ax.set_xlabel("keep ratio r")
+        ax.yaxis.set_tick_params(labelleft=True)
+    axes[0].set_ylabel("accuracy (%)")
     handles = [Line2D([], [], color=c, marker="o", markersize=3, label=f"drop at layer {k}")
                for k, c in zip(layers, colors)]
     handles.append(Line2D([], [], color="k", ls="-", label=f"ranked by attention ({ranker})"))
     if control and (drop["ranker"] == control).any():
-        handles.append(Line2D([], [], color="k", ls="--", marker="x", markersize=3, label=f"{control} control"))
+        handles.append(Line2D([], [], color="k", ls="--", marker="x", markersize=3, label=control_label(control, long)))
     handles.append(Line2D([], [], color=REFERENCE, ls=":", label="no drop (vanilla)"))
-    fig.legend(handles=handles, loc="outside right center")
-    fig.suptitle(f"Image tokens dropped at one layer: {rows['model'].iloc[0]}")
+    add_legend(fig, handles, spare)
+    fig.suptitle(f"Image tokens dropped at one layer: {rows['model'].iloc[0]}\n"
+                 "(r: fraction of the image tokens kept from the drop layer on; bands: 95% intervals)")
     return fig
 
 
 # ------------------------------------------------------------------ Fig. 3
+@styled
 def trained_figure(
     results: pd.DataFrame, models: Mapping[str, str], *, data: str | None = None,
     layers: Sequence[int] = STUDY_LAYERS, ranker: str = "last",
@@ -130,8 +153,8 @@ def trained_figure(
             note_missing(f"fig3: no rows for {label} ({name})")
     if not per_model:
         raise NothingToDraw(f"fig3: no rows for any of {list(models.values())}")
-    fig, axes = new_figure(2, len(layers), sharex=True, sharey="row")
-    colors = dict(zip(models, pair_palette() if len(models) <= 2 else palette(len(models), "colorblind")))
+    fig, axes = new_figure(2, len(layers), aspect=1.0, extra=1.0, sharex=True, sharey="row")
+    colors = dict(zip(models, palette(len(models))))
     for label, long in per_model.items():
         overall = long[long["family"] == OVERALL]
         ref = overall[overall["method"] == "vanilla"]
@@ -150,17 +173,20 @@ def trained_figure(
     for col, layer in enumerate(layers):
         axes[0, col].set_title(f"drop at layer {layer}")
         axes[1, col].axhline(0, color=REFERENCE, lw=0.8)
-    fig.supxlabel("keep ratio r", fontsize=9)
+    for ax in axes[1]:
+        ax.set_xlabel("keep ratio r")
     axes[0, 0].set_ylabel("accuracy (%)")
     axes[1, 0].set_ylabel("change from no drop (points)")
     handles = [Line2D([], [], color=colors[k], marker="o", markersize=3, label=k) for k in per_model]
     handles.append(Line2D([], [], color=REFERENCE, ls=":", label="no drop (same checkpoint)"))
-    fig.legend(handles=handles, loc="outside right center")
-    fig.suptitle("Vanilla- against PyramidDrop-trained checkpoint")
+    add_legend(fig, handles, None)
+    fig.suptitle("Vanilla- against PyramidDrop-trained checkpoint, image tokens dropped at one layer\n"
+                 "(r: fraction of the image tokens kept from the drop layer on; bands: 95% intervals)")
     return fig
 
 
 # ------------------------------------------------------------------ Fig. 4
+@styled
 def flops_tradeoff_figure(
     results: pd.DataFrame, samples: pd.DataFrame | None = None, *, model: str | None = None, data: str | None = None,
     K: int = 2, layers: Sequence[int] = (8, 16, 24), budgets: Sequence[float] = (),
@@ -189,9 +215,10 @@ def flops_tradeoff_figure(
     panels = panel_families(long, None if families is None else [OVERALL, *families])
     colors = pair_palette()
     labels = (f"FastV (K={K})", f"PyramidDrop (layers {', '.join(map(str, layers))})")
-    fig, axes = new_figure(1, len(panels), sharey=True)
-    for ax, family in zip(axes.flat, panels):
+    fig, axes, spare = panel_grid(len(panels), sharey=True)
+    for ax, family in zip(axes, panels):
         here = long[long["family"] == family]
+        ax.yaxis.set_tick_params(labelleft=True)
         for method, color, label in zip(("fastv", "pdrop"), colors, labels):
             curve(ax, here[here["method"] == method], "image_flops", color, label=label)
         ref = here[here["method"] == "vanilla"]
@@ -202,13 +229,13 @@ def flops_tradeoff_figure(
             for b in budgets:
                 ax.axvline(b * full, color="0.6", lw=0.6, ls="-.", zorder=0)
         ax.set_title(panel_title(family, here))
-    fig.supxlabel(f"image-part {unit} per sample (LM prefill, image tokens only)", fontsize=9)
-    axes[0, 0].set_ylabel("accuracy (%)")
+    fig.supxlabel(f"image-part {unit} per sample (LM prefill, image tokens only)")
+    axes[0].set_ylabel("accuracy (%)")
     handles = [Line2D([], [], color=c, marker="o", markersize=3, label=label) for c, label in zip(colors, labels)]
     handles.append(Line2D([], [], color=REFERENCE, ls=":", marker="*", label="no drop (vanilla)"))
     if budgets and not van.empty:
         handles.append(Line2D([], [], color="0.6", ls="-.", label="FLOPs budgets"))
-    fig.legend(handles=handles, loc="outside right center")
+    add_legend(fig, handles, spare)
     convention = column(rows, "flops_convention").dropna()
     name = f"FLOPs: {convention.iloc[0].split(':')[0]} convention (docs/method.md section 7)" if len(convention) else ""
     fig.suptitle(f"Accuracy under a FLOPs budget: {rows['model'].iloc[0]}\n{name}".strip())

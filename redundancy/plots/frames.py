@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from redundancy.results import confidence_interval
 from redundancy.schedule import DropSchedule
+from redundancy.stats import confidence_interval
 
 OVERALL = "overall"
 FAMILY_PREFIX = "per_family."
@@ -77,15 +77,46 @@ def select(
 
 
 def latest(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per point (:data:`POINT_IDENTITY`): the one with the most questions, then the newest."""
+    """One row per point (:data:`POINT_IDENTITY`): the one with the most questions, then the newest.
+    Rows evaluated on fewer questions than the largest evaluation (a ``data.limit`` trial) are
+    refused, and reported: a panel compares points on the same questions only."""
     if rows.empty:
         return rows
     ordered = rows.sort_values(["n", "created"], ascending=[False, False], kind="stable")
     out = ordered.drop_duplicates(subset=list(POINT_IDENTITY), keep="first")
-    sizes = sorted(set(out["n"]))
-    if len(sizes) > 1:
-        note_missing(f"points were evaluated on different numbers of questions {sizes}; each is drawn as recorded")
-    return out.sort_index()
+    panel_n = int(out["n"].max())
+    refused = out[out["n"] != panel_n]
+    if len(refused):
+        sizes = sorted({int(n) for n in refused["n"]})
+        points = ", ".join(sorted(set(refused["point"])))
+        note_missing(f"refused {len(refused)} rows evaluated on n={sizes} questions, not the panel's n={panel_n}: "
+                     f"{points}")
+    return out[out["n"] == panel_n].sort_index()
+
+
+SEED_SUFFIX = r" seed=\d+$"  # the seed index in a seeded ranker's point label (redundancy.schedule.DropSchedule.seeded)
+
+
+def average_seeds(long: pd.DataFrame) -> pd.DataFrame:
+    """:func:`accuracy_long` rows with the seeds of a seeded ranker averaged into one row per point
+    (``accuracy``: the mean over seeds; ``seed_sd``, ``seeds``: their spread and count; no interval,
+    the spread across seeds is the control's). Rows of unseeded rankers pass unchanged."""
+    if long.empty:
+        return long
+    base = long["point"].str.replace(SEED_SUFFIX, "", regex=True)
+    seeded = base != long["point"]
+    if not seeded.any():
+        return long
+    part = long[seeded].assign(point=base[seeded])
+    keys = ["model", "data", "point", "ranker", "rank_layer", "positions", "family"]
+    grouped = part.groupby(keys, sort=False, dropna=False)
+    out = grouped.first().reset_index()
+    out["accuracy"] = grouped["accuracy"].mean().to_numpy()
+    out["seed_sd"] = grouped["accuracy"].std().to_numpy()
+    out["seeds"] = grouped["accuracy"].size().to_numpy()
+    out["ci_low"] = math.nan
+    out["ci_high"] = math.nan
+    return pd.concat([long[~seeded], out], ignore_index=True)
 
 
 def rows_of_model(
@@ -117,7 +148,7 @@ def families(rows: pd.DataFrame) -> list[str]:
 
 def family_intervals(rows: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
     """Per (point key, family): ``n`` and the confidence interval of the mean score, from the
-    per-sample records (:func:`redundancy.results.confidence_interval`, each row's own level)."""
+    per-sample records (:func:`redundancy.stats.confidence_interval`, each row's own level)."""
     levels = dict(zip(rows["key"], rows["ci_level"]))
     mine = samples[samples["key"].isin(levels)]
     out = []

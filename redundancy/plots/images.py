@@ -20,14 +20,23 @@ from matplotlib.figure import Figure
 
 from redundancy.plots.frames import NothingToDraw, note_missing
 from redundancy.plots.records import MapRecord, evidence_share
-from redundancy.plots.style import new_figure
+from redundancy.plots.style import MIN_FONT, new_figure, styled
 
 CMAP = "inferno"
 DROPPED = (0.1, 0.1, 0.1, 0.8)  # RGBA over dropped patches
 OUTLINE = "white"
+# The caption of a map whose recorded attention on the image sums to 0 (the query attends only to
+# text tokens at that layer, or the recorded values underflowed float16): the panel shows no overlay.
+EMPTY_MAP = "no attention on\nthe image (sum 0)"
 
 
 # ------------------------------------------------------------------ drawing pieces
+def spaced(fig: Figure) -> Figure:
+    """Room between rows of image panels, so that a caption never touches the next row's title."""
+    fig.get_layout_engine().set(h_pad=6 / 72, hspace=0.04)
+    return fig
+
+
 def show_image(ax: Axes, image: np.ndarray) -> None:
     ax.imshow(image, interpolation="nearest")
     ax.set_xticks([])
@@ -102,8 +111,8 @@ def label_question(ax: Axes, record: MapRecord, q: int) -> None:
     image = record.images[q]
     show_image(ax, image)
     outline(ax, image, record.questions[q].evidence, record.grid)
-    ax.set_title(question_title(record, q), fontsize=7)
-    ax.set_xlabel(answers_text(record, q), fontsize=6)
+    ax.set_title(question_title(record, q), fontsize=MIN_FONT)
+    ax.set_xlabel(answers_text(record, q), fontsize=MIN_FONT)
 
 
 def chosen(record: MapRecord, questions: Sequence[int] | None) -> list[int]:
@@ -130,13 +139,16 @@ def recorded(record: MapRecord, layers: Sequence[int]) -> list[int]:
 def share_text(record: MapRecord, q: int, values: np.ndarray) -> str:
     """``"31% on object (area 9%)"``: the image attention on the named objects against their area."""
     evidence = record.questions[q].evidence
+    if not np.nan_to_num(np.asarray(values, np.float64)).sum() > 0:
+        return EMPTY_MAP
     share = evidence_share(values, evidence)
     if np.isnan(share):
-        return ""
+        return "no named object"
     return f"{100 * share:.0f}% on object\n(area {100 * len(evidence) / values.size:.0f}%)"
 
 
 # ------------------------------------------------------------------ Fig. 1b
+@styled
 def attention_figure(
     record: MapRecord, layers: Sequence[int] = (2, 16), questions: Sequence[int] | None = None
 ) -> Figure:
@@ -146,6 +158,7 @@ def attention_figure(
     picked = chosen(record, questions)
     layers = recorded(record, layers)
     fig, axes = new_figure(len(picked), 1 + len(layers), panel=(1.9, 2.4))
+    spaced(fig)
     for row, q in enumerate(picked):
         image = record.images[q]
         label_question(axes[row, 0], record, q)
@@ -156,36 +169,40 @@ def attention_figure(
             overlay_attention(ax, image, shares, top)
             outline(ax, image, record.questions[q].evidence, record.grid)
             ax.set_title(f"layer {layer}", fontsize=8)
-            ax.set_xlabel(share_text(record, q, shares), fontsize=6)
+            ax.set_xlabel(share_text(record, q, shares), fontsize=MIN_FONT)
     fig.suptitle(f"Attention of the {record.query!r} query over the image: {record.model}\n"
                  "(share of the image attention per token; one colour scale per row)", fontsize=8)
     return fig
 
 
-def attention_layers_figure(record: MapRecord, question: int = 0, cols: int = 8) -> Figure:
-    """The query's attention over the image grid in every recorded layer, for one question."""
+@styled
+def attention_layers_figure(record: MapRecord, question: int = 0, cols: int = 6) -> Figure:
+    """The query's attention over the image grid in every recorded layer, for one question (a layer
+    whose recorded map sums to 0 is captioned so, not left blank)."""
     chosen(record, [question])
     n = len(record.layers)
     rows = -(-n // cols)
-    fig, axes = new_figure(rows, cols, panel=(1.2, 1.4))
+    fig, axes = new_figure(rows, cols, panel=(1.15, 1.6), extra=0.3)
+    spaced(fig)
     image = record.images[question]
     maps, top = question_maps(record, question, record.layers)
     for ax, layer, shares in zip(axes.flat, record.layers, maps):
         show_image(ax, image)
         overlay_attention(ax, image, shares, top)
         outline(ax, image, record.questions[question].evidence, record.grid)
-        ax.set_title(f"layer {layer}", fontsize=7)
-        ax.set_xlabel(share_text(record, question, shares).replace("\n", " "), fontsize=5)
+        ax.set_title(f"layer {layer}", fontsize=MIN_FONT)
+        ax.set_xlabel(share_text(record, question, shares), fontsize=MIN_FONT)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     item = record.questions[question]
-    fig.suptitle(f"[{item.family}] {item.question} ({answers_text(record, question).replace(chr(10), '; ')})\n"
-                 f"{record.model}, attention of the {record.query!r} query in every layer (one colour scale)",
-                 fontsize=8)
+    head = f"[{item.family}] {item.question} ({answers_text(record, question).replace(chr(10), '; ')})"
+    fig.suptitle("\n".join([*textwrap.wrap(head, 95), f"{record.model}, attention of the {record.query!r} query in "
+                                                       "every layer (one colour scale)"]), fontsize=8)
     return fig
 
 
 # ------------------------------------------------------------------ Fig. 5
+@styled
 def retained_figure(record: MapRecord, questions: Sequence[int] | None = None) -> Figure:
     """PyramidDrop Fig. 5: per question (rows) the image, then the image tokens present in each
     PyramidDrop stage after the first (dropped ones darkened), the named objects outlined."""
@@ -195,6 +212,7 @@ def retained_figure(record: MapRecord, questions: Sequence[int] | None = None) -
         raise NothingToDraw(f"the artefact of {record.model} recorded no PyramidDrop boundaries")
     ends = [*bounds[1:], record.num_layers]
     fig, axes = new_figure(len(picked), 1 + len(bounds), panel=(1.9, 2.4))
+    spaced(fig)
     for row, q in enumerate(picked):
         image = record.images[q]
         label_question(axes[row, 0], record, q)
@@ -208,7 +226,7 @@ def retained_figure(record: MapRecord, questions: Sequence[int] | None = None) -
             evidence = record.questions[q].evidence
             if evidence:
                 on = int(present.ravel()[evidence].sum())
-                ax.set_xlabel(f"{on}/{len(evidence)} object tokens kept", fontsize=6)
+                ax.set_xlabel(f"{on}/{len(evidence)} object tokens kept", fontsize=MIN_FONT)
     params = " ".join(f"{k}={v}" for k, v in record.schedule.get("params", {}).items())
     fig.suptitle(f"Image tokens kept by PyramidDrop ({params}, of {record.grid ** 2}): {record.model}", fontsize=8)
     return fig
