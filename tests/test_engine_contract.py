@@ -270,28 +270,31 @@ class EngineContractTests:
         n = trace.n_image[0]
         assert trace.kept_counts() == [[n, kept_count(n, 0.5)]]
 
+    def second_turn(self, batch: Sample, seed: int) -> tuple[Sample, Sample]:
+        """Four more text tokens per row: the whole sequence, and the forward inputs for those
+        tokens alone after the prompt is cached (as HF's ``generate`` feeds a new turn)."""
+        gen = torch.Generator().manual_seed(seed)
+        turn = torch.tensor([self.text(gen, 4), self.text(gen, 4)])
+        full = dict(batch, input_ids=torch.cat([batch["input_ids"], turn], 1),
+                    attention_mask=F.pad(batch["attention_mask"], (0, 4), value=1))
+        step = {"input_ids": turn, "attention_mask": full["attention_mask"]}
+        if "mm_token_type_ids" in batch:
+            full["mm_token_type_ids"] = F.pad(batch["mm_token_type_ids"], (0, 4))
+            step["mm_token_type_ids"] = torch.zeros_like(turn, dtype=torch.int)
+        position_ids = self.turn_positions(full, turn.shape[1])
+        if position_ids is not None:
+            step["position_ids"] = position_ids
+        return full, step
+
     def test_continuing_a_cache_the_engine_did_not_prefill(self) -> None:
         """A turn prefilled by the unmodified model continues as the unmodified model."""
         model = self.model()
         batch = self.batch()
-        gen = torch.Generator().manual_seed(5)
-        turn = torch.tensor([self.text(gen, 4), self.text(gen, 4)])
-        full = dict(batch, input_ids=torch.cat([batch["input_ids"], turn], 1),
-                    attention_mask=F.pad(batch["attention_mask"], (0, 4), value=1))
-        if "mm_token_type_ids" in batch:
-            full["mm_token_type_ids"] = F.pad(batch["mm_token_type_ids"], (0, 4))
+        full, step = self.second_turn(batch, seed=5)
         with torch.no_grad():
             ref = model(**full).logits[:, -4:]
             cache = DynamicCache(config=model.config.text_config)
             model(**batch, past_key_values=cache)
-            # Recompute the whole sequence with the prompt cached, as HF's generate does for a new turn.
-            step = {k: v for k, v in full.items() if k not in ("pixel_values", "image_sizes", "image_grid_thw")}
-            step["input_ids"] = turn
-            position_ids = self.turn_positions(full, turn.shape[1])
-            if position_ids is not None:
-                step["position_ids"] = position_ids
-            if "mm_token_type_ids" in step:
-                step["mm_token_type_ids"] = torch.zeros_like(turn, dtype=torch.int)
             with apply_schedule(model, DROP):
                 out = model(**step, past_key_values=cache).logits
         close(out, ref, 1e-4)
@@ -303,16 +306,7 @@ class EngineContractTests:
         model = self.model()
         batch = self.batch()
         schedule = DropSchedule.pdrop(layers=(1, 3), lam=0.5, ranker="uniform")
-        gen = torch.Generator().manual_seed(6)
-        turn = torch.tensor([self.text(gen, 4), self.text(gen, 4)])
-        full = dict(batch, input_ids=torch.cat([batch["input_ids"], turn], 1),
-                    attention_mask=F.pad(batch["attention_mask"], (0, 4), value=1))
-        if "mm_token_type_ids" in batch:
-            full["mm_token_type_ids"] = F.pad(batch["mm_token_type_ids"], (0, 4))
-        step = {"input_ids": turn, "attention_mask": full["attention_mask"]}
-        position_ids = self.turn_positions(full, turn.shape[1])
-        if position_ids is not None:
-            step["position_ids"] = position_ids
+        full, step = self.second_turn(batch, seed=6)
         with torch.no_grad(), apply_schedule(model, schedule) as trace:
             ref = model(**full).logits[:, -4:]
             kept = [k.clone() for b in trace.boundaries for k in b.kept]
@@ -345,11 +339,15 @@ class EngineContractTests:
         with torch.no_grad():
             with apply_schedule(model, schedule) as trace:
                 first = model(**samples[0], use_cache=False).logits[0]
+                kept = [[b.kept[0] for b in trace.boundaries]]
                 second = model(**samples[1], use_cache=False).logits[0]
+                kept.append([b.kept[0] for b in trace.boundaries])
             with apply_schedule(model, schedule) as trace:
                 out = model(**packed, use_cache=False).logits[0]
         close(out[:cut], first, 1e-4)
         close(out[cut:], second, 1e-4)
+        for segment, alone in enumerate(kept):
+            assert all(torch.equal(b.kept[segment], k) for b, k in zip(trace.boundaries, alone))
         assert trace.segments == [(0, 0, cut), (0, cut, out.shape[0])]
         n_image = [int((s["input_ids"] == model.config.image_token_id).sum()) for s in samples]
         assert trace.kept_counts() == [list(schedule.stage_counts(n)) for n in n_image]
