@@ -8,7 +8,8 @@ the studies' commands are the header comments of ``conf/sweep/experiment/fig*.ya
 attention-map artefacts (``<results>/maps/*.npz``, ``python -m redundancy.maps``) and the shipped
 checkpoints' cards. Figures are written as PDF (vector) and PNG (preview), tables as Markdown and CSV.
 What a figure needs but the results lack is listed as ``missing``; a figure with no rows at all is
-``skipped``. Settings: ``conf/figures.yaml``.
+``skipped``. The paper's claims with their verdicts go to ``<results>/claims.md`` (:mod:`redundancy.claims`).
+Settings: ``conf/figures.yaml``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
 from redundancy.cli import run_entry
+from redundancy import claims
 from redundancy.plots import curves, images, tables
 from redundancy.plots.frames import MissingInput, NothingToDraw
 from redundancy.plots.records import MapRecord, load_all_maps
@@ -58,6 +60,7 @@ class FiguresConfig:
     samples: bool = True
     formats: list[str] = field(default_factory=lambda: ["pdf", "png"])
     dpi: int = 150
+    claims: str = "${results}/claims.md"  # written: the paper's claims with verdicts (redundancy.claims)
 
 
 ConfigStore.instance().store(name="figures_schema", node=FiguresConfig)
@@ -146,6 +149,25 @@ def map_figures(cfg: FiguresConfig, tag: str, record: MapRecord) -> dict[str, Dr
     return out
 
 
+def claims_settings(cfg: FiguresConfig) -> claims.Settings:
+    """The claims' inputs, read off the figures' and tables' settings (the same rows)."""
+    first = {m: next((p for p in cfg.inference if p.startswith(m)), "") for m in ("fastv", "pdrop")}
+    return claims.Settings(
+        data=cfg.data, model=cfg.model, trained=(cfg.trained[0], cfg.trained[-1]), layers=tuple(cfg.layers),
+        ranker=cfg.ranker, fastv_K=cfg.fastv_K, pdrop_layers=tuple(cfg.pdrop_layers), budgets=tuple(cfg.budgets),
+        fastv_point=first["fastv"], pdrop_point=first["pdrop"], lambdas=tuple(cfg.lambdas),
+        map_layers=(cfg.map_layers[0], cfg.map_layers[-1]))
+
+
+def write_claims_of(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None,
+                    records: dict[str, MapRecord]) -> Path:
+    """``cfg.claims`` (results/claims.md) from the study's rows, per-sample records and maps."""
+    if samples is None:
+        samples = load_samples(cfg.store) if not rows.empty else pd.DataFrame()
+    inputs = claims.Inputs(rows, samples, records, claims_settings(cfg))
+    return claims.write_claims(inputs, cfg.claims, cfg.store)
+
+
 def run(cfg: FiguresConfig) -> str:
     started = time.perf_counter()
     trained_models(cfg)  # settings checked before anything is read
@@ -162,6 +184,7 @@ def run(cfg: FiguresConfig) -> str:
     jobs.update({name: lambda name=name, make=make: tables.write_table(make(), name, cfg.tables)
                  for name, make in result_tables(cfg, rows).items()})
     outputs = [build(name, job) for name, job in jobs.items()]
+    jobs["claims"] = lambda: [write_claims_of(cfg, rows, samples, records)]
     if not records:
         outputs.append(Output("fig1b / fig5", skipped=f"no attention-map artefacts in {cfg.maps}; "
                               "run: python -m redundancy.maps"))

@@ -273,7 +273,9 @@ class SeededSummary:
     n: int
 
     def text(self, scale: float = 100.0) -> str:
-        """``71.2 +- 1.3 (5 seeds, min 69.5, max 72.8)``."""
+        """``71.2 +- 1.3 (5 seeds, min 69.5, max 72.8)``; ``71.0 (1 seed)``."""
+        if len(self.seeds) == 1:
+            return f"{scale * self.mean:.1f} (1 seed)"
         return (f"{scale * self.mean:.1f} +- {scale * self.sd:.1f} ({len(self.seeds)} seeds, "
                 f"min {scale * self.low:.1f}, max {scale * self.high:.1f})")
 
