@@ -127,12 +127,15 @@ def result_figures(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame
     }
 
 
-def result_tables(cfg: FiguresConfig, rows: pd.DataFrame) -> dict[str, Callable[[], tables.Table]]:
-    """The tables drawn from result rows (and the checkpoints' cards), by file name."""
+def result_tables(cfg: FiguresConfig, rows: pd.DataFrame,
+                  samples: pd.DataFrame | None = None) -> dict[str, Callable[[], tables.Table]]:
+    """The tables drawn from result rows (paired tests from the per-sample records ``samples``, when
+    given; and the checkpoints' cards), by file name."""
     one = {"model": cfg.model, "data": cfg.data, "ranker": cfg.ranker}
     return {
-        "table5_inference": lambda: tables.inference_table(rows, points=cfg.inference, **one),
-        "table4_lambda": lambda: tables.lambda_table(rows, lambdas=cfg.lambdas, layers=cfg.pdrop_layers, **one),
+        "table5_inference": lambda: tables.inference_table(rows, samples, points=cfg.inference, **one),
+        "table4_lambda": lambda: tables.lambda_table(rows, samples, lambdas=cfg.lambdas, layers=cfg.pdrop_layers,
+                                                     **one),
         "table_training": lambda: tables.training_table(cfg.trained),
     }
 
@@ -182,9 +185,9 @@ def run(cfg: FiguresConfig) -> str:
         for name, draw in draws.items()
     }
     jobs.update({name: lambda name=name, make=make: tables.write_table(make(), name, cfg.tables)
-                 for name, make in result_tables(cfg, rows).items()})
-    outputs = [build(name, job) for name, job in jobs.items()]
+                 for name, make in result_tables(cfg, rows, samples).items()})
     jobs["claims"] = lambda: [write_claims_of(cfg, rows, samples, records)]
+    outputs = [build(name, job) for name, job in jobs.items()]
     if not records:
         outputs.append(Output("fig1b / fig5", skipped=f"no attention-map artefacts in {cfg.maps}; "
                               "run: python -m redundancy.maps"))

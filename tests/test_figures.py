@@ -198,6 +198,39 @@ def test_flops_tradeoff_figure(world: dict[str, Any]) -> None:
     assert sorted(line.get_xdata()[0] for line in budgets) == pytest.approx([0.3, 0.5])  # x in GFLOPs, vanilla = 1
 
 
+def test_figures_read_at_page_width(world: dict[str, Any]) -> None:
+    """Every figure at most a page wide and no strip, every text at least 7 pt at that size, and the four
+    layers in four distinct colours of the colour-blind-safe palette."""
+    from matplotlib.colors import to_hex
+    from matplotlib.text import Text
+
+    from redundancy.plots.style import MIN_FONT, OKABE_ITO, PAGE_WIDTH
+
+    models = {"vanilla-trained": world["vanilla"], "PyramidDrop-trained": world["pdrop"]}
+    record = synthetic_record()
+    drawn = [layer_ratio_figure(world["rows"], world["samples"], model=world["vanilla"]),
+             trained_figure(world["rows"], models),
+             flops_tradeoff_figure(world["rows"], world["samples"], model=world["vanilla"], budgets=(0.5,)),
+             attention_figure(record, layers=(1, 4)), attention_layers_figure(record, question=0),
+             retained_figure(record)]
+    for fig in drawn:
+        width, height = fig.get_size_inches()
+        assert width <= PAGE_WIDTH + 1e-9 and height / width >= 0.4, (width, height)
+        texts = [t for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()]
+        assert min(t.get_fontsize() for t in texts) >= MIN_FONT
+    colours = {line.get_label(): to_hex(line.get_color()) for line in drawn[0].axes[0].get_lines()
+               if line.get_label().startswith("layer ")}
+    assert len(set(colours.values())) == len(LAYERS) and set(colours.values()) <= {c.lower() for c in OKABE_ITO}
+
+
+def test_an_empty_map_is_explained() -> None:
+    record = synthetic_record()
+    record.attention[0, 3] = 0.0  # layer 3 recorded no attention on the image (sums to 0)
+    fig = attention_layers_figure(record, question=0, cols=3)
+    captions = [ax.get_xlabel() for ax in fig.axes if ax.get_visible()]
+    assert "no attention on" in captions[3] and "% on object" in captions[2]
+
+
 def test_nothing_to_draw_and_model_choice(world: dict[str, Any]) -> None:
     with pytest.raises(NothingToDraw):
         layer_ratio_figure(pd.DataFrame())
@@ -223,8 +256,14 @@ def test_latest_keeps_the_largest_evaluation_and_refuses_smaller_ones(tmp_path: 
 
 # ------------------------------------------------------------------ tables
 def test_inference_and_lambda_tables(world: dict[str, Any], tmp_path: Path) -> None:
-    table = inference_table(world["rows"], model=world["vanilla"])
+    table = inference_table(world["rows"], world["samples"], model=world["vanilla"])
     assert list(table.frame["method"]) == ["vanilla", "fastv K=2 R=0.5", "pdrop layers=[8, 16, 24] lam=0.5"]
+    # paired against vanilla (redundancy.stats): quality 0.8 - 0.4 R = 0.6 (FastV) and 0.5 + 0.4 lam = 0.7
+    # (PyramidDrop) against vanilla's 0.8, right answers nested in vanilla's: -20 and -10 points
+    assert list(table.frame["vs vanilla (points)"]) == ["-", "-20.0", "-10.0"]
+    # 8 of 40 answers lost, none gained: exact McNemar p = 2 / 2**8, Holm over the two rows: x2
+    assert table.frame["Holm p"].iloc[1] == f"{2 * 2 / 2**8:.2g}" and any("Holm" in note for note in table.notes)
+    assert "Holm p" not in inference_table(world["rows"], model=world["vanilla"]).frame  # no per-sample records
     for name in ("image TFLOPs", "vs vanilla", "prefill ms", "accuracy %", "color %", "count %", "n"):
         assert name in table.frame
     assert table.frame["vs vanilla"].iloc[0] == pytest.approx(1.0)
@@ -315,6 +354,7 @@ def test_figures_command_rebuilds_everything(world: dict[str, Any]) -> None:
         assert (root / "figures" / f"{name}.pdf").is_file() and (root / "figures" / f"{name}.png").is_file(), report
     for name in ("table5_inference", "table4_lambda", "table_training"):
         assert (root / "tables" / f"{name}.md").is_file() and (root / "tables" / f"{name}.csv").is_file(), report
+    assert f"claims: {root / 'claims'}.{{md}}" in report and "| 11 | Training cost |" in (root / "claims.md").read_text()
     assert "skipped" not in report and "missing" not in report
 
 

@@ -10,6 +10,7 @@ PyramidDrop stage (Fig. 5). The patches of the objects a question names are outl
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Sequence
 
@@ -181,6 +182,7 @@ def attention_layers_figure(record: MapRecord, question: int = 0, cols: int = 6)
     whose recorded map sums to 0 is captioned so, not left blank)."""
     chosen(record, [question])
     n = len(record.layers)
+    cols = min(cols, max(2, math.ceil(math.sqrt(n))))  # a near-square grid, never a one-row strip
     rows = -(-n // cols)
     fig, axes = new_figure(rows, cols, panel=(1.15, 1.6), extra=0.3)
     spaced(fig)

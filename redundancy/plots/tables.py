@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from redundancy.plots.frames import FAMILY_PREFIX, NothingToDraw, column, families, note_missing, rows_of_model
+from redundancy.stats import compare, holm
 
 INFERENCE_POINTS = ("vanilla", "fastv K=2 R=0.5", "pdrop layers=[8, 16, 24] lam=0.5")
 LAMBDAS = (0.4, 0.5, 0.6)
@@ -50,6 +51,35 @@ def accuracy_columns(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def paired_columns(rows: pd.DataFrame, samples: pd.DataFrame | None) -> pd.DataFrame:
+    """Each row against the table's vanilla row on the same questions: the difference in points, its
+    95% paired-bootstrap interval and the exact McNemar p-value, Holm-adjusted across the table's rows
+    (:mod:`redundancy.stats`). Empty without per-sample records or a vanilla row."""
+    names = ["vs vanilla (points)", "paired 95% CI", "Holm p"]
+    out = pd.DataFrame(index=rows.index, columns=names, dtype=object)
+    van = rows[rows["method"] == "vanilla"]
+    if samples is None or samples.empty or van.empty:
+        return out.drop(columns=names)
+
+    def scores(key: str) -> pd.Series:
+        mine = samples[samples["key"] == key]
+        return pd.Series(mine["score"].to_numpy(float), index=mine["question_id"].to_numpy())
+
+    ref = scores(van["key"].iloc[0])
+    others = rows[rows["method"] != "vanilla"]
+    tests = holm([compare(scores(k), ref) for k in others["key"]])
+    for index, c in zip(others.index, tests):
+        out.loc[index, names] = [f"{100 * c.diff:+.1f}", f"[{100 * c.low:+.1f}, {100 * c.high:+.1f}]", f"{c.p_holm:.2g}"]
+    return out.fillna("-")
+
+
+def paired_note(frame: pd.DataFrame) -> list[str]:
+    if "Holm p" not in frame:
+        return []
+    return ["vs vanilla: paired difference on the same questions, 95% paired-bootstrap interval, exact McNemar "
+            "p-value Holm-adjusted across the table's rows (redundancy.stats)."]
+
+
 def cost_columns(rows: pd.DataFrame, vanilla_tflops: float | None) -> pd.DataFrame:
     out = pd.DataFrame(index=rows.index)
     out["image TFLOPs"] = rows["image_tflops"]
@@ -76,7 +106,7 @@ def pick_points(rows: pd.DataFrame, points: Sequence[str], what: str) -> pd.Data
 
 
 def inference_table(
-    results: pd.DataFrame, *, model: str | None = None, data: str | None = None,
+    results: pd.DataFrame, samples: pd.DataFrame | None = None, *, model: str | None = None, data: str | None = None,
     points: Sequence[str] = INFERENCE_POINTS, ranker: str = "last",
 ) -> Table:
     """PyramidDrop Table 5: image-part and full TFLOPs, measured prefill latency and accuracy
@@ -87,8 +117,8 @@ def inference_table(
     base = float(van["image_tflops"].iloc[0]) if len(van) else None
     latency = picked[["prefill_ms"]].rename(columns={"prefill_ms": "prefill ms"})
     frame = pd.concat([picked[["point"]].rename(columns={"point": "method"}), cost_columns(picked, base), latency,
-                       accuracy_columns(picked)], axis=1)
-    notes = flops_note(picked)
+                       accuracy_columns(picked), paired_columns(picked, samples)], axis=1)
+    notes = flops_note(picked) + paired_note(frame)
     if frame["prefill ms"].isna().any():
         note_missing("inference table: some rows have no measured prefill latency (timing.repeats=0)")
     timed = picked.dropna(subset=["prefill_ms"])
@@ -102,7 +132,7 @@ def inference_table(
 
 
 def lambda_table(
-    results: pd.DataFrame, *, model: str | None = None, data: str | None = None,
+    results: pd.DataFrame, samples: pd.DataFrame | None = None, *, model: str | None = None, data: str | None = None,
     lambdas: Sequence[float] = LAMBDAS, layers: Sequence[int] = (8, 16, 24), ranker: str = "last",
 ) -> Table:
     """PyramidDrop Table 4: PyramidDrop at each ``lam`` (boundaries ``layers``), with the unmodified
@@ -115,9 +145,10 @@ def lambda_table(
     base = float(van["image_tflops"].iloc[0]) if len(van) else None
     lam = column(picked, "params.lam").rename("lambda")
     frame = pd.concat([picked[["point"]].rename(columns={"point": "method"}), lam, cost_columns(picked, base),
-                       accuracy_columns(picked)], axis=1)
-    title = f"PyramidDrop lambda ablation: {picked['model'].iloc[0]} on {picked['data'].iloc[0]}"
-    return Table(title, frame.reset_index(drop=True), flops_note(picked))
+                       accuracy_columns(picked), paired_columns(picked, samples)], axis=1)
+    title = (f"PyramidDrop lambda at inference (the paper's Table 4 ablates lambda in training): "
+             f"{picked['model'].iloc[0]} on {picked['data'].iloc[0]}")
+    return Table(title, frame.reset_index(drop=True), flops_note(picked) + paired_note(frame))
 
 
 # ------------------------------------------------------------------ from checkpoint cards
