@@ -37,10 +37,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from PIL import Image
+from tqdm.auto import tqdm
+from transformers import AutoConfig
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from redundancy.checkpoints import TEST_SET, load_model, resolve_device
-from redundancy.cli import run_entry
+from redundancy.checkpoints import TEST_SET, load_model, resolve, resolve_device
+from redundancy.cli import launch, run_entry
 from redundancy.data import load_dataset
 from redundancy.engine import apply_schedule
 from redundancy.flops import MethodParams, flops_report, schedule_from_config
@@ -49,6 +51,7 @@ from redundancy.models.factory import build_model, config_from_dims
 from redundancy.models.llava_next import next_image_layout
 from redundancy.presets import PRESETS, ModelDims, get_preset
 from redundancy.schedule import DropSchedule
+from redundancy.validate import available_memory, check_device, check_threads, check_weights, check_writable
 
 # The CPU stand-in: the micro-LLaVA's depth and image-token count, narrow width.
 MICRO = ModelDims(
@@ -81,7 +84,7 @@ class BenchConfig(MethodParams):
     """Schema of ``conf/bench.yaml``; see that file for what each key means."""
 
     checkpoint: str | None = None
-    preset: str = "micro"
+    preset: str | None = None  # None: micro (when no checkpoint is given)
     methods: list[str] = field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "drop"])
     batch_size: int = 1
     new_tokens: int = 16
@@ -91,8 +94,9 @@ class BenchConfig(MethodParams):
     attn: str = "sdpa"
     device: str = "auto"
     seed: int = 0
-    threads: int = 0
+    threads: int | None = None  # None: torch's default
     out: str | None = None
+    progress: bool = True  # a progress bar over the timed rounds (stderr)
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
@@ -133,8 +137,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def preset_dims(name: str) -> ModelDims:
-    return MICRO if name == "micro" else get_preset(name)
+def preset_dims(name: str | None) -> ModelDims:
+    return MICRO if name in (None, "micro") else get_preset(name)
 
 
 def load_subject(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> Subject:
@@ -146,7 +150,7 @@ def load_subject(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> 
         inputs, weights, name = processor_inputs(processor, cfg.batch_size), "trained", cfg.checkpoint
     else:
         dims = preset_dims(cfg.preset)
-        family = "llava_next" if "next" in cfg.preset else "llava"
+        family = "llava_next" if "next" in (cfg.preset or "") else "llava"
         with torch.device(device):  # initialise on the device: a 7B model in seconds, not minutes
             model = build_model(config_from_dims(dims, family), attn_implementation=cfg.attn, dtype=dtype, seed=cfg.seed)
         inputs, weights, name = random_inputs(model, dims.n_text, cfg.batch_size, cfg.seed), "random init", dims.name
@@ -276,12 +280,16 @@ def time_rounds(subject: Subject, schedules: dict[str, DropSchedule], cfg: Bench
     """``warmup`` then ``repeats`` rounds; each round runs every method once, in order."""
     clock = Clock(subject.model.device)
     runs: dict[str, list[Run]] = {name: [] for name in schedules}
-    for round_ in range(cfg.warmup + cfg.repeats):
-        for name, schedule in schedules.items():
-            with installed(subject.model, schedule):
-                run_ = generate_greedy(subject.model, subject.inputs, cfg.new_tokens, clock)
-            if round_ >= cfg.warmup:
-                runs[name].append(run_)
+    rounds = cfg.warmup + cfg.repeats
+    with tqdm(total=rounds * len(schedules), desc="bench rounds", unit="run", disable=not cfg.progress) as bar:
+        for round_ in range(rounds):
+            for name, schedule in schedules.items():
+                bar.set_postfix_str(f"round {round_ + 1}/{rounds}{' (warm-up)' if round_ < cfg.warmup else ''} {name}")
+                with installed(subject.model, schedule):
+                    run_ = generate_greedy(subject.model, subject.inputs, cfg.new_tokens, clock)
+                if round_ >= cfg.warmup:
+                    runs[name].append(run_)
+                bar.update()
     return runs
 
 
@@ -490,11 +498,46 @@ def check(cfg: BenchConfig) -> None:
     """Refuse bad values before any model is built."""
     if cfg.repeats < 1 or cfg.warmup < 0 or cfg.new_tokens < 0 or cfg.batch_size < 1:
         raise ValueError("repeats and batch_size must be >= 1, warmup and new_tokens >= 0")
-    if cfg.out is not None and Path(cfg.out).suffix not in (".json", ".csv"):
-        raise ValueError(f"out={cfg.out!r} must end in .json or .csv")
+    if cfg.checkpoint is not None and cfg.preset is not None:
+        raise ValueError(f"checkpoint={cfg.checkpoint} and preset={cfg.preset} both name the model; give one")
+    check_threads(cfg.threads, zero_is_default=False)
+    check_device(cfg.device)
+    if cfg.out is not None:
+        if Path(cfg.out).suffix not in (".json", ".csv"):
+            raise ValueError(f"out={cfg.out!r} must end in .json or .csv")
+        check_writable(cfg.out, "out", is_file=True)
     if cfg.checkpoint is None:
-        for schedule in schedules_for(cfg).values():
-            schedule.validate_for(preset_dims(cfg.preset).num_layers)
+        dims = preset_dims(cfg.preset)
+    else:
+        if cfg.checkpoint == "micro" or cfg.checkpoint in PRESETS:
+            raise ValueError(f"checkpoint={cfg.checkpoint!r} is a preset shape: use preset={cfg.checkpoint} (random init)")
+        model_dir = resolve(cfg.checkpoint)
+        check_weights(model_dir)
+        questions = len(load_dataset(TEST_SET))
+        if cfg.batch_size > questions:
+            raise ValueError(f"batch_size={cfg.batch_size} is more than the {questions} test questions a checkpoint's "
+                             "prompts come from")
+        config = AutoConfig.from_pretrained(model_dir)
+        vision = config.vision_config
+        dims = ModelDims.from_hf_config(config, n_image=(vision.image_size // vision.patch_size) ** 2, n_text=64)
+    for schedule in schedules_for(cfg).values():
+        schedule.validate_for(dims.num_layers)
+    check_batch_memory(cfg, dims)
+
+
+def check_batch_memory(cfg: BenchConfig, dims: ModelDims) -> None:
+    """Refuse a batch whose KV cache and activations alone (a lower bound on what the run
+    allocates) exceed the memory free on the device."""
+    device = resolve_device(cfg.device)
+    element = torch.empty((), dtype=resolve_dtype(cfg.dtype, device)).element_size()
+    tokens = cfg.batch_size * (dims.n_image + dims.n_text + cfg.new_tokens)
+    head_dim = dims.hidden // dims.heads
+    kv = 2 * dims.num_layers * dims.kv_heads * head_dim * tokens * element
+    activations = tokens * (2 * dims.ffn + 4 * dims.hidden) * element + cfg.batch_size * dims.vocab * 4
+    need, free = kv + activations, available_memory(str(device))
+    if free is not None and need > free:
+        raise ValueError(f"batch_size={cfg.batch_size} needs at least {need / 2**30:.1f} GiB on {device} (KV cache and "
+                         f"activations of {tokens} tokens, {dims.num_layers} layers), {free / 2**30:.1f} GiB are free")
 
 
 def measure(cfg: BenchConfig) -> tuple[Setup, list[MethodResult]]:
@@ -561,4 +604,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "bench")

@@ -28,6 +28,7 @@ import redundancy
 from redundancy.data import evaluate as score_predictions
 from redundancy.data import load_dataset
 from redundancy.schedule import DropSchedule
+from redundancy.validate import check_weights
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED = ASSETS / "checkpoints"
@@ -58,8 +59,11 @@ def load_model(
     name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> tuple[Any, Any]:
-    """``(model, processor)`` from a shipped name or a local HF directory (offline)."""
+    """``(model, processor)`` from a shipped name or a local HF directory (offline). The
+    directory's config and weight files are checked first (:func:`redundancy.validate.check_weights`):
+    a broken file is a ``ValueError`` naming it, before the model is built."""
     path = resolve(name_or_path)
+    check_weights(path)
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in _CLASSES:
         raise ValueError(f"{path} holds a {config.model_type!r} model; supported: {sorted(_CLASSES)}")

@@ -1,22 +1,53 @@
-"""What every entry point does with its Hydra config: make it typed, run, report."""
+"""What every entry point does with its Hydra config: check the command line, make it typed, run, report.
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
+    def main(cfg: DictConfig) -> None:
+        run_entry(run, cfg)
+
+    if __name__ == "__main__":
+        launch(main, "flops")
+
+Bad user input (a misspelt key, a value out of range, an unwritable folder, a broken weights
+file) becomes one ``error: ...`` line on stderr and exit code 2, before any model loads
+(:mod:`redundancy.validate`); tracebacks are left for bugs.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from redundancy.validate import check_command_line, fail
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# Bad input the commands report in one line: ValueError (redundancy.validate.UsageError among
+# them) and what the file system says (a folder that cannot be written, a file that is gone).
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
+
+
+def launch(main: Callable[[], None], config_name: str, config_dir: Path = CONF,
+           check: Callable[[Any], object] | None = None) -> None:
+    """Check the command line (``sys.argv``) against the typed config (and with ``check``, the
+    entry point's own checks of it), then run the Hydra ``main``."""
+    check_command_line(config_dir, config_name, sys.argv[1:], check)
+    main()
 
 
 def run_entry(
-    run: Callable[[Any], str], cfg: DictConfig, errors: tuple[type[Exception], ...] = (ValueError,)
+    run: Callable[[Any], str], cfg: DictConfig, errors: tuple[type[Exception], ...] = USER_ERRORS
 ) -> None:
     """Convert ``cfg`` to its registered dataclass, print ``run(typed)``; bad user input
     (``errors``) becomes one ``error: ...`` line on stderr and exit code 2, no traceback."""
-    typed = OmegaConf.to_object(cfg)
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        fail(str(err).splitlines()[0])
     try:
         print(run(typed))
     except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err).splitlines()[0] if str(err) else type(err).__name__)

@@ -26,14 +26,16 @@ import pandas as pd
 from hydra.core.config_store import ConfigStore
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from redundancy.cli import run_entry
+from redundancy.cli import launch, run_entry
 from redundancy import claims
 from redundancy.plots import curves, images, tables
 from redundancy.plots.frames import MissingInput, NothingToDraw
 from redundancy.plots.records import MapRecord, load_all_maps
 from redundancy.plots.style import save_figure
 from redundancy.results import load_results, load_samples
+from redundancy.validate import check_writable
 
 
 @dataclass
@@ -60,6 +62,7 @@ class FiguresConfig:
     samples: bool = True
     formats: list[str] = field(default_factory=lambda: ["pdf", "png"])
     dpi: int = 150
+    progress: bool = True  # a progress bar over the figures and tables (stderr)
     claims: str = "${results}/claims.md"  # written: the paper's claims with verdicts (redundancy.claims)
 
 
@@ -174,6 +177,8 @@ def write_claims_of(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFram
 def run(cfg: FiguresConfig) -> str:
     started = time.perf_counter()
     trained_models(cfg)  # settings checked before anything is read
+    check_writable(cfg.figures, "figures")
+    check_writable(cfg.tables, "tables")
     rows = load_results(cfg.store)
     samples = load_samples(cfg.store) if cfg.samples and not rows.empty else None
     records = load_all_maps(cfg.maps)
@@ -187,7 +192,7 @@ def run(cfg: FiguresConfig) -> str:
     jobs.update({name: lambda name=name, make=make: tables.write_table(make(), name, cfg.tables)
                  for name, make in result_tables(cfg, rows, samples).items()})
     jobs["claims"] = lambda: [write_claims_of(cfg, rows, samples, records)]
-    outputs = [build(name, job) for name, job in jobs.items()]
+    outputs = [build(name, job) for name, job in tqdm(jobs.items(), desc="figures", unit="file", disable=not cfg.progress)]
     if not records:
         outputs.append(Output("fig1b / fig5", skipped=f"no attention-map artefacts in {cfg.maps}; "
                               "run: python -m redundancy.maps"))
@@ -212,4 +217,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "figures")

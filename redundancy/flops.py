@@ -32,7 +32,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from redundancy.cli import run_entry
+from redundancy.cli import launch, run_entry
 from redundancy.presets import ModelDims, get_preset
 from redundancy.schedule import METHODS, DropSchedule, check_ratio
 
@@ -352,6 +352,15 @@ def schedule_from_config(cfg: MethodParams, method: str) -> DropSchedule:
     return builders[method]()
 
 
+def check_layers(cfg: MethodParams, method: str, num_layers: int, model: str) -> None:
+    """The boundary layers ``method`` takes from ``cfg`` lie in [1, L-1] of a ``num_layers``-layer model."""
+    given = {"drop": [("layer", cfg.layer)], "fastv": [("K", cfg.K)], "pdrop": [("layers", k) for k in cfg.layers]}
+    for name, k in given.get(method, []):
+        if not 1 <= k <= num_layers - 1:
+            raise ValueError(f"{name}={k}: boundary {k} is outside the allowed range [1, {num_layers - 1}] for "
+                             f"{model} ({num_layers} layers)")
+
+
 def _rank_opts(cfg: MethodParams) -> dict[str, str | None]:
     """ranker / rank_layer as given; ``None`` leaves the method's official default."""
     return {"ranker": cfg.ranker, "rank_layer": cfg.rank_layer}
@@ -361,6 +370,11 @@ def solve_budget(cfg: FlopsConfig, dims: ModelDims) -> tuple[FlopsConfig, str]:
     """``cfg`` with FastV's ``R`` or PyramidDrop's ``lam`` set to meet ``cfg.budget``, and a line saying so."""
     assert cfg.budget is not None
     head = f"budget {cfg.budget} TFLOPs (image part, {dims.name})"
+    if cfg.method in ("fastv", "pdrop"):  # a budget above the cost without dropping constrains nothing
+        whole = image_part_flops(dims, schedule_from_config(replace(cfg, R=0.0, lam=1.0), cfg.method))
+        if cfg.budget * TERA > whole:
+            raise ValueError(f"budget={cfg.budget} TFLOPs is unreachable: it is above the image-part cost without "
+                             f"dropping ({whole / TERA:.4f} TFLOPs for {dims.name}); every setting meets it")
     if cfg.method == "fastv":
         solved = replace(cfg, R=fastv_ratio_for_budget(dims, cfg.budget, K=cfg.K, **_rank_opts(cfg)))
         return solved, f"{head} -> FastV K={cfg.K}: R={solved.R:.6f}"
@@ -376,6 +390,7 @@ def run(cfg: FlopsConfig) -> str:
     if cfg.convention not in CONVENTIONS:
         raise ValueError(f"convention={cfg.convention!r} is unknown; choose one of {list(CONVENTIONS)}")
     dims = get_preset(cfg.model)
+    check_layers(cfg, cfg.method, dims.num_layers, dims.name)
     lines: list[str] = []
     if cfg.budget is not None:
         cfg, line = solve_budget(cfg, dims)
@@ -393,4 +408,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "flops")

@@ -25,10 +25,11 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from PIL import Image
+from tqdm.auto import tqdm
 
 import redundancy
 from redundancy.checkpoints import git_revision, load_model, resolve, resolve_device
-from redundancy.cli import run_entry
+from redundancy.cli import launch, run_entry
 from redundancy.data import Sample
 from redundancy.engine import apply_schedule
 from redundancy.evaluate import greedy_answers, prompts
@@ -37,6 +38,7 @@ from redundancy.plots.records import MapRecord, Question, evidence_share, save_m
 from redundancy.results import checkpoint_fingerprint
 from redundancy.schedule import DropSchedule
 from redundancy.sweep import DTYPES, DataConfig, load_samples
+from redundancy.validate import check_device, check_threads, check_writable
 
 QUERIES = ("last", "instruction")
 
@@ -56,6 +58,7 @@ class MapsConfig:
     pdrop_layers: list[int] = field(default_factory=lambda: [8, 16, 24])
     lam: float = 0.5
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    progress: bool = True  # a progress bar over the questions (stderr)
 
 
 ConfigStore.instance().store(name="maps_schema", node=MapsConfig)
@@ -152,6 +155,9 @@ def run(cfg: MapsConfig) -> str:
         raise ValueError(f"dtype={cfg.dtype!r} is unknown; choose one of {list(DTYPES)}")
     samples, _ = load_samples(DataConfig(name="maps", path=cfg.data, max_new_tokens=cfg.max_new_tokens))
     chosen = choose(samples, list(cfg.questions), cfg.per_family)
+    check_threads(cfg.threads)
+    check_device(cfg.device)
+    check_writable(cfg.out, "out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = str(resolve_device(cfg.device))
@@ -159,7 +165,8 @@ def run(cfg: MapsConfig) -> str:
     model, processor = load_model(model_dir, dtype=DTYPES[cfg.dtype], device=device, attn_implementation=cfg.attn)
     grid = image_grid(model)
     schedule.validate_for(model.config.text_config.num_hidden_layers)
-    recs = [record_question(model, processor, s, cfg, grid, schedule) for s in chosen]
+    recs = [record_question(model, processor, s, cfg, grid, schedule)
+            for s in tqdm(chosen, desc="maps", unit="question", disable=not cfg.progress)]
     record = MapRecord(
         model=cfg.model, checkpoint_id=checkpoint_fingerprint(model_dir), grid=grid,
         num_layers=model.config.text_config.num_hidden_layers, query=cfg.query,
@@ -192,4 +199,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "maps")

@@ -44,15 +44,17 @@ from transformers import AutoConfig
 
 import redundancy
 from redundancy.checkpoints import TEST_SET, git_revision, load_model, resolve, resolve_device
-from redundancy.cli import run_entry
+from redundancy.cli import CONF, launch, run_entry
 from redundancy.data import Sample, load_dataset, metric_for, score
 from redundancy.data import evaluate as score_predictions
 from redundancy.distributed import Processes, processes
 from redundancy.flops import TERA, full_sequence_flops, image_part_flops
 from redundancy.grid import SampleResult, run_grid, time_prefill
+from redundancy.locks import PointLocks
 from redundancy.presets import ModelDims
 from redundancy.results import ResultStore, checkpoint_fingerprint, fingerprint, point_key
 from redundancy.schedule import SEEDED_RANKERS, DropSchedule, check_ratio
+from redundancy.validate import check_device, check_weights, check_writable
 from redundancy.stats import LEVEL as CI_LEVEL
 from redundancy.stats import confidence_interval
 
@@ -259,6 +261,8 @@ def _check_settings(cfg: SweepConfig) -> None:
             raise ValueError(f"{name}={value} is outside the allowed range [{low}, inf)")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ValueError(f"data.limit={cfg.data.limit} is outside the allowed range [1, inf)")
+    check_device(cfg.model.device, "model.device")
+    check_writable(cfg.out, "out")
 
 
 def published(folder: str | Path) -> bool:
@@ -427,6 +431,7 @@ def run(cfg: SweepConfig) -> str:
     check_destination(cfg)
     schedules_from_config(cfg, cfg.model.num_layers)  # every value checked before any file is read
     model_dir = resolve(cfg.model.path)
+    check_weights(model_dir)  # a broken file is named before anything is read or written
     depth = model_depth(model_dir)
     if cfg.model.num_layers is not None and cfg.model.num_layers != depth:
         raise ValueError(f"model.num_layers={cfg.model.num_layers} but {cfg.model.path} has {depth} layers")
@@ -434,7 +439,7 @@ def run(cfg: SweepConfig) -> str:
     schedules = schedules_from_config(cfg, depth, checkpoint_id)
     samples, data_file = load_samples(cfg.data)
     ctx = _Context(cfg, samples, metric_for(samples), identity={
-        "model": {"name": cfg.model.name, "checkpoint_id": checkpoint_id,
+        "model": {"checkpoint_id": checkpoint_id,
                   "dtype": cfg.model.dtype, "attn": cfg.model.attn},
         "data": {"name": cfg.data.name, "data_id": fingerprint([data_file]), "limit": cfg.data.limit,
                  "prompt_suffix": cfg.data.prompt_suffix, "max_new_tokens": cfg.data.max_new_tokens},
@@ -443,6 +448,9 @@ def run(cfg: SweepConfig) -> str:
     store = ResultStore(cfg.out)
     keys = [point_key(point_identity(ctx, s)) for s in schedules]
     pending = [i for i, k in enumerate(keys) if cfg.rerun or not store.done(k)]
+    locks = PointLocks(cfg.out, enabled=not procs.distributed)
+    busy = [i for i in pending if not locks.claim(keys[i])]  # another sweep into `out` evaluates these now
+    pending = [i for i in pending if i not in busy and (cfg.rerun or not store.done(keys[i]))]
     procs.wait()  # every process has chosen its points before any row is written
     stats = None
     if pending:
@@ -467,11 +475,13 @@ def run(cfg: SweepConfig) -> str:
             if procs.is_main:
                 _PointWriter(ctx, store, model, processor, todo_schedules, todo_keys, resume=True)
             procs.wait()
+    locks.wait([keys[i] for i in busy])  # their rows come from the other sweep
+    locks.release()
     if not procs.is_main:
         mine = procs.shard(samples, cfg.batch_size)
         return f"process {procs.rank} of {procs.world}: {len(mine)} of {len(samples)} questions per point (rows: process 0)"
     rows = [store.row(k) if store.done(k) else {} for k in keys]
-    status = ["new" if i in pending else "done before" for i in range(len(keys))]
+    status = ["new" if i in pending else "other sweep" if i in busy else "done before" for i in range(len(keys))]
     return summary(cfg, schedules, rows, status, stats, time.perf_counter() - started)
 
 
@@ -597,4 +607,4 @@ def require_complete(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "sweep", CONF / "sweep", check=_check_settings)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from redundancy.checkpoints import resolve_device
-from redundancy.cli import run_entry
+from redundancy.cli import launch, run_entry
 from redundancy.engine import apply_schedule
 from redundancy.micro import GROWTH, PROMPTS, MicroConfig, build_micro, format_prompt, grow
 from redundancy.micro import build_model as build_micro_model
@@ -72,6 +72,7 @@ from redundancy.packing import (
     packed_loss,
 )
 from redundancy.schedule import DropSchedule
+from redundancy.validate import check_device, check_threads, check_writable
 
 
 @dataclass
@@ -161,6 +162,7 @@ class TrainConfig:
     aux_position_weight: float = 30.0
     threads: int = 0
     device: str = "auto"
+    progress: bool = True  # progress bars (with ETA) over each stage's steps; false for logs
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -517,6 +519,9 @@ def validate(
 
 def check_config(cfg: TrainConfig) -> None:
     """Everything about a training config that can fail, checked before any training."""
+    check_threads(cfg.threads)
+    check_device(cfg.device)
+    check_writable(cfg.out, "out")
     if cfg.method not in ("vanilla", "pdrop"):
         raise ValueError(f"method={cfg.method!r} is unknown; choose vanilla or pdrop")
     if not cfg.stages:
@@ -637,7 +642,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         ctx = apply_schedule(model, schedule, trace=False) if use_drop else contextlib.nullcontext()
         wall = progress["wall_s"].get(stage.name, 0.0)
         bar = tqdm(range(start_step, stage.steps), desc=f"{stage.name} ({stage.layers}L{', pdrop' if use_drop else ''})",
-                   initial=start_step, total=stage.steps)
+                   initial=start_step, total=stage.steps, disable=not cfg.progress)
         loss_ema = progress.get("loss_ema") if resumed else None  # a stage resumed at its end keeps its loss
         with ctx:
             for step in bar:
@@ -684,4 +689,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "train", check=check_config)

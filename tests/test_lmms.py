@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ try:
 except ImportError:
     if os.environ.get("CI"):
         raise  # CI installs lmms-eval (.ci/run): the end-to-end test must run there
-    pytest.skip('lmms-eval is not installed (pip install -e ".[lmms]")', allow_module_level=True)
+    pytest.skip("lmms-eval is not installed (see the README's install block: the lmms extra)", allow_module_level=True)
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.evaluator import simple_evaluate
@@ -36,7 +37,7 @@ from redundancy.data import evaluate, load_dataset
 from redundancy.engine import apply_schedule
 from redundancy.evaluate import predict
 from redundancy.lmms import MODEL_NAME, TASKS_DIR
-from redundancy.lmms.model import RedundancyLlava, schedule_from_args
+from redundancy.lmms.model import PluginError, RedundancyLlava, schedule_from_args
 from redundancy.micro import MicroConfig, build_micro
 from redundancy.schedule import DropSchedule
 from redundancy.train import vocabulary
@@ -187,8 +188,79 @@ def test_loglikelihood_matches_greedy_decoding_under_the_schedule(checkpoint: st
         assert logprob == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
-def test_refuses_what_it_cannot_do(checkpoint: str) -> None:
-    with pytest.raises(ValueError, match="outside the allowed range"):
-        RedundancyLlava(pretrained=checkpoint, method="drop", layer=40, ratio=0.5, device="cpu")
-    with pytest.raises(ValueError, match="batch_size='auto'"):
-        RedundancyLlava(pretrained=checkpoint, batch_size="auto", device="cpu")
+def test_refuses_what_it_cannot_do(checkpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad model arguments end the command (a SystemExit, which lmms-eval's catch-all of
+    Exception lets through) with exit code 2 and one error line."""
+    for kwargs, message in [
+        ({"method": "drop", "layer": 40, "ratio": 0.5}, "outside the allowed range"),
+        ({"method": "drop", "layer": 2, "ratio": 1.5}, "outside the allowed range"),
+        ({"batch_size": "auto"}, "batch_size='auto'"),
+        ({"method": "fastv", "lam": 0.5}, r"unknown argument\(s\) \['lam'\]"),
+        ({"method": "pdrop", "lamm": 0.5}, "did you mean 'lam'"),
+    ]:
+        with pytest.raises(PluginError, match=message) as info:
+            RedundancyLlava(pretrained=checkpoint, device="cpu", **kwargs)
+        assert info.value.code == 2 and not isinstance(info.value, Exception)
+        assert capsys.readouterr().err.startswith("error: redundancy_llava: ")
+    with pytest.raises(PluginError, match="neither a shipped checkpoint"):
+        RedundancyLlava(pretrained="no-such-model", device="cpu")
+
+
+def test_a_failed_request_ends_the_run(checkpoint: str) -> None:
+    lm = RedundancyLlava(pretrained=checkpoint, method="fastv", device="cpu")
+    lm.task_dict = {"t": {"test": [{}]}}
+
+    def broken_visual(doc: dict[str, Any]) -> list[Image.Image]:
+        raise RuntimeError("the image store is gone")
+
+    request = Instance("generate_until", ("What?", {"until": []}, broken_visual, 0, "t", "test"), idx=0,
+                       metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    with pytest.raises(PluginError, match="the image store is gone") as info:
+        lm.generate_until([request])
+    assert info.value.code == 1
+    loglik = Instance("loglikelihood", ("What?", " red", broken_visual, 0, "t", "test"), idx=0,
+                      metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    with pytest.raises(PluginError) as info:
+        lm.loglikelihood([loglik])
+    assert info.value.code == 1
+
+
+def _truncated_copy(checkpoint: str, root: Path) -> str:
+    source = SHIPPED / checkpoint if (SHIPPED / checkpoint).is_dir() else Path(checkpoint)
+    target = root / "truncated"
+    shutil.copytree(source, target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return str(target)
+
+
+def _broken_task(root: Path) -> Path:
+    """The shipped task with images that are not images (doc_to_visual returns the question text)."""
+    text = (TASKS_DIR / f"{TASK}.yaml").read_text()
+    text = text.replace(f"task: {TASK}", "task: broken_microvqa")
+    text = text.replace("../../assets/microvqa/test/questions.jsonl  # relative to this file",
+                        str(TEST_SET / "questions.jsonl"))
+    text = text.replace("doc_to_visual: !function redundancy.lmms.microvqa.doc_to_visual",
+                        "doc_to_visual: !function redundancy.lmms.microvqa.doc_to_text")
+    folder = root / "tasks"
+    folder.mkdir()
+    (folder / "broken_microvqa.yaml").write_text(text)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["layer out of range", "truncated weights", "a request fails"])
+def test_cli_exits_non_zero_on_failure(case: str, checkpoint: str, tmp_path: Path) -> None:
+    """lmms-eval's CLI logs every Exception and exits 0; the plugin's failures reach the exit code."""
+    pretrained, args, task, include = checkpoint, "method=drop,layer=40,ratio=0.5", TASK, TASKS_DIR
+    if case == "truncated weights":
+        pretrained, args = _truncated_copy(checkpoint, tmp_path), "method=vanilla"
+    elif case == "a request fails":
+        args, task, include = "method=vanilla", "broken_microvqa", _broken_task(tmp_path)
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", MODEL_NAME, "--model_args", f"pretrained={pretrained},{args}",
+           "--tasks", task, "--include_path", str(include), "--device", "cpu", "--batch_size", "2", "--limit", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0].startswith(f"error: {MODEL_NAME}: "), run.stderr[-3000:]

@@ -23,12 +23,20 @@ when the processor has none. The schedule's
 :meth:`~redundancy.schedule.DropSchedule.record` is logged when the model is built;
 lmms-eval keeps the ``model_args`` string in its results (``config.model_args``) and
 offers no hook for more.
+
+Failures end the command with a non-zero exit code. lmms-eval's CLI catches every ``Exception``
+raised while it evaluates, logs it and exits 0; the plugin therefore raises :class:`PluginError`
+(a ``SystemExit``, which passes through): exit code 2 with one ``error:`` line when the model
+cannot be built from its arguments (unknown method or argument, layer or ratio out of range, a
+missing or broken checkpoint), exit code 1 after the traceback when a request fails.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,12 +47,15 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
-from redundancy.checkpoints import load_model, resolve_device
+from redundancy.checkpoints import load_model, resolve, resolve_device
 from redundancy.engine import apply_schedule
 from redundancy.evaluate import batches, greedy_answers
+from redundancy.lmms import MODEL_NAME
 from redundancy.micro import CHAT_TEMPLATE
 from redundancy.schedule import DropSchedule
+from redundancy.validate import check_device, check_weights
 
 IMAGE = "<image>"
 BUILDERS: dict[str, Callable[..., DropSchedule]] = {
@@ -55,6 +66,32 @@ BUILDERS: dict[str, Callable[..., DropSchedule]] = {
 }
 OPTIONS = ("ranker", "rank_layer", "positions", "seed")
 DTYPES = ("float32", "bfloat16", "float16")
+USAGE, FAILED = 2, 1  # exit codes: bad model arguments or checkpoint | a request failed
+
+
+class PluginError(SystemExit):
+    """Ends lmms-eval with exit code ``code``: a ``SystemExit`` is not an ``Exception``, so
+    lmms-eval's catch-all (which logs and exits 0) lets it through."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _usage_error(err: Exception) -> PluginError:
+    message = f"{MODEL_NAME}: {err}"
+    print(f"error: {message}", file=sys.stderr)
+    return PluginError(USAGE, message)
+
+
+def _request_error(err: Exception, what: str) -> PluginError:
+    if isinstance(err, (ValueError, NotImplementedError)):  # a request this model cannot answer
+        return _usage_error(err)
+    logger.exception(f"{MODEL_NAME}: {what} failed")
+    return PluginError(FAILED, f"{MODEL_NAME}: {what} failed: {err!r}")
 
 
 def schedule_from_args(method: str = "vanilla", **args: Any) -> DropSchedule:
@@ -66,7 +103,9 @@ def schedule_from_args(method: str = "vanilla", **args: Any) -> DropSchedule:
     params = [p for p in inspect.signature(builder).parameters if p != "opts"]
     unknown = sorted(set(args) - set(params) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"method={method} takes {params + list(OPTIONS)}; unknown argument(s) {unknown}")
+        close = [c for u in unknown for c in difflib.get_close_matches(u, [*params, *OPTIONS], n=1)]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"method={method} takes {params + list(OPTIONS)}; unknown argument(s) {unknown}{hint}")
     return builder(**{k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in args.items()})
 
 
@@ -95,18 +134,29 @@ class RedundancyLlava(lmms):
         **method_args: Any,
     ) -> None:
         super().__init__()
+        try:
+            self._build(pretrained, method, device, dtype, batch_size, attn_implementation, method_args)
+        except (ValueError, OSError) as err:  # bad model arguments or checkpoint: one line, exit code 2
+            raise _usage_error(err) from err
+
+    def _build(self, pretrained: str, method: str, device: str | None, dtype: str | None, batch_size: int | str,
+               attn_implementation: str, method_args: dict[str, Any]) -> None:
         self.schedule = schedule_from_args(method, **method_args)
         device = device or str(resolve_device("auto"))
+        check_device(device)
         dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
-        if not str(batch_size).isdigit():
-            raise ValueError(f"batch_size={batch_size!r}: give a number (no automatic batch size)")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size!r}: give a number >= 1 (no automatic batch size)")
         self.batch_size_per_gpu = int(batch_size)
+        path = resolve(str(pretrained))
+        check_weights(path)
+        config = AutoConfig.from_pretrained(path)  # the depth, before any weights load
+        self.schedule.validate_for(config.get_text_config().num_hidden_layers)
         self.model, self.processor = load_model(
-            str(pretrained), dtype=getattr(torch, dtype), device=device, attn_implementation=attn_implementation
+            path, dtype=getattr(torch, dtype), device=device, attn_implementation=attn_implementation
         )
-        self.schedule.validate_for(self.model.config.text_config.num_hidden_layers)
         self.processor.tokenizer.padding_side = "left"  # batched generation
         if self.processor.chat_template is None:
             self.processor.chat_template = CHAT_TEMPLATE  # LLaVA-1.5's conversation format
@@ -148,6 +198,12 @@ class RedundancyLlava(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy answers, batched (left padding) among requests with the same task and
         generation settings, returned in request order."""
+        try:
+            return self._generate_until(requests)
+        except Exception as err:
+            raise _request_error(err, "generate_until") from err
+
+    def _generate_until(self, requests: list[Instance]) -> list[str]:
         args = [r.args for r in requests]
         groups: dict[str, list[int]] = {}
         for i, (_, gen_kwargs, _, _, task, split) in enumerate(args):
@@ -185,11 +241,17 @@ class RedundancyLlava(lmms):
             logger.warning(f"the task asks for {gen_kwargs}; redundancy_llava decodes greedily")
             self._warned_sampling = True
 
-    @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """``(log p(continuation | context, images), continuation is the greedy one)`` under
         the schedule. The context is labelled ``-100`` so the engine ranks with its last
         token, the same query as in generation."""
+        try:
+            return self._loglikelihood(requests)
+        except Exception as err:
+            raise _request_error(err, "loglikelihood") from err
+
+    @torch.no_grad()
+    def _loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         results = []
         with apply_schedule(self.model, self.schedule, trace=False):
             for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
@@ -208,4 +270,4 @@ class RedundancyLlava(lmms):
         return results
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("redundancy_llava answers single-round tasks only")
+        raise _usage_error(NotImplementedError("answers single-round tasks only"))
