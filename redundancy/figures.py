@@ -28,8 +28,8 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from redundancy.cli import launch, run_entry
 from redundancy import claims
+from redundancy.cli import launch, run_entry
 from redundancy.plots import curves, images, tables
 from redundancy.plots.frames import MissingInput, NothingToDraw
 from redundancy.plots.records import MapRecord, load_all_maps
@@ -62,8 +62,8 @@ class FiguresConfig:
     samples: bool = True
     formats: list[str] = field(default_factory=lambda: ["pdf", "png"])
     dpi: int = 150
-    progress: bool = True  # a progress bar over the figures and tables (stderr)
     claims: str = "${results}/claims.md"  # written: the paper's claims with verdicts (redundancy.claims)
+    progress: bool = True  # a progress bar over the figures and tables (stderr)
 
 
 ConfigStore.instance().store(name="figures_schema", node=FiguresConfig)
