@@ -183,6 +183,9 @@ def test_trained_figure(world: dict[str, Any]) -> None:
     with pytest.warns(MissingInput, match="absent"):
         fig = trained_figure(world["rows"], {**models, "other": "absent"})
     assert legend_labels(fig)[:2] == ["vanilla-trained", "PyramidDrop-trained"]
+    with pytest.warns(MissingInput, match="at layer 24"):
+        fig = trained_figure(world["rows"][world["rows"]["layer"] != 24], models)
+    assert [t.get_text() for t in fig.axes[len(LAYERS) - 1].texts] == ["no drop rows\nat layer 24"]
 
 
 def test_flops_tradeoff_figure(world: dict[str, Any]) -> None:

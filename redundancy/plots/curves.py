@@ -71,6 +71,11 @@ def panel_title(family: str, data: pd.DataFrame) -> str:
     return f"{family} (n={int(n.max())})" if len(n) else family
 
 
+def explain_empty(ax: Axes, text: str) -> None:
+    """Say in an empty panel why it is empty (never a blank panel)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.35")
+
+
 def control_label(control: str, long: pd.DataFrame) -> str:
     """``random control (mean of 5 seeds)``: the control's legend entry."""
     seeds = column(long[long["ranker"] == control], "seeds").dropna()
@@ -173,6 +178,8 @@ def trained_figure(
     for col, layer in enumerate(layers):
         axes[0, col].set_title(f"drop at layer {layer}")
         axes[1, col].axhline(0, color=REFERENCE, lw=0.8)
+        if not any(len(line.get_xdata()) > 1 for line in axes[0, col].get_lines()):
+            explain_empty(axes[0, col], f"no drop rows\nat layer {layer}")
     for ax in axes[1]:
         ax.set_xlabel("keep ratio r")
     axes[0, 0].set_ylabel("accuracy (%)")

@@ -104,7 +104,7 @@ def question_title(record: MapRecord, q: int, width: int = 30) -> str:
 def answers_text(record: MapRecord, q: int) -> str:
     item = record.questions[q]
     return (f"answer: {' / '.join(item.answers[:3])}\n"
-            f"vanilla: {item.prediction or '-'}, PyramidDrop: {item.prediction_drop or '-'}")
+            f"vanilla: {item.prediction or '-'}\nPyramidDrop: {item.prediction_drop or '-'}")
 
 
 def label_question(ax: Axes, record: MapRecord, q: int) -> None:
@@ -158,7 +158,7 @@ def attention_figure(
     objects the question names."""
     picked = chosen(record, questions)
     layers = recorded(record, layers)
-    fig, axes = new_figure(len(picked), 1 + len(layers), panel=(1.9, 2.4))
+    fig, axes = new_figure(len(picked), 1 + len(layers), panel=(1.75, 2.1))
     spaced(fig)
     for row, q in enumerate(picked):
         image = record.images[q]
@@ -213,7 +213,7 @@ def retained_figure(record: MapRecord, questions: Sequence[int] | None = None) -
     if not bounds:
         raise NothingToDraw(f"the artefact of {record.model} recorded no PyramidDrop boundaries")
     ends = [*bounds[1:], record.num_layers]
-    fig, axes = new_figure(len(picked), 1 + len(bounds), panel=(1.9, 2.4))
+    fig, axes = new_figure(len(picked), 1 + len(bounds), panel=(1.75, 2.1))
     spaced(fig)
     for row, q in enumerate(picked):
         image = record.images[q]
