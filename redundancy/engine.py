@@ -20,6 +20,13 @@ How it works (``docs/method.md`` sections 2-6):
 * Prefill ranks and drops once; each stage's layers cache only the tokens they
   saw, so caches get shorter after each boundary; decoding appends to them with
   positions that follow the stage's policy.
+* Cost beyond the layers: the prompt's counts are read on the host once, before the
+  first layer; every later size (kept counts, stage widths, padding) follows from them,
+  so nothing waits on the device between the first and the last layer, and the trace's
+  records stay on the device until read. With ``rank_layer="next"`` layer K reuses the
+  ranking's input norm and key projection of the kept tokens (inference only). A
+  decoding step computes the rotary embeddings once for all stages and writes the new
+  tokens' validity once into a buffer grown in chunks, of which each stage's mask is a view.
 * The last hidden states are scattered back to the original sequence length
   (dropped positions hold zeros), so logits, ``logits_to_keep``, the HF loss and
   ``generate`` work unchanged. Image tokens are never supervised, so the loss
@@ -78,13 +85,16 @@ def _probing_attention(
         scaling = kwargs.get("scaling") or module.scaling
         for probe in probes:
             probe(query, key, scaling)
-    fn = FamilyAdapter.eager_attention(module) if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
-    # Kernels that read the implementation name from the config (flash picks its
-    # library by it) see the real one for the duration of the call.
+    if impl == "eager":
+        return FamilyAdapter.eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    if "flash" not in impl:
+        return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, attention_mask, **kwargs)
+    # Flash kernels read the implementation name from the config (it picks their
+    # library): they see the real one for the duration of the call.
     config = module.config
     config._attn_implementation_internal = impl
     try:
-        return fn(module, query, key, value, attention_mask, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, attention_mask, **kwargs)
     finally:
         config._attn_implementation_internal = _ATTN_NAME
 
@@ -108,27 +118,52 @@ class BoundaryRecord:
 
 @dataclass
 class Trace:
-    """A record of the last prefill (reset at every prefill)."""
+    """A record of the last prefill (reset at every prefill).
+
+    The per-boundary records and the recorded attention stay on the device during the
+    prefill (no host synchronisation between layers) and are copied to the host when
+    ``boundaries`` or ``attention`` is first read."""
 
     schedule: DropSchedule
     n_image: list[int] = field(default_factory=list)
-    boundaries: list[BoundaryRecord] = field(default_factory=list)
-    attention: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    """Layer -> per sample ``[N]`` attention of the ranking query over the image
-    tokens at that layer (``record_attention``); NaN for tokens already dropped."""
     untouched: list[bool] = field(default_factory=list)
     """Per sample: it kept every image token (no image token, or an attention ranker whose
     query is an image token: nothing to rank with); docs/method.md section 9."""
     slots: list[torch.Tensor] = field(default_factory=list)
-    """Per stage ``[batch, n_stage]``: the original sequence position of each slot of the
-    stage's layout (-1: padding added when rows were re-padded); maps the stage's
-    attentions and cache entries back to the prompt."""
+    """Per stage ``[batch, n_stage]`` (on the model's device): the original sequence position
+    of each slot of the stage's layout (-1: padding added when rows were re-padded); maps the
+    stage's attentions and cache entries back to the prompt."""
     segments: list[tuple[int, int, int]] = field(default_factory=list)
     """Packed input: ``(row, start, end)`` of each segment; the trace's samples are these
     segments, in order. Empty otherwise."""
     prefills: int = 0
     ranking_seconds: float = 0.0
     """Time spent ranking (scores + top-k) in the last prefill; measured only with ``profile=True``."""
+    _boundaries: list[BoundaryRecord] = field(default_factory=list, repr=False)
+    _attention: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    _deferred: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def boundaries(self) -> list[BoundaryRecord]:
+        """One record per boundary of the schedule (host tensors)."""
+        self._materialise()
+        return self._boundaries
+
+    @property
+    def attention(self) -> dict[int, list[torch.Tensor]]:
+        """Layer -> per sample ``[N]`` attention of the ranking query over the image
+        tokens at that layer (``record_attention``); NaN for tokens already dropped."""
+        self._materialise()
+        return self._attention
+
+    def defer(self, record: Callable[[], None]) -> None:
+        """Run ``record`` (which copies device tensors into the trace) when the trace is read."""
+        self._deferred.append(record)
+
+    def _materialise(self) -> None:
+        pending, self._deferred = self._deferred, []
+        for record in pending:
+            record()
 
     def kept_counts(self) -> list[list[int]]:
         """Per sample, the image tokens present in each stage ``[N, k_1, ...]``."""
@@ -140,7 +175,7 @@ class Trace:
         return counts
 
     def reset(self) -> None:
-        self.n_image, self.boundaries, self.attention = [], [], {}
+        self.n_image, self._boundaries, self._attention, self._deferred = [], [], {}, []
         self.untouched, self.slots, self.segments = [], [], []
         self.ranking_seconds = 0.0
         self.prefills += 1
@@ -188,35 +223,177 @@ class _QueryProbe:
             self.result = query_attention(query.gather(2, idx), key, self.visible, self.weight, scaling)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Stage:
-    """Decode-time state of one stage: its layers, validity of its cached keys and
-    the offset between its position ids and the original ones."""
+    """Decode-time view of one stage: its layers and which position offset it uses."""
 
     start: int
     end: int
-    valid: torch.Tensor  # [batch, kv] bool
-    offset: torch.Tensor  # [batch] long
-    all_valid: bool  # no padding in `valid` (kept on the host: no device sync per decode step)
+    group: int  # row of _DecodeState.offsets
+    all_valid: bool  # no padding among its prompt slots (known on the host)
+
+
+class _DecodeMasks:
+    """Validity of every stage's cached keys while decoding, in one buffer grown in chunks.
+
+    Row ``s`` holds stage ``s``'s prompt slots right-aligned before column ``width`` (the
+    longest stage) and, from ``width`` on, the tokens decoded so far, written once for all
+    stages. A step's mask for a stage is a view of it in the kernel's format; nothing is
+    concatenated or rebuilt per step.
+    """
+
+    chunk = 64
+
+    def __init__(self, valids: Sequence[torch.Tensor], impl: str, dtype: torch.dtype) -> None:
+        self.impl, self.dtype = impl, dtype
+        self.prefix = [v.shape[1] for v in valids]
+        self.width = max(self.prefix)
+        self.used = 0
+        b, dev = valids[0].shape[0], valids[0].device
+        self.valid = torch.ones(len(valids), b, self.width + self.chunk, dtype=torch.bool, device=dev)
+        for s, v in enumerate(valids):
+            self.valid[s, :, self.width - v.shape[1] : self.width] = v
+        self.kernel = self._format(self.valid)
+        self.decoded_all_valid = True
+
+    def _format(self, valid: torch.Tensor) -> torch.Tensor:
+        """``valid`` as the kernel reads it: SDPA bool, flash int32, eager an additive float mask."""
+        if "flash" in self.impl:
+            return valid.to(torch.int32)
+        if self.impl == "sdpa":
+            return valid
+        return torch.zeros(valid.shape, dtype=self.dtype, device=valid.device).masked_fill(
+            ~valid, torch.finfo(self.dtype).min
+        )
+
+    def append(self, new_valid: torch.Tensor | None, q: int) -> None:
+        """Record ``q`` decoded tokens (``new_valid`` ``[batch, q]``; ``None``: all real)."""
+        capacity = self.valid.shape[-1]
+        if self.width + self.used + q > capacity:
+            grow = max(self.chunk, capacity - self.width, q)  # doubling the decoded part: amortised O(1)
+            pad = torch.ones(*self.valid.shape[:2], grow, dtype=torch.bool, device=self.valid.device)
+            self.valid = torch.cat([self.valid, pad], dim=-1)
+            self.kernel = self.valid if self.kernel is self.valid else torch.cat([self.kernel, self._format(pad)], -1)
+        lo, hi = self.width + self.used, self.width + self.used + q
+        if new_valid is not None:
+            self.valid[:, :, lo:hi] = new_valid
+            if self.kernel is not self.valid:
+                self.kernel[:, :, lo:hi] = self._format(new_valid)
+        self.used += q
+
+    def stage_valid(self, s: int) -> torch.Tensor:
+        """``[batch, kv]`` validity of stage ``s``'s cached keys (a view)."""
+        return self.valid[s, :, self.width - self.prefix[s] : self.width + self.used]
+
+    def single_query_mask(self, s: int, all_valid: bool) -> torch.Tensor | None:
+        """The mask of one decoded token over stage ``s``'s keys (every earlier key is
+        causally visible): ``None`` without padding, else a view of the kernel buffer."""
+        if all_valid:
+            return None
+        view = self.kernel[s, :, self.width - self.prefix[s] : self.width + self.used]
+        return view if "flash" in self.impl else view[:, None, None, :]
 
 
 @dataclass
 class _DecodeState:
     cache: Cache
     stages: list[_Stage]
+    offsets: torch.Tensor  # [groups, batch] long: stage position ids minus the original ones
+    masks: _DecodeMasks
     next_position: int  # HF's default position for the next token (first layer's cache length)
 
 
-def _query_rows(query: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices ``[batch, n_query]``, weights and key visibility ``[batch, n_query, n]``
-    of the query rows marked in ``query`` ``[batch, n]``."""
+def _query_rows(
+    query: torch.Tensor, valid: torch.Tensor, nq: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices ``[batch, nq]``, weights and key visibility ``[batch, nq, n]`` of the query
+    rows marked in ``query`` ``[batch, n]`` (``nq``: the most rows any sample has)."""
     n = query.shape[1]
     counts = query.sum(1)
-    nq = int(counts.max().item())
     order = torch.sort((~query).to(torch.int8), dim=1, stable=True).indices[:, :nq]
     weight = (torch.arange(nq, device=query.device)[None] < counts[:, None]).float() / counts.clamp(min=1)[:, None]
     visible = (torch.arange(n, device=query.device)[None, None, :] <= order[:, :, None]) & valid[:, None, :]
     return order, weight, visible
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What one boundary does to the batch's layout, known on the host before the first layer."""
+
+    counts: list[int]  # image tokens each row keeps from the boundary on
+    drops: bool  # some row drops a token (else the layout, padding included, is kept)
+    width: int  # slots of the next stage's layout
+    all_valid: bool  # the next stage's layout has no padding
+
+
+def _plan_layouts(
+    ratios: Sequence[float], n_image: list[int], n_valid: list[int], untouched: list[bool], length: int, dropping: bool
+) -> list[_Layout]:
+    """Per boundary, the kept counts and the next stage's width, from the prompt's counts:
+    ``select_top`` keeps exactly ``counts`` per row, so the relayout's sizes need no device read."""
+    rows, present = list(n_valid), list(n_image)
+    width, all_valid = length, all(v == length for v in n_valid)
+    plan = []
+    for ratio in ratios:
+        counts = [p if u or not dropping else min(p, kept_count(n, ratio)) for n, p, u in zip(n_image, present, untouched)]
+        drops = counts != present
+        if drops:
+            rows = [r - p + c for r, p, c in zip(rows, present, counts)]
+            width = max(rows)
+            all_valid = all(r == width for r in rows)
+        plan.append(_Layout(counts, drops, width, all_valid))
+        present = counts
+    return plan
+
+
+@dataclass(frozen=True)
+class _LayerInputs:
+    """What ``rank_layer="next"`` ranking computed with layer K's own modules for the rows of
+    ``hidden``: its input norm and its key projection (before any norm or rotary)."""
+
+    hidden: torch.Tensor
+    normed: torch.Tensor
+    key_proj: torch.Tensor
+
+    def take(self, src: torch.Tensor, hidden: torch.Tensor) -> _LayerInputs:
+        """The rows ``src`` ``[batch, m]`` (the kept slots), for the gathered states ``hidden``."""
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return x.gather(1, src[..., None].expand(-1, -1, x.shape[-1]))
+        return _LayerInputs(hidden, rows(self.normed), rows(self.key_proj))
+
+
+@contextlib.contextmanager
+def _reusing(layer: nn.Module, inputs: _LayerInputs | None) -> Iterator[None]:
+    """Layer K run right after ranking with its own modules: its input norm and key
+    projection return the rows the ranking already computed instead of computing them
+    again (both act row by row, so the numbers are the same)."""
+    if inputs is None:
+        yield
+        return
+    with _substitute(layer.input_layernorm, inputs.hidden, inputs.normed), \
+            _substitute(layer.self_attn.k_proj, inputs.normed, inputs.key_proj):
+        yield
+
+
+@contextlib.contextmanager
+def _substitute(module: nn.Module, given: torch.Tensor, result: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``module(given)`` (that very tensor) returns ``result``; any other call computes."""
+    own = module.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hooks) is kept
+    compute = module.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x is given and not args and not kwargs:
+            return result
+        return compute(x, *args, **kwargs)
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _to_ordinals(values: torch.Tensor, ordinal: torch.Tensor, present: torch.Tensor, n_image: list[int]) -> list[torch.Tensor]:
@@ -230,12 +407,13 @@ def _to_ordinals(values: torch.Tensor, ordinal: torch.Tensor, present: torch.Ten
     return [out[i, :n].clone() for i, n in enumerate(n_image)]
 
 
-def _scatter_slots(states: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+def _scatter_slots(states: torch.Tensor, index: torch.Tensor, length: int, identity: bool = False) -> torch.Tensor:
     """``states`` ``[batch, m, d]`` placed at the original positions ``index`` ``[batch, m]``
     of a ``[batch, length, d]`` tensor; slots at ``length`` (relayout padding) are dropped,
-    positions no slot holds (dropped tokens) are zeros."""
+    positions no slot holds (dropped tokens) are zeros. ``identity``: ``index`` is known to be
+    ``0..length-1`` (no relayout), so ``states`` is returned as is."""
     b, m, d = states.shape
-    if m == length and bool((index == torch.arange(length, device=index.device)).all()):
+    if identity:
         return states
     out = states.new_zeros(b, length + 1, d)
     return out.scatter(1, index[..., None].expand(-1, -1, d), states)[:, :length]
@@ -450,7 +628,7 @@ class DropEngine:
     def _to_full(self, states: torch.Tensor, stage: int, slots: list[torch.Tensor], length: int) -> torch.Tensor:
         """States ``[batch, n_stage, d]`` of stage ``stage`` at their original positions
         ``[batch, length, d]`` (dropped and padding slots: zeros)."""
-        return _scatter_slots(states, slots[stage], length)
+        return _scatter_slots(states, slots[stage], length, identity=slots[stage] is slots[0])
 
     def _restore_hidden_states(self, restore: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
         """``output_hidden_states``: HF's hooks collected each layer's output in its stage's
@@ -491,7 +669,7 @@ class DropEngine:
             return packed.reshape(b, n, -1)
 
         m = src.shape[1]
-        return repack(out), lambda states, stage: repack(_scatter_slots(states, slots[stage], m))
+        return repack(out), lambda states, stage: repack(self._to_full(states, stage, slots, m))
 
     def _run_layers(
         self,
@@ -504,13 +682,31 @@ class DropEngine:
         probes: dict[int, list[_QueryProbe]],
         all_valid: bool,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        pe = self.adapter.rotary(hidden, position_ids)  # position_ids [components, batch, n]
+        """Layers ``start..end-1`` over one stage's layout (``valid`` ``[batch, n]``, ``all_valid``:
+        no padding, known on the host; ``position_ids`` ``[components, batch, n]``); returns the
+        states and the stage's rotary embeddings."""
+        pe = self.adapter.rotary(hidden, position_ids)
         mask = self._mask(valid, hidden.shape[1], hidden.dtype, all_valid)
+        layer_pos = self.adapter.layer_position_ids(position_ids)
+        return self._layer_loop(hidden, start, end, mask, layer_pos, pe, cache, probes), pe
+
+    def _layer_loop(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        mask: torch.Tensor | None,
+        layer_pos: torch.Tensor | None,
+        pe: tuple[torch.Tensor, torch.Tensor],
+        cache: Cache | None,
+        probes: dict[int, list[_QueryProbe]],
+    ) -> torch.Tensor:
+        layers = self.adapter.layers
         for li in range(start, end):
-            out = self.adapter.layers[li](
+            out = layers[li](
                 hidden,
                 attention_mask=mask,
-                position_ids=self.adapter.layer_position_ids(position_ids),
+                position_ids=layer_pos,
                 past_key_values=cache,
                 use_cache=cache is not None,
                 position_embeddings=pe,
@@ -518,7 +714,7 @@ class DropEngine:
                 redundancy_probes=probes.get(li),
             )
             hidden = out[0] if isinstance(out, tuple) else out
-        return hidden, pe
+        return hidden
 
     def _mask(self, valid: torch.Tensor, q_len: int, dtype: torch.dtype, all_valid: bool) -> torch.Tensor | None:
         """The attention mask of one stage in the format the kernel expects.
@@ -560,7 +756,11 @@ class DropEngine:
         pending: dict[str, Any],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run every stage on the prompt; returns the final (normed) states at the original
-        positions and, per stage, the original position of each slot (``length``: padding)."""
+        positions and, per stage, the original position of each slot (``length``: padding).
+
+        What the host needs (image and query counts, each stage's width, whether it has
+        padding) is read once, before the first layer; from the first layer to the last
+        nothing waits on the device, and the trace's records stay there until read."""
         sched, adapter = self.schedule, self.adapter
         b, length, _ = hidden.shape
         dev = hidden.device
@@ -577,7 +777,11 @@ class DropEngine:
                     "multimodal model (whose image placeholders it reads), not to the language model"
                 )
             is_img = torch.zeros(b, length, dtype=torch.bool, device=dev)
-        n_image = is_img.sum(1).tolist()
+        query = self._query_mask(is_img, valid, pending.get("labels"))
+        # The prefill's one read of the prompt's layout on the host.
+        n_image, n_valid, n_query, query_on_image = torch.stack(
+            [is_img.sum(1), valid.sum(1), query.sum(1), (query & is_img).any(1).long()]
+        ).tolist()
         self.trace.reset()
         self.trace.n_image = n_image
         if sched.ranker == "random":
@@ -588,22 +792,29 @@ class DropEngine:
             ids, ok = source.cpu(), valid.cpu()
             pending["row_keys"] = [ids[i][ok[i]].numpy().tobytes() for i in range(b)]
 
-        query = self._query_mask(is_img, valid, pending.get("labels"))
         # Rows that keep every image token: no image, or an attention ranker whose query is an image token.
         untouched = [n == 0 for n in n_image]
         if sched.ranker in _ATTENTION_RANKERS:
-            untouched = [u or bool(q) for u, q in zip(untouched, (query & is_img).any(1).tolist())]
+            untouched = [u or bool(q) for u, q in zip(untouched, query_on_image)]
         self.trace.untouched = untouched
         dropping = needs_images and not all(untouched)
+        plan = _plan_layouts(sched.ratios, n_image, n_valid, untouched, length, dropping)
+        counts = torch.tensor([p.counts for p in plan], device=dev) if dropping else None  # [boundaries, batch]
+        controls = self._control_scores(n_image, pending, dev) if dropping else None
         ordinal = is_img.long().cumsum(1) - 1  # original image-token index
         index = arange[None].expand(b, length)  # original sequence index of each slot (relayout padding: length)
         slots = [index]
         present = is_img
+        all_valid = all(v == length for v in n_valid)
         starts = (0, *sched.boundaries, adapter.num_layers)
         stages: list[_Stage] = []
+        valids: list[torch.Tensor] = []
+        offsets: list[torch.Tensor] = []
         # Offsets are read on component 0 (the sequence axis) at the last token.
         last_pos0 = pos[0].gather(1, self._last_valid(valid)[:, None])[:, 0]
-        rank_rows = _query_rows(query, valid) if dropping or self.record_layers else None
+        nq = max(n_query)  # query tokens are never dropped: the count holds in every stage
+        rank_rows = _query_rows(query, valid, nq) if dropping or self.record_layers else None
+        reuse: _LayerInputs | None = None
         for s in range(len(starts) - 1):
             start, end = starts[s], starts[s + 1]
             probes: dict[int, list[_QueryProbe]] = {}
@@ -617,58 +828,79 @@ class DropEngine:
                 if scorer is None:
                     scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch)
                     probes.setdefault(end - 1, []).append(scorer)
-            all_valid = bool(valid.all())
             if s == 0 and self.first_stage is not None:  # shared-prefix hook (redundancy.grid)
                 hidden, pe = self.first_stage(self, hidden, start, end, valid, pos, cache, probes, all_valid)
             else:
-                hidden, pe = self._run_layers(hidden, start, end, valid, pos, cache, probes, all_valid)
-            last = self._last_valid(valid)
-            offset = pos[0].gather(1, last[:, None])[:, 0] - last_pos0
-            stages.append(_Stage(start, end, valid, offset, all_valid))
+                with _reusing(adapter.layers[start], reuse):
+                    hidden, pe = self._run_layers(hidden, start, end, valid, pos, cache, probes, all_valid)
+            reuse = None
+            if cache is not None:
+                if s == 0 or (sched.positions != "keep" and plan[s - 1].drops):
+                    offsets.append(pos[0].gather(1, self._last_valid(valid)[:, None])[:, 0] - last_pos0)
+                stages.append(_Stage(start, end, len(offsets) - 1, all_valid))
+                valids.append(valid)
             for li, probe in recorders.items():
-                self.trace.attention[li] = _to_ordinals(probe.result, ordinal, present, n_image)
+                self.trace.defer(functools.partial(self._record_attention, li, probe, ordinal, present, n_image))
             if s == len(sched.boundaries):
                 break
 
             # ---- rank and drop at boundary `end`
-            keep_img, scores = present, torch.full(present.shape, float("nan"), device=dev)
+            keep_img, scores = present, None
             if dropping:
+                assert counts is not None
                 with self._stopwatch(dev):
-                    scores = self._scores(s, end, hidden, pe, scorer, rank_rows, present, ordinal, n_image, pending)
-                    counts = [n if u else kept_count(n, sched.ratios[s]) for n, u in zip(n_image, untouched)]
-                    keep_img = select_top(scores, present, torch.tensor(counts, device=dev))
+                    scores, reuse = self._scores(s, end, hidden, pe, scorer, rank_rows, ordinal, controls)
+                    keep_img = select_top(scores, present, counts[s])
             if self.keep_trace:
-                kept_masks = _to_ordinals(keep_img.float(), ordinal, present, n_image)
-                self.trace.boundaries.append(
-                    BoundaryRecord(
-                        layer=end,
-                        ratio=sched.ratios[s],
-                        kept=[torch.nonzero(m == 1).flatten() for m in kept_masks],
-                        scores=_to_ordinals(scores, ordinal, present, n_image),
-                    )
-                )
-            if bool((keep_img == present).all()):
+                self.trace.defer(functools.partial(
+                    self._record_boundary, end, sched.ratios[s], keep_img, scores, ordinal, present, n_image
+                ))
+            if not plan[s].drops:
                 slots.append(index)  # nothing dropped: the stage keeps the layout, padding included
                 continue
             keep = valid & (~present | keep_img)
             first = valid.long().argmax(1, keepdim=True)[None].expand(pos.shape[0], -1, -1)
             first_pos = pos.gather(2, first).amin(0)  # [batch, 1]
-            src, valid = self._relayout(keep)
+            src, valid = self._relayout(keep, plan[s].width)
+            all_valid = plan[s].all_valid
             hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
+            if reuse is not None:
+                reuse = reuse.take(src, hidden)
             index = torch.where(valid, index.gather(1, src), length)
             slots.append(index)
             present = present.gather(1, src) & valid
             ordinal = ordinal.gather(1, src)
             query = query.gather(1, src) & valid
             pos = self._positions(pos.gather(2, src[None].expand(pos.shape[0], -1, -1)), valid, present, first_pos)
-            rank_rows = _query_rows(query, valid)
+            rank_rows = _query_rows(query, valid, nq)
 
         hidden = adapter.language_model.norm(hidden)
         if cache is not None:
-            self._state = _DecodeState(cache, stages, next_position=length)
+            masks = _DecodeMasks(valids, self._impl, hidden.dtype)
+            shifts = torch.stack(offsets) if sched.positions != "keep" else None
+            self._state = _DecodeState(cache, stages, shifts, masks, next_position=length)
         if self.keep_trace:
             self.trace.slots = [torch.where(i < length, i, -1) for i in slots]
-        return _scatter_slots(hidden, index, length), slots
+        return _scatter_slots(hidden, index, length, identity=index is slots[0]), slots
+
+    def _record_boundary(
+        self, layer: int, ratio: float, keep_img: torch.Tensor, scores: torch.Tensor | None,
+        ordinal: torch.Tensor, present: torch.Tensor, n_image: list[int],
+    ) -> None:
+        """Copy one boundary's kept set and scores to the host (when the trace is read)."""
+        kept_masks = _to_ordinals(keep_img.float(), ordinal, present, n_image)
+        scores = torch.full(present.shape, float("nan"), device=present.device) if scores is None else scores
+        record = BoundaryRecord(
+            layer=layer, ratio=ratio, kept=[torch.nonzero(m == 1).flatten() for m in kept_masks],
+            scores=_to_ordinals(scores, ordinal, present, n_image),
+        )
+        self.trace._boundaries.append(record)
+
+    def _record_attention(
+        self, layer: int, probe: _QueryProbe, ordinal: torch.Tensor, present: torch.Tensor, n_image: list[int]
+    ) -> None:
+        assert probe.result is not None
+        self.trace._attention[layer] = _to_ordinals(probe.result, ordinal, present, n_image)
 
     @staticmethod
     def _last_valid(valid: torch.Tensor) -> torch.Tensor:
@@ -691,8 +923,7 @@ class DropEngine:
         if labels is not None:
             answer = (labels.to(dev) != -100) & valid
             query[:, :-1] = ~answer[:, :-1] & answer[:, 1:] & valid[:, :-1]
-        none = ~query.any(1)
-        query[none, last[none]] = True
+        query |= ~query.any(1, keepdim=True) & (arange[None] == last[:, None])
         if self.schedule.ranker == "instruction":
             last_img = torch.where(is_img, arange[None], -1).max(1).values
             last_q = torch.where(query, arange[None], -1).max(1).values
@@ -708,39 +939,53 @@ class DropEngine:
         pe: tuple[torch.Tensor, torch.Tensor],
         scorer: _QueryProbe | None,
         rank_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-        present: torch.Tensor,
         ordinal: torch.Tensor,
-        n_image: list[int],
-        pending: dict[str, Any],
-    ) -> torch.Tensor:
-        """Ranking score ``[batch, n]`` of every slot at boundary ``boundary`` (higher = kept first)."""
+        controls: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, _LayerInputs | None]:
+        """Ranking score ``[batch, n]`` of every slot at boundary ``boundary`` (higher = kept
+        first) and, for ``rank_layer="next"`` without autograd, layer ``boundary``'s input norm
+        and key projection of every slot (reused by that layer for the kept slots)."""
         ranker = self.schedule.ranker
         if ranker in _ATTENTION_RANKERS:
+            reuse = None
             if scorer is not None:
                 att = scorer.result
             else:  # rank_layer == "next": layer K's norm and q/k on the states leaving layer K-1
                 assert rank_rows is not None
-                q, k, scaling = self.adapter.ranking_qk(boundary, hidden, pe, rank_rows[0])
-                att = query_attention(q, k, rank_rows[2], rank_rows[1], scaling)
+                proj = self.adapter.ranking_qk(boundary, hidden, pe, rank_rows[0])
+                att = query_attention(proj.query, proj.key, rank_rows[2], rank_rows[1], proj.scaling)
+                if not torch.is_grad_enabled():
+                    reuse = _LayerInputs(hidden, proj.normed, proj.key_proj)
             assert att is not None
-            return -att if ranker == "inverse" else att
-        if ranker == "random":
+            return (-att if ranker == "inverse" else att), reuse
+        assert controls is not None
+        return controls[stage].gather(1, ordinal.clamp(min=0)), None
+
+    def _control_scores(self, n_image: list[int], pending: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+        """``[boundaries, batch, max N]`` scores of the ``random`` / ``uniform`` controls per original
+        image token, made on the host before the first layer (None for the attention rankers)."""
+        sched = self.schedule
+        if sched.ranker in _ATTENTION_RANKERS:
+            return None
+        if sched.ranker == "random":
             keys = pending["row_keys"]
-            per_row = [random_scores(n, self.schedule.seed, stage, keys[i]) for i, n in enumerate(n_image)]
-        else:  # uniform
-            per_row = [-p for p in self.adapter.image_priorities(n_image, pending)]
-        table = torch.zeros(len(n_image), max(n_image), device=present.device)
-        for i, row in enumerate(per_row):
-            table[i, : len(row)] = row.to(present.device)
-        return table.gather(1, ordinal.clamp(min=0))
+            rows = [[random_scores(n, sched.seed, s, keys[i]) for i, n in enumerate(n_image)]
+                    for s in range(len(sched.boundaries))]
+        else:  # uniform: the same grid priority at every boundary
+            priority = [-p for p in self.adapter.image_priorities(n_image, pending)]
+            rows = [priority] * len(sched.boundaries)
+        table = torch.zeros(len(rows), len(n_image), max(n_image))
+        for s, per_row in enumerate(rows):
+            for i, row in enumerate(per_row):
+                table[s, i, : len(row)] = row
+        return table.to(device)
 
     @staticmethod
-    def _relayout(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _relayout(keep: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Source slot of each new slot ``[batch, m]`` (kept tokens in order, rows
-        left-padded to the longest) and the new validity mask."""
+        left-padded to ``m``, the most any row keeps) and the new validity mask."""
         b, n = keep.shape
         count = keep.sum(1)
-        m = int(count.max().item())
         slot = (m - count)[:, None] + keep.long().cumsum(1) - 1
         target = torch.where(keep, slot, m)
         src = torch.zeros(b, m + 1, dtype=torch.long, device=keep.device)
@@ -766,26 +1011,40 @@ class DropEngine:
         position_ids: torch.Tensor | None,
         cache: Cache,
     ) -> torch.Tensor:
+        """Tokens after the prompt: each stage's layers attend over the stage's cache. Per step
+        the engine writes the new tokens' validity once for all stages and computes the rotary
+        embeddings once for all stages (one row per position offset); each stage's mask is a
+        view of the validity buffer."""
         b, q, _ = hidden.shape
         dev = hidden.device
         state = self._state
         if state is None or state.cache is not cache:
-            state = self._state = self._adopt(cache, attention_mask, b, q, dev)
-        new_valid = (
-            attention_mask[:, -q:].bool() if attention_mask is not None else torch.ones(b, q, dtype=torch.bool, device=dev)
-        )
-        new_all_valid = attention_mask is None or bool(new_valid.all())  # one sync per step, not per stage
-        position_ids = self.adapter.positions(position_ids, b, q, state.next_position, dev)
-        for stage in state.stages:
-            stage.valid = torch.cat([stage.valid, new_valid], dim=1)
-            stage.all_valid = stage.all_valid and new_all_valid
-            pos = position_ids + stage.offset[:, None]
-            hidden, _ = self._run_layers(hidden, stage.start, stage.end, stage.valid, pos, cache, {}, stage.all_valid)
+            state = self._state = self._adopt(cache, attention_mask, b, q, dev, hidden.dtype)
+        masks = state.masks
+        new_valid = attention_mask[:, -q:].bool() if attention_mask is not None else None
+        if new_valid is not None and masks.decoded_all_valid and any(st.all_valid for st in state.stages):
+            masks.decoded_all_valid = bool(new_valid.all())  # one sync per step, not per stage
+        masks.append(new_valid, q)
+        positions = self.adapter.positions(position_ids, b, q, state.next_position, dev)  # [components, batch, q]
+        groups = 1 if state.offsets is None else state.offsets.shape[0]
+        if state.offsets is not None:
+            positions = (positions[:, None] + state.offsets[None, :, :, None]).flatten(1, 2)  # [c, groups * batch, q]
+        cos, sin = self.adapter.rotary(hidden, positions)
+        pes = list(zip(cos.chunk(groups, dim=-3), sin.chunk(groups, dim=-3)))
+        layer_pos = [self.adapter.layer_position_ids(p) for p in positions.chunk(groups, dim=1)]
+        for s, stage in enumerate(state.stages):
+            all_valid = stage.all_valid and masks.decoded_all_valid
+            if q == 1:
+                mask = masks.single_query_mask(s, all_valid)
+            else:  # several tokens at once (a later turn): causal among themselves
+                mask = self._mask(masks.stage_valid(s), q, hidden.dtype, all_valid)
+            hidden = self._layer_loop(hidden, stage.start, stage.end, mask, layer_pos[stage.group], pes[stage.group],
+                                      cache, {})
         state.next_position += q
         return self.adapter.language_model.norm(hidden)
 
     def _adopt(
-        self, cache: Cache, attention_mask: torch.Tensor | None, b: int, q: int, dev: torch.device
+        self, cache: Cache, attention_mask: torch.Tensor | None, b: int, q: int, dev: torch.device, dtype: torch.dtype
     ) -> _DecodeState:
         """A cache this engine did not prefill (e.g. an earlier turn run without the engine):
         its prefix was computed without drops, so it continues as one stage over every layer,
@@ -802,8 +1061,8 @@ class DropEngine:
             valid = attention_mask[:, :past].bool()
         else:
             valid = torch.ones(b, past, dtype=torch.bool, device=dev)
-        stage = _Stage(0, layers, valid, torch.zeros(b, dtype=torch.long, device=dev), bool(valid.all()))
-        return _DecodeState(cache, [stage], next_position=past)
+        stage = _Stage(0, layers, 0, bool(valid.all()))
+        return _DecodeState(cache, [stage], None, _DecodeMasks([valid], self._impl, dtype), next_position=past)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +29,21 @@ from torch import nn
 from redundancy.ranking import sequence_priority
 
 PositionEmbeddings = tuple[torch.Tensor, torch.Tensor]
+
+
+class RankingProjections(NamedTuple):
+    """What :meth:`FamilyAdapter.ranking_qk` computes with layer ``K``'s own modules."""
+
+    query: torch.Tensor
+    """``[batch, heads, n_query, head_dim]`` queries of the ranking rows, after rotary."""
+    key: torch.Tensor
+    """``[batch, kv_heads, n, head_dim]`` keys of every token, after rotary."""
+    scaling: float
+    """The softmax scaling."""
+    normed: torch.Tensor
+    """``[batch, n, d]`` the layer's input norm of every token."""
+    key_proj: torch.Tensor
+    """``[batch, n, kv_heads * head_dim]`` the key projection of every token (before any norm or rotary)."""
 
 
 class FamilyAdapter:
@@ -122,25 +137,25 @@ class FamilyAdapter:
         hidden: torch.Tensor,
         position_embeddings: PositionEmbeddings,
         query_index: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    ) -> RankingProjections:
         """Queries of the rows ``query_index`` and keys of every token, made with
         layer ``layer_idx``'s input norm and q/k projections (official PyramidDrop
-        ranking). Returns ``q [batch, heads, n_query, head_dim]``,
-        ``k [batch, kv_heads, n, head_dim]`` and the softmax scaling."""
+        ranking), and the norm's and key projection's outputs that layer can reuse."""
         layer = self.layers[layer_idx]
         attn = layer.self_attn
         with torch.no_grad():
             normed = layer.input_layernorm(hidden)  # [batch, n, d]
             rows = normed.gather(1, query_index[..., None].expand(*query_index.shape, normed.shape[-1]))
+            key_proj = attn.k_proj(normed)  # [batch, n, kv_heads * head_dim]
             q = attn.q_proj(rows).view(*rows.shape[:-1], -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+            k = key_proj.view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Qwen3-style q/k norms
                 q, k = attn.q_norm(q), attn.k_norm(k)
             cos_q, sin_q = self.gather_position_embeddings(position_embeddings, query_index)
             rope = self.apply_rotary(attn)
             q, _ = rope(q, q, cos_q, sin_q)
             _, k = rope(k, k, *position_embeddings)
-        return q, k, float(attn.scaling)
+        return RankingProjections(q, k, float(attn.scaling), normed, key_proj)
 
     @staticmethod
     def apply_rotary(attn: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
