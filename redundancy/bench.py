@@ -556,7 +556,7 @@ def measure(cfg: BenchConfig) -> tuple[Setup, list[MethodResult]]:
     results = against_vanilla([
         summarise(name, s, runs[name], cfg.new_tokens, ranking_seconds(subject, s, max(3, cfg.repeats // 2)),
                   peak_bytes(subject, s, cfg.new_tokens), subject)
-        for name, s in schedules.items()
+        for name, s in tqdm(schedules.items(), desc="bench profiling", unit="method", disable=not cfg.progress)
     ])
     dims, (batch, length) = subject.dims, subject.inputs["input_ids"].shape
     setup = Setup(
