@@ -126,7 +126,7 @@ def result_figures(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame
         "fig3_trained": lambda: curves.trained_figure(
             rows, trained_models(cfg), data=cfg.data, layers=cfg.layers, ranker=cfg.ranker),
         "fig4_flops_tradeoff": lambda: curves.flops_tradeoff_figure(
-            rows, samples, K=cfg.fastv_K, layers=cfg.pdrop_layers, budgets=cfg.budgets, **one),
+            rows, samples, K=cfg.fastv_K, layers=cfg.pdrop_layers, budgets=cfg.budgets, control=cfg.control, **one),
     }
 
 

@@ -96,6 +96,9 @@ def make_store(root: Path, vanilla: str, pdrop: str, *, control: bool = True) ->
         add_point(store, vanilla, DropSchedule.fastv(R=R), 0.8 - 0.4 * R)
     for lam in (0.4, 0.5, 0.6):
         add_point(store, vanilla, DropSchedule.pdrop(lam=lam), 0.5 + 0.4 * lam)
+        for seed in range(SEEDS if control else 0):  # Fig. 4's random control
+            add_point(store, vanilla, DropSchedule.pdrop(lam=lam, ranker="random").seeded("ckpt", seed), 0.4 + 0.05 * seed)
+    add_point(store, vanilla, DropSchedule.fastv(R=0.5, positions="compact"), 0.5)  # Fig. 4's other position policy
     add_point(store, vanilla, DropSchedule.drop(8, 0.5, positions="compact"), 0.0)  # a variant: never drawn
     return root
 
@@ -191,13 +194,20 @@ def test_trained_figure(world: dict[str, Any]) -> None:
 def test_flops_tradeoff_figure(world: dict[str, Any]) -> None:
     fig = flops_tradeoff_figure(world["rows"], world["samples"], model=world["vanilla"], budgets=(0.3, 0.5))
     assert len(panels(fig)) == 1 + len(FAMILIES)
-    assert legend_labels(fig) == ["FastV (K=2)", "PyramidDrop (layers 8, 16, 24)", "no drop (vanilla)", "FLOPs budgets"]
+    assert legend_labels(fig) == ["FastV (K=2)", "PyramidDrop (layers 8, 16, 24)",
+                                  f"random control (mean of {SEEDS} seeds)", "other position policy (keep / compact)",
+                                  "no drop (vanilla)", "FLOPs budgets"]
     assert "GFLOPs" in fig.get_supxlabel()
     ax = fig.axes[0]
-    fastv, pdrop = ax.get_lines()[:2]
+    solid = [line for line in ax.get_lines() if line.get_linestyle() == "-" and line.get_marker() == "o"]
+    fastv, pdrop = solid
     assert len(fastv.get_xdata()) == 2 and len(pdrop.get_xdata()) == 3
     assert np.all(np.diff(pdrop.get_xdata()) > 0)  # sorted by cost
-    budgets = [line for line in ax.get_lines() if line.get_linestyle() == "-."]
+    (control,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]  # PyramidDrop's, seeds averaged
+    assert len(control.get_xdata()) == 3 and control.get_ydata()[0] == pytest.approx(100 * (0.45 - 0.1))
+    (other,) = [line for line in ax.get_lines() if line.get_linestyle() == "-."]  # FastV with compact positions
+    assert len(other.get_xdata()) == 1
+    budgets = [line for line in ax.get_lines() if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]]
     assert sorted(line.get_xdata()[0] for line in budgets) == pytest.approx([0.3, 0.5])  # x in GFLOPs, vanilla = 1
 
 

@@ -26,6 +26,7 @@ from redundancy.plots.frames import (
     average_seeds,
     column,
     note_missing,
+    official_options,
     panel_families,
     rows_of_model,
 )
@@ -197,12 +198,14 @@ def trained_figure(
 def flops_tradeoff_figure(
     results: pd.DataFrame, samples: pd.DataFrame | None = None, *, model: str | None = None, data: str | None = None,
     K: int = 2, layers: Sequence[int] = (8, 16, 24), budgets: Sequence[float] = (),
-    families: Sequence[str] | None = None, ranker: str = "last",
+    families: Sequence[str] | None = None, ranker: str = "last", control: str | None = "random",
 ) -> Figure:
     """PyramidDrop Fig. 4: accuracy against image-part TFLOPs for FastV (layer ``K``) and
     PyramidDrop (boundaries ``layers``) at every R / lam in the results, the unmodified model as a
-    reference; ``budgets`` (fractions of the unmodified model's image-part TFLOPs) as vertical lines."""
-    rows = rows_of_model(results, model, data, ranker)
+    reference; ``budgets`` (fractions of the unmodified model's image-part TFLOPs) as vertical lines.
+    Solid: ranked by ``ranker`` with the method's own position policy; dashed: the ``control`` ranker
+    (mean over its seeds); dash-dotted: ``ranker`` with the other position policy (where recorded)."""
+    rows = rows_of_model(results, model, data, [ranker] + ([control] if control else []), official=False)
     fastv = rows[(rows["method"] == "fastv") & (column(rows, "params.K") == K)]
     pdrop = rows[(rows["method"] == "pdrop") & rows["boundaries"].map(lambda b: list(b) == list(layers))]
     if fastv.empty and pdrop.empty:
@@ -214,34 +217,50 @@ def flops_tradeoff_figure(
     van = rows[rows["method"] == "vanilla"]
     if van.empty:
         note_missing("fig4: no vanilla reference row (budgets are not drawn)")
-    keep = pd.concat([fastv, pdrop, van])
-    long = accuracy_long(keep, samples)
-    note_family_bands(long)
+    long = average_seeds(accuracy_long(pd.concat([fastv, pdrop, van]), samples))
+    note_family_bands(long[long["ranker"] == ranker])
     factor, unit = flops_scale(long["image_tflops"])
     long["image_flops"] = long["image_tflops"] * factor
     panels = panel_families(long, None if families is None else [OVERALL, *families])
     colors = pair_palette()
     labels = (f"FastV (K={K})", f"PyramidDrop (layers {', '.join(map(str, layers))})")
+    variants = {"own": False, "control": False, "other": False}  # which line styles were drawn
     fig, axes, spare = panel_grid(len(panels), sharey=True)
     for ax, family in zip(axes, panels):
         here = long[long["family"] == family]
         ax.yaxis.set_tick_params(labelleft=True)
         for method, color, label in zip(("fastv", "pdrop"), colors, labels):
-            curve(ax, here[here["method"] == method], "image_flops", color, label=label)
+            options = official_options(method)
+            mine = here[(here["method"] == method) & (here["rank_layer"] == options["rank_layer"])]
+            own = options["positions"]
+            ranked, other = mine[mine["ranker"] == ranker], mine[mine["ranker"] == control]
+            series = {"own": (ranked[ranked["positions"] == own], "-", "o", True),
+                      "control": (other[other["positions"] == own], "--", "x", False),
+                      "other": (ranked[ranked["positions"] != own], "-.", "s", False)}
+            for kind, (part, style, marker, band) in series.items():
+                if len(part):
+                    curve(ax, part, "image_flops", color, style=style, marker=marker, band=band,
+                          label=label if kind == "own" else None)
+                    variants[kind] = True
         ref = here[here["method"] == "vanilla"]
         reference(ax, ref)
         if not ref.empty:
             full = float(ref["image_flops"].iloc[0])
             ax.plot([full], [100 * ref["accuracy"].iloc[0]], "*", color=REFERENCE, markersize=7)
             for b in budgets:
-                ax.axvline(b * full, color="0.6", lw=0.6, ls="-.", zorder=0)
+                ax.axvline(b * full, color="0.75", lw=0.6, zorder=0)
         ax.set_title(panel_title(family, here))
     fig.supxlabel(f"image-part {unit} per sample (LM prefill, image tokens only)")
     axes[0].set_ylabel("accuracy (%)")
     handles = [Line2D([], [], color=c, marker="o", markersize=3, label=label) for c, label in zip(colors, labels)]
+    if variants["control"] and control:
+        handles.append(Line2D([], [], color="k", ls="--", marker="x", markersize=3, label=control_label(control, long)))
+    if variants["other"]:
+        handles.append(Line2D([], [], color="k", ls="-.", marker="s", markersize=3,
+                              label="other position policy (keep / compact)"))
     handles.append(Line2D([], [], color=REFERENCE, ls=":", marker="*", label="no drop (vanilla)"))
     if budgets and not van.empty:
-        handles.append(Line2D([], [], color="0.6", ls="-.", label="FLOPs budgets"))
+        handles.append(Line2D([], [], color="0.75", label="FLOPs budgets"))
     add_legend(fig, handles, spare)
     convention = column(rows, "flops_convention").dropna()
     name = f"FLOPs: {convention.iloc[0].split(':')[0]} convention (docs/method.md section 7)" if len(convention) else ""

@@ -120,7 +120,7 @@ def average_seeds(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def rows_of_model(
-    results: pd.DataFrame, model: str | None, data: str | None, ranker: str | Sequence[str]
+    results: pd.DataFrame, model: str | None, data: str | None, ranker: str | Sequence[str], official: bool = True,
 ) -> pd.DataFrame:
     """:func:`select` + :func:`latest` for one model; ``model=None`` takes the only model present."""
     if results.empty:
@@ -130,7 +130,7 @@ def rows_of_model(
         if len(models) != 1:
             raise ValueError(f"the results hold several models {models}; pass model=")
         model = models[0]
-    rows = latest(select(results, model=model, data=data, ranker=ranker))
+    rows = latest(select(results, model=model, data=data, ranker=ranker, official=official))
     if rows.empty:
         raise NothingToDraw(f"no rows for model {model!r}" + (f" on data {data!r}" if data else ""))
     return rows
