@@ -124,7 +124,7 @@ def result_figures(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame
         "fig1a_layer_ratio": lambda: curves.layer_ratio_figure(
             rows, samples, layers=cfg.layers, control=cfg.control, **one),
         "fig3_trained": lambda: curves.trained_figure(
-            rows, trained_models(cfg), data=cfg.data, layers=cfg.layers, ranker=cfg.ranker),
+            rows, trained_models(cfg), data=cfg.data, layers=cfg.layers, ranker=cfg.ranker, control=cfg.control),
         "fig4_flops_tradeoff": lambda: curves.flops_tradeoff_figure(
             rows, samples, K=cfg.fastv_K, layers=cfg.pdrop_layers, budgets=cfg.budgets, control=cfg.control, **one),
     }

@@ -180,9 +180,13 @@ def test_trained_figure(world: dict[str, Any]) -> None:
     fig = trained_figure(world["rows"], models)
     assert len(fig.axes) == 2 * len(LAYERS)
     assert [ax.get_title() for ax in fig.axes[: len(LAYERS)]] == [f"drop at layer {k}" for k in LAYERS]
-    assert legend_labels(fig) == ["vanilla-trained", "PyramidDrop-trained", "no drop (same checkpoint)"]
+    assert legend_labels(fig) == ["vanilla-trained", "PyramidDrop-trained",
+                                  f"random control (mean of {SEEDS} seeds), bottom row", "no drop (same checkpoint)"]
     delta = fig.axes[len(LAYERS)].get_lines()[0].get_ydata()
     assert delta[-1] == pytest.approx(100 * (0.3 + 0.5 + 0.02 - 0.8) / 2, abs=3)  # change from no drop, points
+    (control,) = [line for line in fig.axes[len(LAYERS)].get_lines() if line.get_linestyle() == "--"]
+    # the vanilla-trained model's control (the only one recorded) at r=0: seeds' mean 0.20 against vanilla 0.70
+    assert control.get_ydata()[0] == pytest.approx(100 * (0.20 - 0.70))
     with pytest.warns(MissingInput, match="absent"):
         fig = trained_figure(world["rows"], {**models, "other": "absent"})
     assert legend_labels(fig)[:2] == ["vanilla-trained", "PyramidDrop-trained"]

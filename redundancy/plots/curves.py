@@ -146,15 +146,17 @@ def layer_ratio_figure(
 @styled
 def trained_figure(
     results: pd.DataFrame, models: Mapping[str, str], *, data: str | None = None,
-    layers: Sequence[int] = STUDY_LAYERS, ranker: str = "last",
+    layers: Sequence[int] = STUDY_LAYERS, ranker: str = "last", control: str | None = "random",
 ) -> Figure:
     """PyramidDrop Fig. 3: the Fig. 1a curves (overall) of each checkpoint in ``models``
-    (legend label -> model name), one column per drop layer. Top row: accuracy; bottom row: the
-    change from the same checkpoint's no-drop accuracy (percentage points)."""
+    (legend label -> model name), one column per drop layer, the ``control`` ranker dashed (mean over
+    its seeds). Top row: accuracy; bottom row: the change from the same checkpoint's no-drop accuracy
+    (percentage points)."""
     per_model: dict[str, pd.DataFrame] = {}
+    rankers = [ranker] + ([control] if control else [])
     for label, name in models.items():
         try:
-            per_model[label] = accuracy_long(rows_of_model(results, name, data, ranker))
+            per_model[label] = average_seeds(accuracy_long(rows_of_model(results, name, data, rankers)))
         except NothingToDraw:
             note_missing(f"fig3: no rows for {label} ({name})")
     if not per_model:
@@ -167,15 +169,17 @@ def trained_figure(
         if ref.empty:
             note_missing(f"fig3: no vanilla reference row for {label}")
         for col, layer in enumerate(layers):
-            at = overall[(overall["method"] == "drop") & (overall["layer"] == layer)]
+            here = overall[(overall["method"] == "drop") & (overall["layer"] == layer)]
+            at = here[here["ranker"] == ranker]
             if at.empty:
                 note_missing(f"fig3: no rows for {label} at layer {layer}")
                 continue
             curve(axes[0, col], at, "ratio", colors[label], label=label)
             reference(axes[0, col], ref, color=colors[label])
-            if not ref.empty:
-                delta = at.assign(accuracy=at["accuracy"] - ref["accuracy"].iloc[0])
-                curve(axes[1, col], delta, "ratio", colors[label], band=False)
+            for part, style, marker in ((at, "-", "o"), (here[here["ranker"] == control], "--", "x")):
+                if len(part) and not ref.empty:
+                    delta = part.assign(accuracy=part["accuracy"] - ref["accuracy"].iloc[0])
+                    curve(axes[1, col], delta, "ratio", colors[label], style=style, marker=marker, band=False)
     for col, layer in enumerate(layers):
         axes[0, col].set_title(f"drop at layer {layer}")
         axes[1, col].axhline(0, color=REFERENCE, lw=0.8)
@@ -186,6 +190,10 @@ def trained_figure(
     axes[0, 0].set_ylabel("accuracy (%)")
     axes[1, 0].set_ylabel("change from no drop (points)")
     handles = [Line2D([], [], color=colors[k], marker="o", markersize=3, label=k) for k in per_model]
+    controls = pd.concat(list(per_model.values()))
+    if control and (controls["ranker"] == control).any():
+        handles.append(Line2D([], [], color="k", ls="--", marker="x", markersize=3,
+                              label=control_label(control, controls) + ", bottom row"))
     handles.append(Line2D([], [], color=REFERENCE, ls=":", label="no drop (same checkpoint)"))
     add_legend(fig, handles, None)
     fig.suptitle("Vanilla- against PyramidDrop-trained checkpoint, image tokens dropped at one layer\n"
