@@ -88,14 +88,20 @@ def git_revision() -> str:
         return "unknown"
 
 
-def export(run_dir: str | Path, name: str, command: str, batch_size: int = 64) -> dict[str, Any]:
-    """Ship ``run_dir/last`` as ``name`` (bf16 weights), evaluate it on the held-out
-    test set and write its card. Returns the card."""
+def export(
+    run_dir: str | Path, name: str, command: str, batch_size: int = 64, dest: str | Path | None = None,
+    keep_weights: bool = True, health: bool = True,
+) -> dict[str, Any]:
+    """Ship ``run_dir/last`` as ``name`` (bf16 weights) under ``dest`` (default: the package's
+    shipped checkpoints), evaluate it on the held-out test set (its answers in
+    ``predictions.jsonl``) and its layer health, and write its card. Returns the card. With
+    ``keep_weights=False`` (the extra seeds of a training run) only the card and the answers stay."""
     from redundancy.evaluate import predict  # late: evaluate imports the engine
 
     run_dir = Path(run_dir)
     source = run_dir / "last"
-    target = SHIPPED / name
+    target = Path(dest) / name if dest else SHIPPED / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(source)
     tmp = target.with_name(name + ".tmp")
@@ -112,6 +118,12 @@ def export(run_dir: str | Path, name: str, command: str, batch_size: int = 64) -
     samples = load_dataset(TEST_SET)
     preds = predict(shipped, processor, samples, batch_size=batch_size)
     result = score_predictions(samples, {s.question_id: p for s, p in zip(samples, preds)})
+    with (target / "predictions.jsonl").open("w") as f:
+        for s, p in zip(samples, preds):
+            f.write(json.dumps({"question_id": s.question_id, "family": s.family, "prediction": p}) + "\n")
+    from redundancy.health import HEALTH_N, health_record  # late: health imports this module
+
+    layer_health = health_record(target, samples[:HEALTH_N]) if health else None
     state = json.loads((source / "trainer_state.json").read_text())
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
     summary = json.loads((run_dir / "train_summary.json").read_text()) if (run_dir / "train_summary.json").exists() else {}
@@ -126,12 +138,17 @@ def export(run_dir: str | Path, name: str, command: str, batch_size: int = 64) -
         "train_threads": summary.get("threads"),
         "test_set": "redundancy/assets/microvqa/test",
         "test_accuracy": result,
+        "layer_health": layer_health,
         "weights": "bfloat16 safetensors (evaluated after loading in float32)",
         "size_bytes": sum(f.stat().st_size for f in target.iterdir()),
         "package_version": redundancy.__version__,
         "git_revision": git_revision(),
         "machine": f"{platform.machine()} {platform.processor()} ({torch.get_num_threads()} threads)",
     }
+    if not keep_weights:
+        for f in target.glob("*.safetensors"):
+            f.unlink()
+        card["weights"] = "not kept (an extra seed: the card and its answers only)"
     (target / "card.json").write_text(json.dumps(card, indent=1))
     (target / "README.md").write_text(card_markdown(card))
     return card
@@ -149,13 +166,18 @@ def card_markdown(card: dict[str, Any]) -> str:
     twin = "" if train.get("method", "vanilla") == "vanilla" else (
         f" That target is the vanilla model's; a twin trained with `{train['method']}` is to score within "
         f"{100 * TWIN_GAP:.0f} points of its vanilla model (compare that model's card).")
-    limits = "" if acc["accuracy"] >= TARGET else f"""
-## Limitations
-
-Below the project's target of {100 * TARGET:.0f}% exact match on the held-out test set.{twin} The
-per-family accuracies above say which questions it has not learnt. What was tried and measured:
-`experiments/micro_llava_training.md`.
-"""
+    problems = []
+    if acc["accuracy"] < TARGET:
+        problems.append(
+            f"Below the project's target of {100 * TARGET:.0f}% exact match on the held-out test set.{twin} The\n"
+            "per-family accuracies above say which questions it has not learnt. What was tried and measured:\n"
+            "`experiments/README.md`.")
+    inert = (card.get("layer_health") or {}).get("inert")
+    if inert:
+        problems.append(
+            f"Layers {inert} are inert (skipping one changes no answer and moves the answer's distribution by a KL\n"
+            f"below {card['layer_health']['inert_kl']:g}): a layer-dropping study on this model does not probe them.")
+    limits = "\n## Limitations\n\n" + "\n\n".join(problems) + "\n" if problems else ""
     method = f"- method: {train.get('method', 'vanilla')}\n"
     if train.get("method") == "pdrop":  # the schedule redundancy.train built from this config
         drop_stages = [s["name"] for s in train.get("stages", []) if s.get("drop")]
@@ -164,6 +186,18 @@ per-family accuracies above say which questions it has not learnt. What was trie
                   f"lambda {train['lam']}, positions {schedule.positions}, ranker {schedule.ranker}, "
                   f"rank layer {schedule.rank_layer}\n")
     fams = "\n".join(f"| {f} | {100 * a:.1f} |" for f, a in acc["per_family"].items())
+    depth = {s["name"]: s.get("layers", 32) for s in train.get("stages", [])}
+    walls_s = card["training_wall_s"]
+    full = sum(w for s, w in walls_s.items() if depth.get(s) == max(depth.values(), default=0))
+    share = (f"\nFull-depth training (all layers trainable, every stage at the model's full depth): "
+             f"{full / 60:.1f} of {sum(walls_s.values()) / 60:.1f} minutes recorded here "
+             f"({100 * full / max(sum(walls_s.values()), 1e-9):.0f}%).\n") if depth else ""
+    health = ""
+    if card.get("layer_health"):
+        from redundancy.health import markdown, table_of  # late: health imports this module
+
+        record = card["layer_health"]
+        health = f"\n## Layer health\n\n{markdown(table_of(record), record['n'])}"
     walls = "\n".join(f"| {s} | {w / 60:.1f} |" for s, w in card["training_wall_s"].items())
     return f"""# {card['name']}
 
@@ -188,14 +222,17 @@ Training wall time per stage ({card['train_device']}, {card['train_threads']} th
 | stage | minutes |
 |---|---|
 {walls}
-{limits}"""
+{share}{health}{limits}"""
 
 
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
-    if set(args) - {"run", "name", "command"} or not {"run", "name"} <= set(args):
-        sys.exit("usage: python -m redundancy.checkpoints run=<run dir> name=<shipped name> [command=<training command>]")
-    card = export(args["run"], args["name"], args.get("command", ""))
+    if set(args) - {"run", "name", "command", "dest", "keep_weights", "health"} or not {"run", "name"} <= set(args):
+        sys.exit("usage: python -m redundancy.checkpoints run=<run dir> name=<shipped name> [command=<training command>] "
+                 "[dest=<folder> keep_weights=false health=false]")
+    card = export(args["run"], args["name"], args.get("command", ""), dest=args.get("dest"),
+                  keep_weights=args.get("keep_weights", "true").lower() != "false",
+                  health=args.get("health", "true").lower() != "false")
     print(card_markdown(card))
 
 

@@ -63,3 +63,23 @@ def test_card_says_what_the_run_trained_and_when_it_misses_the_target() -> None:
     card["test_accuracy"]["accuracy"] = 0.95
     card["train_config"]["pdrop_positions"] = "keep"
     assert "positions keep" in card_markdown(card)
+
+
+def test_card_carries_the_layer_health_and_names_inert_layers() -> None:
+    from redundancy.checkpoints import card_markdown
+
+    rows = [{"layer": i, "update": 0.5, "kl": kl, "changed": ch, "entropy": 0.9}
+            for i, (kl, ch) in enumerate([(2.0, 0.5), (1e-5, 0.0), (0.01, 0.0), (1e-5, 0.01)])]
+    card = {"name": "m", "command": "c", "seed": 0, "package_version": "0", "git_revision": "abc",
+            "weights": "w", "size_bytes": 2**20, "final_loss": {}, "train_device": "cpu", "train_threads": 2,
+            "test_set": "t", "training_wall_s": {"a": 60.0, "deep": 180.0},
+            "train_config": {"stages": [{"name": "a", "layers": 4}, {"name": "deep", "layers": 32}]},
+            "test_accuracy": {"accuracy": 0.95, "n": 10, "per_family": {"color": 0.95}},
+            "layer_health": {"n": 10, "inert_kl": 1e-3, "inert": [1], "layers": rows}}
+    text = card_markdown(card)
+    assert "## Layer health" in text and "| 1 | 0.5 | 1e-05 | 0.0 | 0.900 | yes |" in text
+    assert "| 3 | 0.5 | 1e-05 | 1.0 | 0.900 |  |" in text  # an answer changed: not inert
+    assert "Layers [1] are inert" in text and "## Limitations" in text
+    assert "3.0 of 4.0 minutes recorded here (75%)" in text
+    card["layer_health"]["inert"] = []
+    assert "Limitations" not in card_markdown(card)
