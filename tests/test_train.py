@@ -193,8 +193,11 @@ def test_aux_curriculum_config() -> None:
         assert list(stages).index(name) > list(stages).index("relation_both"), name
     assert aux.stages[-1].drop and aux.stages[-1].layers == 32 and aux.stages[-1].prompt == "llava"
     # growth in doublings by split copies (issue 26: identity growth left 28 of 32 layers inert)
-    grown = [s for s in aux.stages if s.layers > 4]
+    depths = [s.layers for s in aux.stages]
+    grown = [s for s, before in zip(aux.stages[1:], depths) if s.layers > before]
     assert [s.layers for s in grown] == [8, 16, 32] and all(s.growth == "split" for s in grown)
+    # every full-depth stage is one the variants differ in (PyramidDrop all through full depth)
+    assert all(s.drop for s in aux.stages if s.layers == 32)
     assert [s for s in aux.stages if s.kind == "vision"] == [s for s in spatial.stages if s.kind == "vision"]
 
 
