@@ -18,12 +18,20 @@ machine hits them alike; medians are reported. On CUDA the clock is CUDA events.
 Peak memory, the ranking time (scores + top-k, timed by the engine) and the
 keep-ratio-1 check come from separate, untimed runs. The FLOPs-predicted speedup
 comes from :mod:`redundancy.flops` (paper convention, 1 MAC = 1 FLOP).
+
+Beside each method the same rounds time its *ideal* (``ideal=true``): the unmodified HF
+layers on the tokens the engine keeps, with no ranking and one gather per boundary
+(:mod:`redundancy.staged`), prefill and decode; the engine is reported as a percentage
+of it. ``peers=[fastv_eager]`` adds FastV run the way its official code runs it (layer
+``K-1`` in eager attention with its attention matrix read). Both need a padding-free
+batch (a preset's prompts, or a checkpoint's at batch 1); otherwise the report says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import statistics
 import time
@@ -51,6 +59,7 @@ from redundancy.models.factory import build_model, config_from_dims
 from redundancy.models.llava_next import next_image_layout
 from redundancy.presets import PRESETS, ModelDims, get_preset
 from redundancy.schedule import DropSchedule
+from redundancy.staged import StagePlan, fastv_eager_plan, ideal_plan, staged
 from redundancy.validate import available_memory, check_device, check_threads, check_weights, check_writable
 
 # The CPU stand-in: the micro-LLaVA's depth and image-token count, narrow width.
@@ -75,6 +84,7 @@ MICRO = ModelDims(
     projector_hidden=256,
 )
 MiB = 2**20
+PEERS = {"fastv_eager": "FastV's official way: layer K-1 in eager attention, its attention matrix read"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -97,6 +107,8 @@ class BenchConfig(MethodParams):
     threads: int | None = None  # None: torch's default
     out: str | None = None
     progress: bool = True  # a progress bar over the timed rounds (stderr)
+    ideal: bool = True  # also time each method's ideal (unmodified layers on the engine's kept tokens)
+    peers: list[str] = field(default_factory=lambda: ["fastv_eager"])  # peer implementations timed beside
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
@@ -276,16 +288,37 @@ def installed(model: Any, schedule: DropSchedule, **opts: Any) -> contextlib.Abs
     return contextlib.nullcontext() if schedule.is_vanilla else apply_schedule(model, schedule, trace=False, **opts)
 
 
-def time_rounds(subject: Subject, schedules: dict[str, DropSchedule], cfg: BenchConfig) -> dict[str, list[Run]]:
-    """``warmup`` then ``repeats`` rounds; each round runs every method once, in order."""
+Variant = Callable[[], contextlib.AbstractContextManager[Any]]
+IDEAL = "/ideal"  # suffix of a method's ideal variant
+
+
+def variants(subject: Subject, schedules: dict[str, DropSchedule], cfg: BenchConfig) -> tuple[dict[str, Variant], str]:
+    """What each timed run installs: every method (the engine), each method's ideal (the
+    unmodified layers on the engine's kept tokens, :mod:`redundancy.staged`) and each peer;
+    and a note when the references cannot run (a padded batch)."""
+    model, inputs = subject.model, subject.inputs
+    out: dict[str, Variant] = {name: functools.partial(installed, model, s) for name, s in schedules.items()}
+    plans: dict[str, StagePlan] = {}
+    try:
+        if cfg.ideal:
+            plans.update({name + IDEAL: ideal_plan(model, inputs, s) for name, s in schedules.items() if not s.is_vanilla})
+        plans.update({peer: fastv_eager_plan(model, inputs, cfg.K, cfg.R) for peer in cfg.peers})
+    except ValueError as err:  # a left-padded batch (a checkpoint's prompts at batch > 1)
+        return out, f"ideal and peers not run: {err}"
+    out.update({name: functools.partial(staged, model, plan) for name, plan in plans.items()})
+    return out, ""
+
+
+def time_rounds(subject: Subject, variants: dict[str, Variant], cfg: BenchConfig) -> dict[str, list[Run]]:
+    """``warmup`` then ``repeats`` rounds; each round runs every variant once, in order."""
     clock = Clock(subject.model.device)
-    runs: dict[str, list[Run]] = {name: [] for name in schedules}
+    runs: dict[str, list[Run]] = {name: [] for name in variants}
     rounds = cfg.warmup + cfg.repeats
-    with tqdm(total=rounds * len(schedules), desc="bench rounds", unit="run", disable=not cfg.progress) as bar:
+    with tqdm(total=rounds * len(variants), desc="bench rounds", unit="run", disable=not cfg.progress) as bar:
         for round_ in range(rounds):
-            for name, schedule in schedules.items():
+            for name, install in variants.items():
                 bar.set_postfix_str(f"round {round_ + 1}/{rounds}{' (warm-up)' if round_ < cfg.warmup else ''} {name}")
-                with installed(subject.model, schedule):
+                with install():
                     run_ = generate_greedy(subject.model, subject.inputs, cfg.new_tokens, clock)
                 if round_ >= cfg.warmup:
                     runs[name].append(run_)
@@ -305,13 +338,13 @@ def ranking_seconds(subject: Subject, schedule: DropSchedule, runs: int) -> floa
     return statistics.median(seconds)
 
 
-def peak_bytes(subject: Subject, schedule: DropSchedule, new_tokens: int) -> int | None:
+def peak_bytes(subject: Subject, install: Variant, new_tokens: int) -> int | None:
     """Peak memory of one generation above what was allocated before it (activations, cache,
     workspaces; not the weights). CUDA: the caching allocator's counters. CPU: the allocations
     recorded by ``torch.profiler`` (None where that record is unavailable)."""
     model, device = subject.model, subject.model.device
     clock = Clock(device)
-    with installed(model, schedule):
+    with install():
         if device.type == "cuda":
             _sync(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -374,6 +407,8 @@ class Setup:
     warmup: int
     new_tokens: int
     keep1_max_logit_diff: float
+    peers: tuple[str, ...] = ()
+    note: str = ""  # why the ideal / peer columns are missing, if they are
     torch_version: str = torch.__version__
 
 
@@ -394,24 +429,38 @@ class MethodResult:
     decode_tokens_per_s: float | None
     predicted_speedup: float  # prefill FLOPs (LM full sequence + ranking + vision) vanilla / method
     predicted_speedup_lm: float  # LM full-sequence FLOPs vanilla / method (flops.py's full_sequence_ratio)
-    ranking_ms: float
-    ranking_share: float  # ranking_ms / prefill_ms
+    ranking_ms: float | None  # None: a peer (its ranking is inside a layer)
+    ranking_share: float | None  # ranking_ms / prefill_ms
     schedule: dict[str, Any]
+    ideal_prefill_ms: float | None = None  # the unmodified layers on the same kept tokens (None: not run)
+    ideal_decode_ms_per_token: float | None = None
     speedup: float | None = None
     percent_of_predicted: float | None = None  # 100 * speedup / predicted_speedup
     decode_speedup: float | None = None
+    ideal_speedup: float | None = None  # vanilla / ideal prefill
+    percent_of_ideal: float | None = None  # 100 * ideal / engine prefill time (= speedup / ideal speedup)
+    ideal_decode_speedup: float | None = None
+    decode_percent_of_ideal: float | None = None
 
 
-def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: int, ranking_s: float,
-              peak: int | None, subject: Subject) -> MethodResult:
-    """The figures of one method from its timed runs; FLOPs from :func:`redundancy.flops.flops_report`."""
+def _medians(runs: list[Run], new_tokens: int) -> tuple[float, float | None]:
+    """Median prefill seconds and decode seconds per token (None without decoding)."""
+    per_token = statistics.median(r.decode_s for r in runs) / new_tokens if new_tokens else None
+    return statistics.median(r.prefill_s for r in runs), per_token
+
+
+def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: int, ranking_s: float | None,
+              peak: int | None, subject: Subject, ideal: list[Run] | None = None, title: str | None = None
+              ) -> MethodResult:
+    """The figures of one method from its timed runs (``ideal``: its ideal's); FLOPs from
+    :func:`redundancy.flops.flops_report`; ``ranking_s`` None for a peer."""
     batch, length = subject.inputs["input_ids"].shape
     report = flops_report(subject.dims, schedule)
-    prefill_s = statistics.median(r.prefill_s for r in runs)
-    per_token = statistics.median(r.decode_s for r in runs) / new_tokens if new_tokens else None
+    prefill_s, per_token = _medians(runs, new_tokens)
+    ideal_s, ideal_token = _medians(ideal, new_tokens) if ideal else (None, None)
     return MethodResult(
         method=name,
-        label=label(schedule),
+        label=title or label(schedule),
         stage_counts=list(report.stage_counts),
         prefill_ms=1e3 * prefill_s,
         decode_ms_per_token=None if per_token is None else 1e3 * per_token,
@@ -423,9 +472,11 @@ def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: in
         predicted_speedup=(report.vanilla_full_sequence + report.vision)
         / (report.full_sequence + report.ranking + report.vision),
         predicted_speedup_lm=1.0 / report.full_sequence_ratio,
-        ranking_ms=1e3 * ranking_s,
-        ranking_share=ranking_s / prefill_s,
+        ranking_ms=None if ranking_s is None else 1e3 * ranking_s,
+        ranking_share=None if ranking_s is None else ranking_s / prefill_s,
         schedule=schedule.record(),
+        ideal_prefill_ms=None if ideal_s is None else 1e3 * ideal_s,
+        ideal_decode_ms_per_token=None if ideal_token is None else 1e3 * ideal_token,
     )
 
 
@@ -434,14 +485,24 @@ def against_vanilla(results: list[MethodResult]) -> list[MethodResult]:
     base = next((r for r in results if r.method == "vanilla"), None)
     if base is None:
         return results
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a / b
+
     out = []
     for r in results:
         speedup = base.prefill_ms / r.prefill_ms
-        decode = None
-        if base.decode_ms_per_token is not None and r.decode_ms_per_token is not None:
-            decode = base.decode_ms_per_token / r.decode_ms_per_token
-        out.append(replace(r, speedup=speedup, percent_of_predicted=100 * speedup / r.predicted_speedup,
-                           decode_speedup=decode))
+        vanilla = r.method == "vanilla"  # its own ideal: the unmodified model
+        ideal_ms = r.prefill_ms if vanilla else r.ideal_prefill_ms
+        ideal_tok = r.decode_ms_per_token if vanilla else r.ideal_decode_ms_per_token
+        percent_ideal, percent_decode = ratio(ideal_ms, r.prefill_ms), ratio(ideal_tok, r.decode_ms_per_token)
+        out.append(replace(
+            r, speedup=speedup, percent_of_predicted=100 * speedup / r.predicted_speedup,
+            decode_speedup=ratio(base.decode_ms_per_token, r.decode_ms_per_token),
+            ideal_speedup=ratio(base.prefill_ms, ideal_ms),
+            percent_of_ideal=None if percent_ideal is None else 100 * percent_ideal,
+            ideal_decode_speedup=ratio(base.decode_ms_per_token, ideal_tok),
+            decode_percent_of_ideal=None if percent_decode is None else 100 * percent_decode,
+        ))
     return out
 
 
@@ -452,13 +513,17 @@ _COLUMNS: tuple[tuple[str, int, Callable[[MethodResult], str]], ...] = (
     ("speedup", 8, lambda r: _opt(r.speedup, ".2f")),
     ("FLOPs-pred.", 11, lambda r: f"{r.predicted_speedup:.2f}"),
     ("% of pred.", 10, lambda r: _opt(r.percent_of_predicted, ".1f", "%")),
+    ("ideal", 6, lambda r: _opt(r.ideal_speedup, ".2f")),
+    ("% of ideal", 10, lambda r: _opt(r.percent_of_ideal, ".1f", "%")),
     ("decode ms/tok", 13, lambda r: _opt(r.decode_ms_per_token, ".2f")),
     ("dec. speedup", 12, lambda r: _opt(r.decode_speedup, ".2f")),
+    ("dec. ideal", 10, lambda r: _opt(r.ideal_decode_speedup, ".2f")),
+    ("dec. % ideal", 12, lambda r: _opt(r.decode_percent_of_ideal, ".1f", "%")),
     ("KV MiB", 8, lambda r: f"{r.kv_cache_bytes / MiB:.2f}"),
     ("peak MiB", 9, lambda r: _opt(None if r.peak_bytes is None else r.peak_bytes / MiB, ".1f")),
     ("samples/s", 10, lambda r: f"{r.prefill_samples_per_s:.2f}"),
-    ("ranking ms", 11, lambda r: f"{r.ranking_ms:.3f}"),
-    ("ranking %", 10, lambda r: f"{100 * r.ranking_share:.2f}%"),
+    ("ranking ms", 11, lambda r: _opt(r.ranking_ms, ".3f")),
+    ("ranking %", 10, lambda r: _opt(None if r.ranking_share is None else 100 * r.ranking_share, ".2f", "%")),
 )
 
 
@@ -501,6 +566,9 @@ def check(cfg: BenchConfig) -> None:
     if cfg.checkpoint is not None and cfg.preset is not None:
         raise ValueError(f"checkpoint={cfg.checkpoint} and preset={cfg.preset} both name the model; give one")
     check_threads(cfg.threads, zero_is_default=False)
+    for peer in cfg.peers:
+        if peer not in PEERS:
+            raise ValueError(f"peers: {peer!r} is unknown; choose from {sorted(PEERS)}")
     check_device(cfg.device)
     if cfg.out is not None:
         if Path(cfg.out).suffix not in (".json", ".csv"):
@@ -552,19 +620,27 @@ def measure(cfg: BenchConfig) -> tuple[Setup, list[MethodResult]]:
         schedule.validate_for(subject.dims.num_layers)
 
     diff = keep_all_max_diff(subject.model, subject.inputs)
-    runs = time_rounds(subject, schedules, cfg)
-    results = against_vanilla([
+    timed, note = variants(subject, schedules, cfg)
+    runs = time_rounds(subject, timed, cfg)
+    results = [
         summarise(name, s, runs[name], cfg.new_tokens, ranking_seconds(subject, s, max(3, cfg.repeats // 2)),
-                  peak_bytes(subject, s, cfg.new_tokens), subject)
+                  peak_bytes(subject, timed[name], cfg.new_tokens), subject, runs.get(name + IDEAL))
         for name, s in tqdm(schedules.items(), desc="bench profiling", unit="method", disable=not cfg.progress)
-    ])
+    ]
+    fastv = DropSchedule.fastv(K=cfg.K, R=cfg.R)
+    results += [
+        summarise(peer, fastv, runs[peer], cfg.new_tokens, None, peak_bytes(subject, timed[peer], cfg.new_tokens),
+                  subject, title=f"{peer} K={cfg.K} R={cfg.R} (peer)")
+        for peer in cfg.peers if peer in runs
+    ]
+    results = against_vanilla(results)
     dims, (batch, length) = subject.dims, subject.inputs["input_ids"].shape
     setup = Setup(
         model=dims.name, weights=subject.weights, layers=dims.num_layers, hidden=dims.hidden, n_image=dims.n_image,
         n_text=dims.n_text, prompt_length=length, batch_size=batch, dtype=str(dtype).removeprefix("torch."),
         attn=cfg.attn, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         threads=torch.get_num_threads(), repeats=cfg.repeats, warmup=cfg.warmup, new_tokens=cfg.new_tokens,
-        keep1_max_logit_diff=diff,
+        keep1_max_logit_diff=diff, peers=tuple(p for p in cfg.peers if p in runs), note=note,
     )
     return setup, results
 
@@ -585,6 +661,10 @@ def format_report(setup: Setup, results: list[MethodResult]) -> str:
         + f"medians of {setup.repeats} interleaved rounds after {setup.warmup} warm-up{clock}",
         "FLOPs-pred. = vanilla / method prefill FLOPs (full-sequence LM + ranking + vision, eq. 4, redundancy.flops); "
         + "% of pred. = measured / predicted speedup",
+        "ideal = vanilla / (unmodified HF layers on the engine's kept tokens: no ranking, one gather per boundary, "
+        + "redundancy.staged) time; % of ideal = ideal / engine time; dec. = the same per decoded token",
+        *([f"peers: {'; '.join(f'{p} = {PEERS[p]}' for p in setup.peers)}"] if setup.peers else []),
+        *([setup.note] if setup.note else []),
         f"KV = keys + values of every layer after prefill; peak = {memory}; samples/s = prefill throughput",
     ])
 

@@ -16,6 +16,7 @@ from redundancy.flops import flops_report
 from redundancy.micro import MicroConfig, build_micro
 from redundancy.presets import ModelDims
 from redundancy.train import vocabulary
+from tests.conftest import make_batch, tiny_model
 
 TINY = dataclasses.replace(bench.MICRO, num_layers=4, hidden=64, ffn=128, heads=4, kv_heads=2,
                            n_image=16, vision_tokens=17, n_text=8)
@@ -31,10 +32,14 @@ def _run(tmp_path: Path, **overrides: Any) -> tuple[list[str], dict[str, Any]]:
 
 
 def _kv_bytes(dims: ModelDims, row: dict[str, Any], batch: int, element: int) -> int:
-    """Keys + values of every layer: 2 * kv_dim bytes per cached token per layer."""
-    sched = bench.schedules_for(bench.BenchConfig(**FAST))[row["method"]]
+    """Keys + values of every layer: 2 * kv_dim bytes per cached token per layer (the FastV peer: FastV's)."""
+    sched = bench.schedules_for(bench.BenchConfig(**FAST))[_method(row)]
     tokens = sum(dims.n_text + n for n in sched.tokens_per_layer(dims.n_image, dims.num_layers))
     return batch * 2 * dims.kv_dim * element * tokens
+
+
+def _method(row: dict[str, Any]) -> str:
+    return "fastv" if row["method"] == "fastv_eager" else row["method"]
 
 
 def test_preset_reports_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,10 +57,25 @@ def test_preset_reports_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert row["kv_cache_bytes"] == _kv_bytes(dims, row, batch=2, element=4)
         assert row["peak_bytes"] >= row["kv_cache_bytes"]  # the cache is allocated during the run
         assert row["prefill_samples_per_s"] == pytest.approx(2e3 / row["prefill_ms"])
-        report = flops_report(dims, bench.schedules_for(bench.BenchConfig(**FAST))[name])
+        report = flops_report(dims, bench.schedules_for(bench.BenchConfig(**FAST))[_method(row)])
         assert row["predicted_speedup_lm"] == pytest.approx(1 / report.full_sequence_ratio)
         assert row["percent_of_predicted"] == pytest.approx(100 * row["speedup"] / row["predicted_speedup"])
+        if name == "fastv_eager":  # the peer: no separate ranking time, no ideal of its own
+            assert row["ranking_ms"] is None and row["ideal_prefill_ms"] is None
+            continue
         assert row["ranking_share"] >= 0
+        if name == "vanilla":  # its own ideal
+            assert row["percent_of_ideal"] == 100 and row["ideal_speedup"] == 1
+            continue
+        # the ideal ran in the same rounds; the engine is reported against it
+        assert row["ideal_prefill_ms"] > 0 and row["ideal_decode_ms_per_token"] > 0
+        assert row["percent_of_ideal"] == pytest.approx(100 * row["ideal_prefill_ms"] / row["prefill_ms"])
+        assert row["decode_percent_of_ideal"] == pytest.approx(
+            100 * row["ideal_decode_ms_per_token"] / row["decode_ms_per_token"])
+        assert row["ideal_speedup"] == pytest.approx(rows["vanilla"]["prefill_ms"] / row["ideal_prefill_ms"])
+    assert [line.split()[0] for line in lines[3:8]] == [*FAST["methods"], "fastv_eager"]
+    assert "ideal" in lines[2] and "% of ideal" in lines[2] and any(line.startswith("peers:") for line in lines)
+    assert rows["fastv_eager"]["kv_cache_bytes"] == rows["fastv"]["kv_cache_bytes"]
     assert rows["vanilla"]["speedup"] == 1.0 and rows["vanilla"]["predicted_speedup"] == 1.0
     assert rows["vanilla"]["ranking_ms"] == 0.0
     assert rows["pdrop"]["stage_counts"] == [16, 8, 4, 2]
@@ -70,7 +90,7 @@ def test_llava_next_preset_packs_anyres_image(tmp_path: Path, monkeypatch: pytes
     lines, result = _run(tmp_path, preset="llava-next-7b", methods=["vanilla", "pdrop"])
     # base 4x4 grid + 2x2 crops stitched to 8x8 with a newline column: 16 + 8 * 9
     assert result["setup"]["n_image"] == 16 + 72
-    assert [r["stage_counts"] for r in result["methods"]] == [[88], [88, 44, 22, 11]]
+    assert [r["stage_counts"] for r in result["methods"]] == [[88], [88, 44, 22, 11], [88, 44]]  # + the FastV peer
     assert float(lines[1].rsplit(":", 1)[1]) < 1e-5
 
 
@@ -85,9 +105,18 @@ def test_trained_model_dir_uses_processor_prompts(tmp_path: Path) -> None:
                                        out=str(out)))
     assert "(trained)" in text.splitlines()[0] and "36 image" in text.splitlines()[0]
     rows = list(csv.DictReader(out.open()))
-    assert [r["method"] for r in rows] == FAST["methods"]
+    assert [r["method"] for r in rows] == [*FAST["methods"], "fastv_eager"]
     assert all(r["decode_ms_per_token"] == "" and r["batch_size"] == "3" for r in rows)
     assert json.loads(rows[2]["stage_counts"]) == [36, 18, 9, 4]
+
+
+def test_padded_batch_runs_no_reference() -> None:
+    """The ideal and the peers need a padding-free batch; a left-padded one gets the engine only and a note."""
+    model = tiny_model("llava", "llama", "sdpa")
+    subject = bench.Subject(model, make_batch(model, [(3, 5), (1, 3)]), bench.MICRO, "random init")
+    schedules = bench.schedules_for(bench.BenchConfig(**FAST))
+    timed, note = bench.variants(subject, schedules, bench.BenchConfig(**FAST))
+    assert list(timed) == FAST["methods"] and "ideal and peers not run" in note and "padding" in note
 
 
 @pytest.mark.parametrize(
@@ -99,6 +128,7 @@ def test_trained_model_dir_uses_processor_prompts(tmp_path: Path) -> None:
         ({"out": "bench.txt"}, "must end in .json or .csv"),
         ({"dtype": "fp8"}, "dtype='fp8'"),
         ({"layers": [8, 16, 24]}, "boundary 8 is outside"),
+        ({"peers": ["fastv_lazy"]}, "peers: 'fastv_lazy' is unknown"),
     ],
 )
 def test_bad_input_is_named(overrides: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch) -> None:
