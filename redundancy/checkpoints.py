@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 import redundancy
 from redundancy.data import evaluate as score_predictions
@@ -33,7 +32,8 @@ from redundancy.validate import check_weights
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED = ASSETS / "checkpoints"
 TEST_SET = ASSETS / "microvqa" / "test"
-_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+"""Model classes by ``model_type`` (names: transformers' modelling code loads with the first model, not at import)."""
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -62,12 +62,16 @@ def load_model(
     """``(model, processor)`` from a shipped name or a local HF directory (offline). The
     directory's config and weight files are checked first (:func:`redundancy.validate.check_weights`):
     a broken file is a ``ValueError`` naming it, before the model is built."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
     path = resolve(name_or_path)
     check_weights(path)
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in _CLASSES:
         raise ValueError(f"{path} holds a {config.model_type!r} model; supported: {sorted(_CLASSES)}")
-    model = _CLASSES[config.model_type].from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model_class = getattr(transformers, _CLASSES[config.model_type])
+    model = model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(path)
     return model.to(device).eval(), processor
 
@@ -96,6 +100,8 @@ def export(
     shipped checkpoints), evaluate it on the held-out test set (its answers in
     ``predictions.jsonl``) and its layer health, and write its card. Returns the card. With
     ``keep_weights=False`` (the extra seeds of a training run) only the card and the answers stay."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
     from redundancy.evaluate import predict  # late: evaluate imports the engine
 
     run_dir = Path(run_dir)

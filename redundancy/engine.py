@@ -49,19 +49,18 @@ import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.output_capturing import _active_collector, capture_outputs
 
 from redundancy.models import FamilyAdapter, adapter_for
 from redundancy.ranking import query_attention, random_scores, select_top
 from redundancy.schedule import DropSchedule, kept_count
+
+if TYPE_CHECKING:  # transformers' modelling code loads when an engine is first attached, not at import
+    from transformers.cache_utils import Cache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
 
 _ATTN_NAME = "redundancy"
 _SUPPORTED_IMPLS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -87,19 +86,27 @@ def _probing_attention(
             probe(query, key, scaling)
     if impl == "eager":
         return FamilyAdapter.eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    kernels = _attention_functions()
     if "flash" not in impl:
-        return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, attention_mask, **kwargs)
+        return kernels[impl](module, query, key, value, attention_mask, **kwargs)
     # Flash kernels read the implementation name from the config (it picks their
     # library): they see the real one for the duration of the call.
     config = module.config
     config._attn_implementation_internal = impl
     try:
-        return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, attention_mask, **kwargs)
+        return kernels[impl](module, query, key, value, attention_mask, **kwargs)
     finally:
         config._attn_implementation_internal = _ATTN_NAME
 
 
-AttentionInterface.register(_ATTN_NAME, _probing_attention)
+@functools.cache
+def _attention_functions() -> Any:
+    """transformers' attention kernels by name, with the engine's wrapper registered (once)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(_ATTN_NAME, _probing_attention)
+    return ALL_ATTENTION_FUNCTIONS
 
 
 # --------------------------------------------------------------------- trace
@@ -501,6 +508,9 @@ class DropEngine:
 
     # ---------------------------------------------------------- install/remove
     def attach(self) -> None:
+        from transformers.utils.output_capturing import capture_outputs
+
+        _attention_functions()  # registers the wrapper
         configs = self.adapter.attention_configs()
         impls = {cfg._attn_implementation for cfg in configs}
         if len(impls) != 1:
@@ -586,6 +596,9 @@ class DropEngine:
         use_cache: bool | None = None,
         **_: Any,
     ) -> BaseModelOutputWithPast:
+        from transformers.cache_utils import DynamicCache
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
         lm = self.adapter.language_model
         pending, self._pending = self._pending, {}
         if input_ids is not None:
@@ -633,6 +646,8 @@ class DropEngine:
     def _restore_hidden_states(self, restore: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
         """``output_hidden_states``: HF's hooks collected each layer's output in its stage's
         layout; put them back at their original positions (docs/method.md section 9)."""
+        from transformers.utils.output_capturing import _active_collector
+
         collected = _active_collector.get()
         states = collected.get("hidden_states") if collected else None
         if not states or len(states) != self.adapter.num_layers + 1:

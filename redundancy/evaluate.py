@@ -19,11 +19,12 @@ from tqdm.auto import tqdm
 
 from redundancy.data import Sample
 from redundancy.engine import apply_schedule
-from redundancy.micro import PROMPT
 from redundancy.schedule import DropSchedule
 
 
 def prompts(samples: Sequence[Sample]) -> list[str]:
+    from redundancy.micro import PROMPT  # late: micro loads transformers' processors and models
+
     return [PROMPT.format(question=s.question) for s in samples]
 
 

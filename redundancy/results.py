@@ -29,9 +29,10 @@ import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas loads when results are first read into a frame, not at import
+    import pandas as pd
 
 _WHOLE_FILE_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones by head, tail and size
 _EDGE = 2**20
@@ -162,6 +163,8 @@ def load_results(root: str | Path) -> pd.DataFrame:
     ``params.layer``); lists stay lists. Duplicate keys (the same point copied from
     several machines) are kept once.
     """
+    import pandas as pd
+
     rows = ResultStore(root).rows()
     if not rows:
         return pd.DataFrame()
@@ -171,6 +174,8 @@ def load_results(root: str | Path) -> pd.DataFrame:
 
 def load_samples(root: str | Path) -> pd.DataFrame:
     """Every per-sample record of the finished points under ``root`` (column ``key`` names the point)."""
+    import pandas as pd
+
     folder = Path(root) / "samples"
     frames = []
     for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:

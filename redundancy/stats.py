@@ -26,11 +26,12 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
-import pandas as pd
-from scipy.stats import binomtest
-from statsmodels.stats.multitest import multipletests
+
+if TYPE_CHECKING:  # pandas, scipy and statsmodels load when a test statistic is first computed, not at import
+    import pandas as pd
 
 LEVEL = 0.95
 ALPHA = 1 - LEVEL
@@ -38,7 +39,7 @@ RESAMPLES = 10_000
 SEED = 0
 EXACT_FLIPS_UP_TO = 16
 
-Scores = pd.Series | Sequence[float] | np.ndarray
+Scores: TypeAlias = "pd.Series | Sequence[float] | np.ndarray"
 
 
 # ------------------------------------------------------------------ one point
@@ -92,6 +93,8 @@ def accuracy(scores: Scores, level: float = LEVEL) -> Estimate:
 def paired(a: Scores, b: Scores) -> tuple[np.ndarray, np.ndarray]:
     """``a`` and ``b`` as aligned arrays: Series are paired by their index (question id) and must
     hold the same questions; plain sequences must have the same length."""
+    import pandas as pd
+
     if isinstance(a, pd.Series) and isinstance(b, pd.Series):
         if a.index.has_duplicates or b.index.has_duplicates:
             raise ValueError("paired scores: a question id occurs twice")
@@ -119,6 +122,8 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
     only_b = int(((a == 0) & (b == 1)).sum())
     if only_a + only_b == 0:
         return only_a, only_b, 1.0
+    from scipy.stats import binomtest
+
     return only_a, only_b, float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
@@ -248,12 +253,16 @@ def holm(comparisons: Sequence[Comparison]) -> list[Comparison]:
     """``comparisons`` with ``p_holm`` set: Holm's step-down adjustment across the family."""
     if not comparisons:
         return []
+    from statsmodels.stats.multitest import multipletests
+
     adjusted = multipletests([c.p for c in comparisons], method="holm")[1]
     return [replace(c, p_holm=float(p)) for c, p in zip(comparisons, adjusted)]
 
 
 def holm_adjust(p_values: Sequence[float]) -> list[float]:
     """Holm-adjusted p-values of a family of tests (the bare numbers behind :func:`holm`)."""
+    from statsmodels.stats.multitest import multipletests
+
     return [float(p) for p in multipletests(list(p_values), method="holm")[1]] if len(p_values) else []
 
 

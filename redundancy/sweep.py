@@ -40,7 +40,6 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from transformers import AutoConfig
 
 import redundancy
 from redundancy.checkpoints import TEST_SET, git_revision, load_model, resolve, resolve_device
@@ -286,6 +285,8 @@ def check_destination(cfg: SweepConfig) -> None:
 
 def model_depth(path: Path) -> int:
     """Decoder layers of the language model in ``path`` (from config.json; no weights load)."""
+    from transformers import AutoConfig  # late: keeps `import redundancy.sweep` light
+
     config = AutoConfig.from_pretrained(path)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.num_hidden_layers)

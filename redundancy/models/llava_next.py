@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.image_processing_utils import select_best_resolution
 
 from redundancy.models.base import FamilyAdapter
 from redundancy.ranking import grid_priority, pack_priorities, sequence_priority
@@ -29,6 +28,8 @@ def next_image_layout(
     """``((g, g), (h', w' + 1))``: the base grid and the unpadded high-res grid with
     its newline column, for an image of ``height x width`` pixels (same arithmetic
     as transformers' ``pack_image_features`` / ``unpad_image``)."""
+    from transformers.image_processing_utils import select_best_resolution  # heavy: loaded on first use
+
     g = image_size // patch_size
     best_h, best_w = select_best_resolution([height, width], pinpoints)
     cur_h, cur_w = best_h // image_size * g, best_w // image_size * g
