@@ -279,8 +279,9 @@ class _DecodeMasks:
         if self.width + self.used + q > capacity:
             grow = max(self.chunk, capacity - self.width, q)  # doubling the decoded part: amortised O(1)
             pad = torch.ones(*self.valid.shape[:2], grow, dtype=torch.bool, device=self.valid.device)
+            shared = self.kernel is self.valid
             self.valid = torch.cat([self.valid, pad], dim=-1)
-            self.kernel = self.valid if self.kernel is self.valid else torch.cat([self.kernel, self._format(pad)], -1)
+            self.kernel = self.valid if shared else torch.cat([self.kernel, self._format(pad)], dim=-1)
         lo, hi = self.width + self.used, self.width + self.used + q
         if new_valid is not None:
             self.valid[:, :, lo:hi] = new_valid

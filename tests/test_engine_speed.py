@@ -105,7 +105,12 @@ def test_decode_masks_grow_in_chunks(attn: str, monkeypatch) -> None:
     batch = _next_batch(model)
     tokens, logits, _, _ = engine_generate(model, schedule, NEXT_TOKENS, **batch)
     monkeypatch.setattr(engine_module._DecodeMasks, "chunk", 2)
+    made: list[Any] = []
+    init = engine_module._DecodeMasks.__init__
+    monkeypatch.setattr(engine_module._DecodeMasks, "__init__", lambda self, *a: (made.append(self), init(self, *a))[1])
     tokens2, logits2, _, _ = engine_generate(model, schedule, NEXT_TOKENS, **batch)
+    masks = made[-1]
+    assert masks.used == NEXT_TOKENS - 1 and masks.valid.shape[-1] > masks.width + 2  # it grew
     assert torch.equal(tokens, tokens2)
     torch.testing.assert_close(logits, logits2, atol=1e-6, rtol=0)
 
