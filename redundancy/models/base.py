@@ -153,8 +153,9 @@ class FamilyAdapter:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             cos_q, sin_q = self.gather_position_embeddings(position_embeddings, query_index)
             rope = self.apply_rotary(attn)
-            q, _ = rope(q, q, cos_q, sin_q)
-            _, k = rope(k, k, *position_embeddings)
+            # The family's rotary rotates a (query, key) pair; the unused side is one head, not a full copy.
+            q, _ = rope(q, k[:, :1, :1], cos_q, sin_q)
+            _, k = rope(q[:, :1, :1], k, *position_embeddings)
         return RankingProjections(q, k, float(attn.scaling), normed, key_proj)
 
     @staticmethod
