@@ -92,6 +92,17 @@ def git_revision() -> str:
         return "unknown"
 
 
+def portable(path: Any) -> Any:
+    """A run's path as the card records it: relative to where the command ran when it lies below it,
+    so that no machine's directory layout ends up in a shipped card."""
+    if not isinstance(path, str) or not Path(path).is_absolute():
+        return path
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return Path(path).name
+
+
 def export(
     run_dir: str | Path, name: str, command: str, batch_size: int = 64, dest: str | Path | None = None,
     keep_weights: bool = True, health: bool = True,
@@ -132,6 +143,7 @@ def export(
     layer_health = health_record(target, samples[:HEALTH_N]) if health else None
     state = json.loads((source / "trainer_state.json").read_text())
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    config = {k: portable(v) if k in ("out", "init_from") else v for k, v in config.items()}
     summary = json.loads((run_dir / "train_summary.json").read_text()) if (run_dir / "train_summary.json").exists() else {}
     card = {
         "name": name,

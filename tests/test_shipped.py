@@ -83,3 +83,39 @@ def test_card_carries_the_layer_health_and_names_inert_layers() -> None:
     assert "3.0 of 4.0 minutes recorded here (75%)" in text
     card["layer_health"]["inert"] = []
     assert "Limitations" not in card_markdown(card)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_checkpoint_has_no_inert_layer(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card's layer health was measured on these weights and finds no inert layer; recomputed
+    on a few questions, every layer still does work of the size the card records."""
+    from redundancy.health import HEALTH_N, layer_health
+    from redundancy.results import checkpoint_fingerprint
+
+    if not (SHIPPED / name).is_dir():
+        pytest.skip(f"{name} is not shipped yet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    health = json.loads((SHIPPED / name / "card.json").read_text())["layer_health"]
+    assert health["fingerprint"] == checkpoint_fingerprint(SHIPPED / name)
+    assert health["n"] == HEALTH_N and len(health["layers"]) == 32
+    assert health["inert"] == [], f"inert layers {health['inert']}"
+    model, processor = load_model(name, attn_implementation="eager")
+    table = layer_health(model, processor, load_dataset(TEST_SET)[:16], progress=False)
+    for row, recorded in zip(table, health["layers"]):
+        assert row.layer == recorded["layer"]
+        assert 0.5 < row.update / recorded["update"] < 2, row  # the residual update hardly depends on the question
+        assert row.kl > 1e-5, row  # skipping any layer moves the answer's distribution
+        assert row.entropy < 0.95, row  # no layer attends uniformly over the image
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_card_names_no_machine_path(name: str) -> None:
+    from pathlib import Path
+
+    if not (SHIPPED / name).is_dir():
+        pytest.skip(f"{name} is not shipped yet")
+    card = json.loads((SHIPPED / name / "card.json").read_text())
+    for key in ("out", "init_from"):
+        value = card["train_config"].get(key)
+        assert value is None or not Path(value).is_absolute(), f"{key}={value}"
+    assert str(Path.cwd()) not in (SHIPPED / name / "README.md").read_text()
