@@ -39,10 +39,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from redundancy.checkpoints import TEST_SET, load_model, resolve, resolve_device
-from redundancy.cli import run_entry
+from redundancy.cli import launch, run_entry
 from redundancy.data import Sample, load_dataset
 from redundancy.evaluate import batches, prompts
 from redundancy.results import checkpoint_fingerprint
+from redundancy.validate import check_device, check_threads, check_writable
 
 HEALTH_N = 200  # questions of the held-out test set the model cards measure layer health on
 INERT_KL = 1e-3  # a layer whose skip changes no answer and moves the answer's distribution less than this is inert
@@ -251,25 +252,34 @@ def table_of(record: dict[str, Any]) -> list[LayerHealth]:
 def run(cfg: HealthConfig) -> str:
     if cfg.n < 1:
         raise ValueError(f"n={cfg.n} must be at least 1")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_threads(cfg.threads)
+    check_device(cfg.device)
+    check_writable(cfg.out, "out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     samples = load_dataset(cfg.data or TEST_SET)[: cfg.n]
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     record = health_record(cfg.model, samples, dtype=dtype, device=resolve_device(cfg.device), batch_size=cfg.batch_size)
-    name = record["model"]
+    return write_report(record, Path(cfg.out))
+
+
+def write_report(record: dict[str, Any], out: Path) -> str:
+    """``<out>/<model>.{json,md,png}`` from a health record (the command's, or a model card's
+    ``layer_health``); returns the markdown table."""
+    name, n = record["model"], record["n"]
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    text = markdown(table_of(record), len(samples))
-    (out / f"{name}.md").write_text(f"# Layer health: {name}\n\n{text}")
-    figure(table_of(record), f"{name}: layer health on {len(samples)} held-out questions", out / f"{name}.png")
+    text = markdown(table_of(record), n)
+    (out / f"{name}.md").write_text(f"# Layer health: {name} ({record['fingerprint']})\n\n{text}")
+    figure(table_of(record), f"{name} ({record['fingerprint']}): layer health on {n} held-out questions",
+           out / f"{name}.png")
     return text
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="health")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="health")
 def main(cfg: DictConfig) -> None:
     run_entry(run, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, "health")

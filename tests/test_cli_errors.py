@@ -121,6 +121,13 @@ def _cases(broken: dict[str, str]) -> dict[str, list[tuple[list[str], str]]]:
             ([f"model={bad}", "out=out", "questions=[test-000000]"], "model.safetensors is truncated"),
             *[([a, "out=out"], "CPU build") for a in cuda],
         ],
+        "redundancy.health": [
+            (["modle=micro-llava-pdrop"], "did you mean 'model'"),
+            (["n=0"], "n=0 must be at least 1"),
+            ([f"out={f}/health"], "cannot be written"),
+            ([f"model={bad}", "out=out"], "model.safetensors is truncated"),
+            *[([a, "out=out"], "CPU build") for a in cuda],
+        ],
         "redundancy.figures": [
             (["dpii=3"], "did you mean 'dpi'"),
             ([f"results={f}"], "cannot be written"),
@@ -149,7 +156,7 @@ def _run_cases(module: str, cases: list[tuple[list[str], str]], tmp_path: Path) 
 
 
 @pytest.mark.parametrize("module", ["redundancy.sweep", "redundancy.flops", "redundancy.bench", "redundancy.maps",
-                                    "redundancy.figures", "redundancy.train"])
+                                    "redundancy.health", "redundancy.figures", "redundancy.train"])
 def test_bad_input_is_one_line_and_exit_code_2(module: str, broken: dict[str, str], tmp_path: Path) -> None:
     cases = _cases(broken)[module]
     for (args, expected), record in zip(cases, _run_cases(module, cases, tmp_path)):
