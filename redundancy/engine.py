@@ -55,8 +55,8 @@ import torch
 from torch import nn
 
 from redundancy.models import FamilyAdapter, adapter_for
-from redundancy.ranking import query_attention, random_scores, select_top
-from redundancy.schedule import DropSchedule, kept_count
+from redundancy.ranking import query_attention, random_scores, select_top, sink_mask, sink_scores, unrotate
+from redundancy.schedule import ATTENTION_RANKERS, DropSchedule, kept_count
 
 if TYPE_CHECKING:  # transformers' modelling code loads when an engine is first attached, not at import
     from transformers.cache_utils import Cache
@@ -64,7 +64,10 @@ if TYPE_CHECKING:  # transformers' modelling code loads when an engine is first 
 
 _ATTN_NAME = "redundancy"
 _SUPPORTED_IMPLS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
-_ATTENTION_RANKERS = ("last", "instruction", "inverse")
+_SINK_RANKERS = ("nosink", "nosink_keep")
+# Attention rankers whose score needs more than the probe's softmax (the stage's rotary, the
+# hidden states leaving the layer): their probe keeps the query rows and keys for the boundary.
+_DEFERRED_RANKERS = ("norope", *_SINK_RANKERS)
 
 
 def _probing_attention(
@@ -215,10 +218,14 @@ class _QueryProbe:
     """Attention of the query rows over all keys, computed inside a layer's attention."""
 
     def __init__(
-        self, index: torch.Tensor, weight: torch.Tensor, visible: torch.Tensor, stopwatch: _Stopwatch | None = None
+        self, index: torch.Tensor, weight: torch.Tensor, visible: torch.Tensor, stopwatch: _Stopwatch | None = None,
+        keep_inputs: bool = False,
     ) -> None:
         self.index, self.weight, self.visible, self.stopwatch = index, weight, visible, stopwatch
+        self.keep_inputs = keep_inputs
         self.result: torch.Tensor | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        """``keep_inputs``: the query rows, the keys and the scaling, scored at the boundary."""
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         timing = self.stopwatch(query.device) if self.stopwatch else contextlib.nullcontext()
@@ -227,7 +234,10 @@ class _QueryProbe:
         with timing, torch.no_grad():
             # query [batch, heads, n, head_dim] -> the query rows [batch, heads, n_query, head_dim]
             idx = self.index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
-            self.result = query_attention(query.gather(2, idx), key, self.visible, self.weight, scaling)
+            if self.keep_inputs:
+                self.inputs = (query.detach().gather(2, idx), key.detach(), scaling)
+            else:
+                self.result = query_attention(query.gather(2, idx), key, self.visible, self.weight, scaling)
 
 
 @dataclass(frozen=True)
@@ -317,6 +327,7 @@ def _query_rows(
     """Indices ``[batch, nq]``, weights and key visibility ``[batch, nq, n]`` of the query
     rows marked in ``query`` ``[batch, n]`` (``nq``: the most rows any sample has)."""
     n = query.shape[1]
+    nq = min(nq, n)  # a stage narrower than the first stage's query rows (``mean``: image rows dropped)
     counts = query.sum(1)
     order = torch.sort((~query).to(torch.int8), dim=1, stable=True).indices[:, :nq]
     weight = (torch.arange(nq, device=query.device)[None] < counts[:, None]).float() / counts.clamp(min=1)[:, None]
@@ -793,10 +804,10 @@ class DropEngine:
                     "multimodal model (whose image placeholders it reads), not to the language model"
                 )
             is_img = torch.zeros(b, length, dtype=torch.bool, device=dev)
-        query = self._query_mask(is_img, valid, pending.get("labels"))
+        query, on_image = self._query_mask(is_img, valid, pending.get("labels"))
         # The prefill's one read of the prompt's layout on the host.
         n_image, n_valid, n_query, query_on_image = torch.stack(
-            [is_img.sum(1), valid.sum(1), query.sum(1), (query & is_img).any(1).long()]
+            [is_img.sum(1), valid.sum(1), query.sum(1), on_image.long()]
         ).tolist()
         self.trace.reset()
         self.trace.n_image = n_image
@@ -810,7 +821,7 @@ class DropEngine:
 
         # Rows that keep every image token: no image, or an attention ranker whose query is an image token.
         untouched = [n == 0 for n in n_image]
-        if sched.ranker in _ATTENTION_RANKERS:
+        if sched.ranker in ATTENTION_RANKERS:
             untouched = [u or bool(q) for u, q in zip(untouched, query_on_image)]
         self.trace.untouched = untouched
         dropping = needs_images and not all(untouched)
@@ -838,11 +849,12 @@ class DropEngine:
             for li, probe in recorders.items():
                 probes.setdefault(li, []).append(probe)
             scorer = None
-            ranks_here = dropping and s < len(sched.boundaries) and sched.ranker in _ATTENTION_RANKERS
+            ranks_here = dropping and s < len(sched.boundaries) and sched.ranker in ATTENTION_RANKERS
             if ranks_here and sched.rank_layer == "stage_last":
-                scorer = recorders.get(end - 1)
+                deferred = sched.ranker in _DEFERRED_RANKERS
+                scorer = None if deferred else recorders.get(end - 1)
                 if scorer is None:
-                    scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch)
+                    scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch, keep_inputs=deferred)
                     probes.setdefault(end - 1, []).append(scorer)
             if s == 0 and self.first_stage is not None:  # shared-prefix hook (redundancy.grid)
                 hidden, pe = self.first_stage(self, hidden, start, end, valid, pos, cache, probes, all_valid)
@@ -865,7 +877,7 @@ class DropEngine:
             if dropping:
                 assert counts is not None
                 with self._stopwatch(dev):
-                    scores, reuse = self._scores(s, end, hidden, pe, scorer, rank_rows, ordinal, controls)
+                    scores, reuse = self._scores(s, end, hidden, pe, scorer, rank_rows, ordinal, present, controls)
                     keep_img = select_top(scores, present, counts[s])
             if self.keep_trace:
                 self.trace.defer(functools.partial(
@@ -923,12 +935,16 @@ class DropEngine:
         n = valid.shape[1]
         return (valid * torch.arange(1, n + 1, device=valid.device)).argmax(1)
 
-    def _query_mask(self, is_img: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The ranking query rows in the original layout ``[batch, n]`` bool.
+    def _query_mask(
+        self, is_img: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranking query rows in the original layout ``[batch, n]`` bool, and per row
+        ``[batch]`` whether its query (before the modes below add rows) is an image token.
 
         Inference: the last prompt token. Training (labels given): every token
         right before an answer span. ``instruction`` adds the text tokens between
-        the last image token and the (last) query.
+        the last image token and the (last) query; ``mean`` every token, image tokens
+        included, from the first image token to the (last) query (answers excluded).
         """
         b, n = valid.shape
         dev = valid.device
@@ -940,12 +956,16 @@ class DropEngine:
             answer = (labels.to(dev) != -100) & valid
             query[:, :-1] = ~answer[:, :-1] & answer[:, 1:] & valid[:, :-1]
         query |= ~query.any(1, keepdim=True) & (arange[None] == last[:, None])
+        on_image = (query & is_img).any(1)
+        last_q = torch.where(query, arange[None], -1).max(1).values
         if self.schedule.ranker == "instruction":
             last_img = torch.where(is_img, arange[None], -1).max(1).values
-            last_q = torch.where(query, arange[None], -1).max(1).values
             instr = valid & ~is_img & ~answer & (arange[None] > last_img[:, None]) & (arange[None] <= last_q[:, None])
             query |= instr
-        return query
+        elif self.schedule.ranker == "mean":
+            first_img = torch.where(is_img, arange[None], n).min(1).values
+            query |= valid & ~answer & (arange[None] >= first_img[:, None]) & (arange[None] <= last_q[:, None])
+        return query, on_image
 
     def _scores(
         self,
@@ -956,32 +976,63 @@ class DropEngine:
         scorer: _QueryProbe | None,
         rank_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
         ordinal: torch.Tensor,
+        present: torch.Tensor,
         controls: torch.Tensor | None,
     ) -> tuple[torch.Tensor, _LayerInputs | None]:
         """Ranking score ``[batch, n]`` of every slot at boundary ``boundary`` (higher = kept
         first) and, for ``rank_layer="next"`` without autograd, layer ``boundary``'s input norm
         and key projection of every slot (reused by that layer for the kept slots)."""
         ranker = self.schedule.ranker
-        if ranker in _ATTENTION_RANKERS:
+        if ranker in ATTENTION_RANKERS:
             reuse = None
-            if scorer is not None:
+            if scorer is not None and scorer.inputs is None:
                 att = scorer.result
-            else:  # rank_layer == "next": layer K's norm and q/k on the states leaving layer K-1
+            else:
                 assert rank_rows is not None
-                proj = self.adapter.ranking_qk(boundary, hidden, pe, rank_rows[0])
-                att = query_attention(proj.query, proj.key, rank_rows[2], rank_rows[1], proj.scaling)
-                if not torch.is_grad_enabled():
-                    reuse = _LayerInputs(hidden, proj.normed, proj.key_proj)
+                if scorer is not None:
+                    q, k, scaling = scorer.inputs
+                else:  # rank_layer == "next": layer K's norm and q/k on the states leaving layer K-1
+                    proj = self.adapter.ranking_qk(boundary, hidden, pe, rank_rows[0])
+                    q, k, scaling = proj.query, proj.key, proj.scaling
+                    if not torch.is_grad_enabled():
+                        reuse = _LayerInputs(hidden, proj.normed, proj.key_proj)
+                att = self._attention_score(q, k, scaling, hidden, pe, rank_rows, present)
             assert att is not None
             return (-att if ranker == "inverse" else att), reuse
         assert controls is not None
         return controls[stage].gather(1, ordinal.clamp(min=0)), None
 
+    def _attention_score(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scaling: float,
+        hidden: torch.Tensor,
+        pe: tuple[torch.Tensor, torch.Tensor],
+        rank_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        present: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[batch, n]`` attention score of the query rows ``query`` over ``key`` (after rotary)
+        under the schedule's ranker: ``norope`` rotates both back first (the stage's ``pe``);
+        ``nosink`` / ``nosink_keep`` leave the image tokens present whose states leaving the
+        ranking layer (``hidden``) are sinks (:func:`~redundancy.ranking.sink_mask`) out of the
+        softmax and drop them first / keep them first (:func:`~redundancy.ranking.sink_scores`)."""
+        ranker = self.schedule.ranker
+        index, weight, visible = rank_rows
+        if ranker == "norope":
+            query = unrotate(query, *self.adapter.gather_position_embeddings(pe, index))
+            key = unrotate(key, *pe)
+        sinks = sink_mask(hidden, present) if ranker in _SINK_RANKERS else None
+        if sinks is not None:
+            visible = visible & ~sinks[:, None, :]
+        att = query_attention(query, key, visible, weight, scaling)
+        return att if sinks is None else sink_scores(att, sinks, keep=ranker == "nosink_keep")
+
     def _control_scores(self, n_image: list[int], pending: dict[str, Any], device: torch.device) -> torch.Tensor | None:
         """``[boundaries, batch, max N]`` scores of the ``random`` / ``uniform`` controls per original
         image token, made on the host before the first layer (None for the attention rankers)."""
         sched = self.schedule
-        if sched.ranker in _ATTENTION_RANKERS:
+        if sched.ranker in ATTENTION_RANKERS:
             return None
         if sched.ranker == "random":
             keys = pending["row_keys"]

@@ -107,7 +107,13 @@ def ranking_flops(dims: ModelDims, schedule: DropSchedule, n_query: int = 1) -> 
     ``kv_len * d * d_kv`` with ``d_kv = kv_heads * head_dim`` (the official code
     recomputes them; ``stage_last`` reads them from layer ``K-1``). Softmax, head
     mean and top-k are ``O(heads * kv_len)`` (no factor ``d``) and left out.
-    ``random`` / ``uniform`` rankers cost 0.
+    ``random`` / ``uniform`` rankers cost 0. The other rankers (docs/method.md section 3):
+
+    * ``mean``: the image tokens of layer ``K-1`` are query rows too, ``n_query`` counting the
+      text rows: ``(n_query + image tokens) * kv_len * d`` (an upper bound: an image row sees
+      only the keys before it);
+    * ``norope``: plus rotating the query rows and keys back, ``2 (n_query * d + kv_len * d_kv)``;
+    * ``nosink`` / ``nosink_keep``: plus the norms of the image tokens, ``image tokens * d``.
     """
     if n_query < 1:
         raise ValueError(f"n_query={n_query} is outside the allowed range [1, inf)")
@@ -116,10 +122,16 @@ def ranking_flops(dims: ModelDims, schedule: DropSchedule, n_query: int = 1) -> 
     per_layer = schedule.tokens_per_layer(dims.n_image, dims.num_layers)
     d, total = dims.hidden, 0
     for k in schedule.boundaries:
-        kv_len = dims.n_text + per_layer[k - 1]
-        total += n_query * kv_len * d
+        n_image = per_layer[k - 1]
+        kv_len = dims.n_text + n_image
+        rows = n_query + (n_image if schedule.ranker == "mean" else 0)
+        total += rows * kv_len * d
         if schedule.rank_layer == "next":
-            total += n_query * d * d + kv_len * d * dims.kv_dim
+            total += rows * d * d + kv_len * d * dims.kv_dim
+        if schedule.ranker == "norope":
+            total += 2 * (rows * d + kv_len * dims.kv_dim)
+        elif schedule.ranker in ("nosink", "nosink_keep"):
+            total += n_image * d
     return total
 
 

@@ -55,6 +55,41 @@ def query_attention(
         return (per_row * weights.float()[:, :, None]).sum(dim=1)
 
 
+SINK_NORM_RATIO = 20.0
+"""An image token is a sink (``nosink`` rankers) when the L2 norm of its hidden state is at
+least this many times the median norm of the sample's image tokens present (docs/method.md
+section 3): massive activations are hundreds of times the typical value, content tokens vary
+within a few times it."""
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[batch, heads, n, head_dim]`` before the rotary embedding ``(cos, sin)``
+    ``[batch, n, head_dim]`` (half-split rotary, ``x' = x cos + rotate_half(x) sin``), in float32:
+    each pair ``(i, i + head_dim/2)`` is rotated back by its angle (divided by ``cos^2 + sin^2``,
+    1 unless the rope type scales the attention)."""
+    x = x.float()
+    c, s = cos.float()[:, None], sin.float()[:, None]
+    half = x.shape[-1] // 2
+    turned = torch.cat((x[..., half:], -x[..., :half]), dim=-1)  # rotate_half(x) by -90 degrees
+    return (x * c + turned * s) / (c * c + s * s)
+
+
+def sink_scores(attention: torch.Tensor, sinks: torch.Tensor, keep: bool) -> torch.Tensor:
+    """``attention`` (in ``[0, 1]``) with the ``sinks`` scored 2 (``keep``: kept before every other
+    token) or -1 (dropped first). Finite, so that :func:`select_top` still tells them from the
+    tokens that are not candidates."""
+    return attention.masked_fill(sinks, 2.0 if keep else -1.0)
+
+
+def sink_mask(hidden: torch.Tensor, candidates: torch.Tensor, ratio: float = SINK_NORM_RATIO) -> torch.Tensor:
+    """``[batch, n]`` bool: the candidates (image tokens present) whose hidden-state norm
+    (``hidden`` ``[batch, n, d]``) is at least ``ratio`` times the median norm of the row's
+    candidates (:data:`SINK_NORM_RATIO`)."""
+    norms = hidden.detach().float().norm(dim=-1).masked_fill(~candidates, float("nan"))
+    median = norms.nanmedian(dim=1, keepdim=True).values
+    return candidates & (norms >= ratio * median)
+
+
 def select_top(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Mark the ``counts[b]`` highest-scored candidates of each row.
 

@@ -13,8 +13,12 @@ Conventions (``docs/method.md`` sections 1-4):
   sample; the tokens kept from boundary ``s`` on are ``floor(ratio_s * N)``
   (:func:`kept_count`, the one place that rounds).
 * ``ranker``: ``last`` (attention of the last prompt token), ``instruction``
-  (mean attention of the instruction tokens after the image), and the controls
-  ``random``, ``uniform`` (spatially even) and ``inverse`` (lowest scores).
+  (mean attention of the instruction tokens after the image), ``mean`` (FastV's
+  paper: mean attention of every token from the first image token on), ``norope``
+  (``last`` without rotary embedding on the query and keys), ``nosink`` /
+  ``nosink_keep`` (``last`` with the image sink tokens, found by hidden-state norm,
+  left out of the softmax and dropped / kept), and the controls ``random``,
+  ``uniform`` (spatially even) and ``inverse`` (lowest scores); docs/method.md section 3.
 * ``rank_layer``: ``stage_last`` scores with the queries/keys of layer ``K-1``
   (the paper's definition); ``next`` applies layer ``K``'s input norm and q/k
   projections to the hidden states leaving layer ``K-1`` (official PyramidDrop code).
@@ -30,7 +34,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
-Ranker = Literal["last", "instruction", "random", "uniform", "inverse"]
+Ranker = Literal["last", "instruction", "mean", "norope", "nosink", "nosink_keep", "random", "uniform", "inverse"]
 RankLayer = Literal["stage_last", "next"]
 PositionPolicy = Literal["keep", "compact"]
 Method = Literal["vanilla", "drop", "fastv", "pdrop", "custom"]
@@ -40,6 +44,8 @@ RANK_LAYERS: tuple[str, ...] = get_args(RankLayer)
 POSITION_POLICIES: tuple[str, ...] = get_args(PositionPolicy)
 METHODS: tuple[str, ...] = get_args(Method)
 SEEDED_RANKERS: tuple[str, ...] = ("random",)  # rankers whose choice depends on the schedule's seed
+# rankers that score by the attention of query rows over the keys of the ranking layer
+ATTENTION_RANKERS: tuple[str, ...] = ("last", "instruction", "mean", "norope", "nosink", "nosink_keep", "inverse")
 
 # floor(r * N) is evaluated with this slack so that a ratio typed as a decimal
 # (0.29 * 100 = 28.999999999999996 in binary floating point) keeps the count its

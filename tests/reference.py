@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from redundancy.schedule import DropSchedule, kept_count
 
-ATTENTION_RANKERS = ("last", "instruction", "inverse")
+ATTENTION_RANKERS = ("last", "instruction", "mean", "norope", "nosink", "nosink_keep", "inverse")
+SINK_RATIO = 20.0  # docs/method.md section 3: a sink's hidden-state norm is >= 20 x the median image token's
 
 
 # ------------------------------------------------------------ multimodal merge
@@ -83,6 +84,16 @@ def _qkv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
+def _qk_plain(layer, hidden: torch.Tensor):
+    """Queries ``[heads, n, hd]`` and keys ``[kv_heads, n, hd]`` of ``layer`` for its input
+    ``hidden`` ``[n, d]``, with no rotary embedding (the ``norope`` ranker)."""
+    attn = layer.self_attn
+    hd = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    n = x.shape[0]
+    return attn.q_proj(x).view(n, -1, hd).transpose(0, 1), attn.k_proj(x).view(n, -1, hd).transpose(0, 1)
+
+
 def causal_float_mask(n: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """``[n, n]``: 0 where key ``j <= i`` (query ``i`` may look), ``-inf`` elsewhere."""
     mask = torch.zeros(n, n, dtype=dtype, device=device)
@@ -107,22 +118,49 @@ def _layer_forward(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return hidden, q, k
 
 
-def _attention_row(q: torch.Tensor, k: torch.Tensor, row: int, scaling: float) -> torch.Tensor:
+def _attention_row(q: torch.Tensor, k: torch.Tensor, row: int, scaling: float, excluded=()) -> torch.Tensor:
     """``[n]`` attention of query row ``row`` over every key, mean over heads, float64.
 
-    Only keys ``0..row`` are visible (causal); the others get 0.
+    Only keys ``0..row`` are visible (causal), less the slots in ``excluded``; the others get 0.
     """
     q = q.detach().double()
     k = k.detach().double()
     groups = q.shape[0] // k.shape[0]
+    seen = [j for j in range(row + 1) if j not in excluded]
     heads = []
     for h in range(q.shape[0]):
-        kh = k[h // groups, : row + 1]  # [row+1, hd]
+        kh = k[h // groups, seen]  # [visible, hd]
         heads.append(torch.softmax(kh @ q[h, row] * scaling, dim=-1))
     mean = torch.stack(heads).mean(0)
     out = torch.zeros(k.shape[1], dtype=torch.float64)
-    out[: row + 1] = mean.cpu()
+    out[seen] = mean.cpu()
     return out
+
+
+def sink_slots(hidden: torch.Tensor, image_slots: list[int]) -> list[int]:
+    """The image slots whose hidden-state norm is at least :data:`SINK_RATIO` times the
+    median (the lower middle value for an even count) of the image slots' norms."""
+    norms = {j: float(hidden[j].detach().double().norm()) for j in image_slots}
+    ordered = sorted(norms.values())
+    median = ordered[(len(ordered) - 1) // 2]
+    return [j for j in image_slots if norms[j] >= SINK_RATIO * median]
+
+
+def ranking_attention(ranker, q, k, plain_q, plain_k, scaling, rows, image_slots, hidden) -> torch.Tensor:
+    """``[n]`` float64 score of every slot at a boundary under an attention ranker: the mean
+    attention of the query slots ``rows``, from ``q/k`` (after rotary) or, for ``norope``,
+    ``plain_q/plain_k`` (before); the ``nosink`` rankers leave the sink slots among
+    ``image_slots`` (by the norm of ``hidden``, the states leaving the ranking layer) out of
+    every softmax and score them -1 (``nosink``: below every attention) or 2 (``nosink_keep``: above)."""
+    if ranker == "norope":
+        q, k = plain_q, plain_k
+    sinks = sink_slots(hidden, image_slots) if ranker in ("nosink", "nosink_keep") else []
+    att = torch.zeros(k.shape[1], dtype=torch.float64)
+    for r in rows:
+        att += _attention_row(q, k, r, scaling, excluded=set(sinks))
+    att /= len(rows)
+    att[sinks] = 2.0 if ranker == "nosink_keep" else -1.0
+    return -att if ranker == "inverse" else att
 
 
 # ----------------------------------------------------------------- the forward
@@ -167,6 +205,9 @@ def query_rows(ids: list[int], image_token_id: int, ranker: str, labels: list[in
         rows = [i for i in range(L - 1) if labels[i] == -100 and labels[i + 1] != -100]
     if not rows:
         rows = [L - 1]
+    if ranker == "mean":  # every token from the first image token to the last query, answers excluded
+        first_img = min(i for i in range(L) if ids[i] == image_token_id)
+        return [i for i in range(first_img, max(rows) + 1) if labels is None or labels[i] == -100]
     if ranker == "instruction":
         last_img = max(i for i in range(L) if ids[i] == image_token_id)
         last_q = max(rows)
@@ -224,8 +265,9 @@ def reference_run(
         pos_t = torch.tensor([pos], device=hidden.device)
         cos, sin = lm.rotary_emb(hidden[None], position_ids=pos_t)
         cos, sin = cos[0], sin[0]
-        q_last = k_last = None
+        q_last = k_last = h_in = None
         for li in range(starts[s], starts[s + 1]):
+            h_in = hidden
             hidden, q_last, k_last = _layer_forward(layers[li], hidden, cos, sin)
         if s == len(schedule.boundaries):
             break
@@ -237,23 +279,23 @@ def reference_run(
             assert set(keep) <= set(present), "a given kept set brings back a dropped token"
             assert len(keep) == kept_count(N, schedule.ratios[s])
         else:
-            if schedule.rank_layer == "stage_last":
-                q, k = q_last, k_last
-                scaling = layers[boundary - 1].self_attn.scaling
-            else:  # "next": layer K's input norm and q/k on the states leaving layer K-1
-                with torch.no_grad():
-                    q, k, _ = _qkv(layers[boundary], hidden, cos, sin)
-                scaling = layers[boundary].self_attn.scaling
-            att = torch.zeros(len(cur), dtype=torch.float64)
-            for r in rows:
-                att += _attention_row(q, k, cur.index(r), scaling)
-            att /= len(rows)
+            rank_layer = layers[boundary - 1] if schedule.rank_layer == "stage_last" else layers[boundary]
+            with torch.no_grad():
+                if schedule.rank_layer == "stage_last":
+                    q, k = q_last, k_last
+                    plain_q, plain_k = _qk_plain(rank_layer, h_in)
+                else:  # "next": layer K's input norm and q/k on the states leaving layer K-1
+                    q, k, _ = _qkv(rank_layer, hidden, cos, sin)
+                    plain_q, plain_k = _qk_plain(rank_layer, hidden)
+            image_slots = [slot for slot, p in enumerate(cur) if p in ordinal]
+            present_rows = [cur.index(r) for r in rows if r in cur]
+            att = ranking_attention(
+                ranker, q, k, plain_q, plain_k, rank_layer.self_attn.scaling, present_rows, image_slots, hidden
+            )
             score = torch.full((N,), float("nan"), dtype=torch.float64)
             for slot, p in enumerate(cur):
                 if p in ordinal:
                     score[ordinal[p]] = att[slot]
-            if ranker == "inverse":
-                score = -score
             count = kept_count(N, schedule.ratios[s])
             order = sorted(present, key=lambda j: (-float(score[j]), j))
             keep = sorted(order[:count])

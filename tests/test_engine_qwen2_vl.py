@@ -31,9 +31,9 @@ from redundancy.schedule import DropSchedule, kept_count
 from tests.conftest import engine_generate
 
 try:
-    from tests.reference import _attention_row, _layer_forward, _qkv, query_rows
+    from tests.reference import _layer_forward, _qk_plain, _qkv, query_rows, ranking_attention
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import _attention_row, _layer_forward, _qkv, query_rows
+    from reference import _layer_forward, _qk_plain, _qkv, query_rows, ranking_attention
 
 Sample = dict[str, torch.Tensor]
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -182,6 +182,7 @@ def reference_run(model: Any, sample: Sample, schedule: DropSchedule, kept: list
         cos, sin = lm.rotary_emb(hidden[None], torch.tensor(pos)[:, None, :])
         cos, sin = cos[0], sin[0]
         for li in range(starts[s], starts[s + 1]):
+            h_in = hidden
             hidden, q_last, k_last = _layer_forward(layers[li], hidden, cos, sin)
         if s == len(schedule.boundaries):
             break
@@ -190,16 +191,19 @@ def reference_run(model: Any, sample: Sample, schedule: DropSchedule, kept: list
         if kept is not None:
             keep = kept[s]
         else:
-            if schedule.rank_layer == "stage_last":
-                q, k, scaling = q_last, k_last, layers[boundary - 1].self_attn.scaling
-            else:
-                with torch.no_grad():
-                    q, k, _ = _qkv(layers[boundary], hidden, cos, sin)
-                scaling = layers[boundary].self_attn.scaling
-            att = sum(_attention_row(q, k, cur.index(r), scaling) for r in rows) / len(rows)
-            score = {ordinal[p]: float(att[slot]) for slot, p in enumerate(cur) if p in ordinal}
-            sign = -1.0 if schedule.ranker == "inverse" else 1.0
-            order = sorted(present, key=lambda j: (-sign * score[j], j))
+            layer = layers[boundary - 1] if schedule.rank_layer == "stage_last" else layers[boundary]
+            with torch.no_grad():
+                if schedule.rank_layer == "stage_last":
+                    q, k = q_last, k_last
+                else:
+                    q, k, _ = _qkv(layer, hidden, cos, sin)
+                    h_in = hidden
+                plain_q, plain_k = _qk_plain(layer, h_in)
+            image_slots = [slot for slot, p in enumerate(cur) if p in ordinal]
+            att = ranking_attention(schedule.ranker, q, k, plain_q, plain_k, layer.self_attn.scaling,
+                                    [cur.index(r) for r in rows if r in cur], image_slots, hidden)
+            score = {ordinal[cur[slot]]: float(att[slot]) for slot in image_slots}
+            order = sorted(present, key=lambda j: (-score[j], j))
             keep = sorted(order[: kept_count(len(image_pos), schedule.ratios[s])])
         ref.kept.append(keep)
         select = [slot for slot, p in enumerate(cur) if p not in ordinal or ordinal[p] in set(keep)]

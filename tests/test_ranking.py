@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from redundancy.ranking import grid_priority, query_attention, random_scores, select_top, sequence_priority
+from redundancy.ranking import (
+    grid_priority,
+    query_attention,
+    random_scores,
+    select_top,
+    sequence_priority,
+    sink_mask,
+    sink_scores,
+    unrotate,
+)
 
 
 def test_query_attention_matches_full_softmax_with_gqa() -> None:
@@ -59,3 +68,43 @@ def test_random_scores_depend_on_sample_not_batch() -> None:
     assert torch.equal(a, random_scores(10, seed=0, stage=0, row_key=b"abc"))
     assert not torch.equal(a, random_scores(10, seed=1, stage=0, row_key=b"abc"))
     assert not torch.equal(a, random_scores(10, seed=0, stage=0, row_key=b"abd"))
+
+
+def test_unrotate_inverts_the_rotary_embedding() -> None:
+    """HF's half-split rotary, also with a scaled rope (cos^2 + sin^2 != 1), is undone."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 4, 6, 8, dtype=torch.float64), torch.randn(2, 2, 6, 8, dtype=torch.float64)
+    angle = torch.rand(2, 6, 4, dtype=torch.float64) * 50
+    for scale in (1.0, 1.3):
+        cos, sin = (torch.cat([f(angle)] * 2, dim=-1) * scale for f in (torch.cos, torch.sin))
+        q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+        assert not torch.allclose(q_rot.float(), q.float())
+        torch.testing.assert_close(unrotate(q_rot, cos, sin), q.float())
+        torch.testing.assert_close(unrotate(k_rot, cos, sin), k.float())
+
+
+def test_sink_mask_threshold_is_relative_to_the_median_image_token() -> None:
+    hidden = torch.ones(2, 6, 4)  # norm 2 everywhere
+    hidden[0, 2] *= 25  # 25 x the median: a sink
+    hidden[0, 4] *= 15  # 15 x: not one
+    hidden[1, 0] *= 100  # not a candidate (text): never a sink, not in the median
+    hidden[1, 3] *= 20  # exactly 20 x: a sink
+    cand = torch.tensor([[False, True, True, True, True, True], [False, True, True, True, True, True]])
+    assert sink_mask(hidden, cand).tolist() == [
+        [False, False, True, False, False, False], [False, False, False, True, False, False]]
+    assert not sink_mask(hidden, torch.zeros_like(cand)).any()
+
+
+def test_sink_scores_stay_finite_so_counts_hold() -> None:
+    """A dropped sink ranks below every candidate but still above the non-candidates,
+    so a kept count larger than the other candidates is met exactly."""
+    att = torch.tensor([[0.1, 0.3, 0.2, 0.4]])
+    cand = torch.tensor([[False, True, True, True]])
+    sinks = torch.tensor([[False, False, False, True]])
+    dropped = sink_scores(att, sinks, keep=False)
+    assert select_top(dropped, cand, torch.tensor([2])).tolist() == [[False, True, True, False]]
+    assert select_top(dropped, cand, torch.tensor([3])).sum() == 3
+    kept = sink_scores(att, sinks, keep=True)
+    assert select_top(kept, cand, torch.tensor([1])).tolist() == [[False, False, False, True]]
