@@ -55,7 +55,15 @@ import torch
 from torch import nn
 
 from redundancy.models import FamilyAdapter, adapter_for
-from redundancy.ranking import query_attention, random_scores, select_top, sink_mask, sink_scores, unrotate
+from redundancy.ranking import (
+    pack_priorities,
+    query_attention,
+    random_scores,
+    select_top,
+    sink_mask,
+    sink_scores,
+    unrotate,
+)
 from redundancy.schedule import ATTENTION_RANKERS, DropSchedule, kept_count
 
 if TYPE_CHECKING:  # transformers' modelling code loads when an engine is first attached, not at import
@@ -548,6 +556,10 @@ class DropEngine:
             ]
             self._undo.extend(h.remove for h in hooks)
             self._wrap_image_features()
+            if self.schedule.ranker == "vision_cls":
+                layer = self.adapter.cls_layer()
+                hook = functools.partial(self._capture_cls, layer)
+                self._undo.append(layer.register_forward_pre_hook(hook, with_kwargs=True).remove)
         except BaseException:
             self.detach()
             raise
@@ -593,6 +605,11 @@ class DropEngine:
         for name in self.adapter.layout_inputs:
             if kwargs.get(name) is not None or name not in self._pending:
                 self._pending[name] = kwargs.get(name)
+
+    def _capture_cls(self, layer: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """``vision_cls``: the [CLS]-to-patch attention of the images being encoded, in order."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._pending.setdefault("vision_cls", []).append(self.adapter.cls_scores(layer, hidden))
 
     def _capture_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["labels"] = kwargs.get("labels")
@@ -1029,8 +1046,9 @@ class DropEngine:
         return att if sinks is None else sink_scores(att, sinks, keep=ranker == "nosink_keep")
 
     def _control_scores(self, n_image: list[int], pending: dict[str, Any], device: torch.device) -> torch.Tensor | None:
-        """``[boundaries, batch, max N]`` scores of the ``random`` / ``uniform`` controls per original
-        image token, made on the host before the first layer (None for the attention rankers)."""
+        """``[boundaries, batch, max N]`` scores of the ``random`` / ``uniform`` controls and of the
+        pre-LLM ``vision_cls`` score per original image token, made on the host before the first
+        layer (None for the attention rankers)."""
         sched = self.schedule
         if sched.ranker in ATTENTION_RANKERS:
             return None
@@ -1038,6 +1056,15 @@ class DropEngine:
             keys = pending["row_keys"]
             rows = [[random_scores(n, sched.seed, s, keys[i]) for i, n in enumerate(n_image)]
                     for s in range(len(sched.boundaries))]
+        elif sched.ranker == "vision_cls":  # the same score at every boundary
+            cls = pending.get("vision_cls") or []
+            images = [[s] for s in torch.cat(cls).float().cpu()] if cls else []
+            if sum(len(s[0]) for s in images) != sum(n_image):
+                raise ValueError(
+                    f"ranker='vision_cls': the vision tower scored {sum(len(s[0]) for s in images)} patches for "
+                    f"{sum(n_image)} image tokens (pass pixel_values with input_ids)"
+                )
+            rows = [pack_priorities(n_image, images)] * len(sched.boundaries)
         else:  # uniform: the same grid priority at every boundary
             priority = [-p for p in self.adapter.image_priorities(n_image, pending)]
             rows = [priority] * len(sched.boundaries)

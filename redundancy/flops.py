@@ -113,12 +113,18 @@ def ranking_flops(dims: ModelDims, schedule: DropSchedule, n_query: int = 1) -> 
       text rows: ``(n_query + image tokens) * kv_len * d`` (an upper bound: an image row sees
       only the keys before it);
     * ``norope``: plus rotating the query rows and keys back, ``2 (n_query * d + kv_len * d_kv)``;
-    * ``nosink`` / ``nosink_keep``: plus the norms of the image tokens, ``image tokens * d``.
+    * ``nosink`` / ``nosink_keep``: plus the norms of the image tokens, ``image tokens * d``;
+    * ``vision_cls`` (before the LLM, once per image whatever the boundaries): the [CLS] query and
+      the keys of the vision tower's feature layer recomputed, and the [CLS] row of QK^T,
+      ``crops * (d_v^2 + vision_tokens * d_v^2 + vision_tokens * d_v)``.
     """
     if n_query < 1:
         raise ValueError(f"n_query={n_query} is outside the allowed range [1, inf)")
-    if schedule.ranker in _FREE_RANKERS:
+    if schedule.ranker in _FREE_RANKERS or schedule.is_vanilla:
         return 0
+    if schedule.ranker == "vision_cls":
+        dv, t = dims.vision_hidden, dims.vision_tokens
+        return dims.vision_crops * (dv * dv + t * dv * dv + t * dv)
     per_layer = schedule.tokens_per_layer(dims.n_image, dims.num_layers)
     d, total = dims.hidden, 0
     for k in schedule.boundaries:

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 
 
+_ROW_CHUNK = 256  # query rows scored at once: [batch, heads, 256, keys] float32 at most
+
+
 def query_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -39,7 +42,15 @@ def query_attention(
     Returns:
         ``[batch, n_key]`` float32 attention; each row sums to 1 over visible keys.
     """
-    b, h, nq, dh = query.shape
+    nq = query.shape[2]
+    if nq > _ROW_CHUNK:  # many rows (``mean``): bounded memory, the same sum chunk by chunk
+        parts = [
+            query_attention(query[:, :, i : i + _ROW_CHUNK], keys, visible[:, i : i + _ROW_CHUNK],
+                            weights[:, i : i + _ROW_CHUNK], scaling)
+            for i in range(0, nq, _ROW_CHUNK)
+        ]
+        return torch.stack(parts).sum(0)
+    b, h, _, dh = query.shape
     kvh = keys.shape[1]
     groups = h // kvh
     with torch.no_grad():
@@ -88,6 +99,15 @@ def sink_mask(hidden: torch.Tensor, candidates: torch.Tensor, ratio: float = SIN
     norms = hidden.detach().float().norm(dim=-1).masked_fill(~candidates, float("nan"))
     median = norms.nanmedian(dim=1, keepdim=True).values
     return candidates & (norms >= ratio * median)
+
+
+def cls_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``[n_images, tokens - 1]`` float32 attention of the [CLS] query ``query`` ``[n_images,
+    heads, 1, head_dim]`` over the patches (``keys`` ``[n_images, heads, tokens, head_dim]``, CLS
+    first), softmax over every token, mean over heads (the ``vision_cls`` score)."""
+    with torch.no_grad():
+        logits = torch.matmul(query.detach().float(), keys.detach().float().transpose(-1, -2)) * scaling
+        return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0, 1:]
 
 
 def select_top(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

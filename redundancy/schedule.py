@@ -17,7 +17,8 @@ Conventions (``docs/method.md`` sections 1-4):
   paper: mean attention of every token from the first image token on), ``norope``
   (``last`` without rotary embedding on the query and keys), ``nosink`` /
   ``nosink_keep`` (``last`` with the image sink tokens, found by hidden-state norm,
-  left out of the softmax and dropped / kept), and the controls ``random``,
+  left out of the softmax and dropped / kept), ``vision_cls`` (the vision tower's
+  [CLS] attention over the patches, LLaVA-1.5), and the controls ``random``,
   ``uniform`` (spatially even) and ``inverse`` (lowest scores); docs/method.md section 3.
 * ``rank_layer``: ``stage_last`` scores with the queries/keys of layer ``K-1``
   (the paper's definition); ``next`` applies layer ``K``'s input norm and q/k
@@ -34,7 +35,9 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
-Ranker = Literal["last", "instruction", "mean", "norope", "nosink", "nosink_keep", "random", "uniform", "inverse"]
+Ranker = Literal[
+    "last", "instruction", "mean", "norope", "nosink", "nosink_keep", "vision_cls", "random", "uniform", "inverse"
+]
 RankLayer = Literal["stage_last", "next"]
 PositionPolicy = Literal["keep", "compact"]
 Method = Literal["vanilla", "drop", "fastv", "pdrop", "custom"]

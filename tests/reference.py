@@ -163,6 +163,32 @@ def ranking_attention(ranker, q, k, plain_q, plain_k, scaling, rows, image_slots
     return -att if ranker == "inverse" else att
 
 
+def reference_cls_scores(model, pixel_values) -> list[float]:
+    """The ``vision_cls`` score of every patch of every image, in order (float64): the CLIP
+    layer whose output LLaVA uses (``vision_feature_layer``) recomputed by hand from its input,
+    the full attention matrix of every head, row 0 ([CLS]) averaged over heads, CLS column cut."""
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    feature = model.config.vision_feature_layer  # hidden_states[j] is the output of layer j - 1
+    index = (feature if feature >= 0 else len(layers) + 1 + feature) - 1
+    with torch.no_grad():
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states[index]  # layer `index`'s input
+        layer = layers[index]
+        attn = layer.self_attn
+        out: list[float] = []
+        for image in hidden:
+            x = layer.layer_norm1(image).double()  # [tokens, d_v]
+            q = torch.nn.functional.linear(x, attn.q_proj.weight.double(), attn.q_proj.bias.double())
+            k = torch.nn.functional.linear(x, attn.k_proj.weight.double(), attn.k_proj.bias.double())
+            heads = []
+            for h in range(attn.num_heads):
+                cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
+                full = torch.softmax(q[:, cols] @ k[:, cols].T * attn.head_dim**-0.5, dim=-1)  # [tokens, tokens]
+                heads.append(full[0])
+            out += torch.stack(heads).mean(0)[1:].tolist()
+    return out
+
+
 # ----------------------------------------------------------------- the forward
 @dataclass
 class RefResult:
@@ -249,7 +275,8 @@ def reference_run(
     if not schedule.is_vanilla:
         assert N > 0, "the schedule needs image tokens"
     if kept is None and not schedule.is_vanilla:
-        assert ranker in ATTENTION_RANKERS, f"the reference ranks by attention only, not {ranker!r}"
+        assert ranker in (*ATTENTION_RANKERS, "vision_cls"), f"the reference does not rank by {ranker!r}"
+    cls = reference_cls_scores(model, pixel_values) if ranker == "vision_cls" and kept is None else None
     rows = query_rows(ids, image_token_id, ranker, lab) if N else [L - 1]
 
     cur = list(range(L))  # original indices present, in order
@@ -278,6 +305,11 @@ def reference_run(
             keep = sorted(int(j) for j in kept[s])
             assert set(keep) <= set(present), "a given kept set brings back a dropped token"
             assert len(keep) == kept_count(N, schedule.ratios[s])
+        elif cls is not None:  # vision_cls: the vision tower's score, the same at every boundary
+            assert len(cls) == N
+            score = torch.tensor([cls[j] if j in present else float("nan") for j in range(N)], dtype=torch.float64)
+            keep = sorted(sorted(present, key=lambda j: (-cls[j], j))[: kept_count(N, schedule.ratios[s])])
+            res.scores.append(score)
         else:
             rank_layer = layers[boundary - 1] if schedule.rank_layer == "stage_last" else layers[boundary]
             with torch.no_grad():

@@ -32,7 +32,7 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     from test_engine_reference import ATOL, check_row, compare, run_engine
     from test_engine_training import with_answers
 
-NEW = ("mean", "norope", "nosink", "nosink_keep")
+NEW = ("mean", "norope", "nosink", "nosink_keep")  # attention rankers; vision_cls is tested on its own
 PDROP = dict(layers=(1, 2, 3), lam=0.5)
 SCHEDULES = {
     "fastv": lambda r: DropSchedule.fastv(K=2, R=0.5, ranker=r),  # stage_last, positions kept
@@ -62,8 +62,8 @@ def sink_at(model, token: int, scale: float = 1000.0, every_image: bool = False)
 
 
 def test_rankers_are_selectable_and_recorded() -> None:
-    assert set(NEW) <= set(RANKERS)
-    for ranker in NEW:
+    assert {*NEW, "vision_cls"} <= set(RANKERS)
+    for ranker in (*NEW, "vision_cls"):
         assert DropSchedule.drop(layer=2, ratio=0.5, ranker=ranker).record()["ranker"] == ranker
     assert SINK_RATIO == SINK_NORM_RATIO  # the reference's threshold is the documented one
 
@@ -73,6 +73,14 @@ def test_rankers_are_selectable_and_recorded() -> None:
 @pytest.mark.parametrize("ranker", NEW)
 def test_ranker_matches_reference(ranker: str, name: str, family: str, text: str) -> None:
     compare(family, text, "sdpa", SCHEDULES[name](ranker), seed=40 + len(name), after=5)
+
+
+def test_mean_in_row_chunks(monkeypatch) -> None:
+    """``mean`` scores its many query rows a few at a time (bounded memory); the same result."""
+    import redundancy.ranking as ranking
+
+    monkeypatch.setattr(ranking, "_ROW_CHUNK", 4)
+    compare("llava_next", "qwen2", "sdpa", SCHEDULES["pdrop"]("mean"), seed=44, after=5)
 
 
 def test_scores_change_what_is_kept() -> None:
@@ -151,6 +159,29 @@ def test_left_padded_batch(ranker: str) -> None:
     assert trace.n_image[0] != trace.n_image[1]
 
 
+# ---------------------------------------------------------------- vision_cls
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_vision_cls_matches_reference(n_images: int, name: str, text: str) -> None:
+    """The vision tower's [CLS] attention (its feature layer, computed by hand in the reference)
+    ranks at every boundary; one and two images per prompt."""
+    ref = compare("llava", text, "sdpa", SCHEDULES[name]("vision_cls"), seed=50 + n_images, n_images=n_images)
+    model = tiny_model("llava", text, "sdpa")
+    ids, pv, sizes = make_sample(model, seed=50 + n_images, n_images=n_images)
+    with torch.no_grad():
+        last = reference_run(model, ids, pv, SCHEDULES[name]("last"), image_sizes=sizes)
+    assert ref.kept != last.kept
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_vision_cls_needs_a_cls_token(family: str) -> None:
+    model = qwen_model() if family == "qwen2_vl" else tiny_model(family, "llama", "sdpa")
+    with pytest.raises(ValueError, match="vision_cls"), apply_schedule(model, SCHEDULES["fastv"]("vision_cls")):
+        pass
+    assert model.config.text_config._attn_implementation == "sdpa"  # detached: the model is restored
+
+
 # ------------------------------------------------------------------ Qwen2-VL
 @pytest.mark.parametrize("name", list(SCHEDULES))
 @pytest.mark.parametrize("ranker", NEW)
@@ -199,5 +230,7 @@ def test_ranking_flops_by_hand() -> None:
     assert ranking_flops(dims, fastv("mean"), n_query=5) == (5 + 576) * (t + 576) * d
     assert ranking_flops(dims, fastv("norope")) == last + 2 * (d + (t + 576) * kv)
     assert ranking_flops(dims, fastv("nosink")) == ranking_flops(dims, fastv("nosink_keep")) == last + 576 * d
+    assert ranking_flops(dims, fastv("vision_cls")) == 1024 * 1024 + 577 * 1024 * 1024 + 577 * 1024
+    assert ranking_flops(dims, DropSchedule.pdrop(ranker="vision_cls")) == ranking_flops(dims, fastv("vision_cls"))
     nxt = DropSchedule.fastv(K=2, R=0.5, ranker="mean", rank_layer="next")
     assert ranking_flops(dims, nxt) == 577 * (t + 576) * d + 577 * d * d + (t + 576) * d * kv

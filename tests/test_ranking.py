@@ -108,3 +108,20 @@ def test_sink_scores_stay_finite_so_counts_hold() -> None:
     assert select_top(dropped, cand, torch.tensor([3])).sum() == 3
     kept = sink_scores(att, sinks, keep=True)
     assert select_top(kept, cand, torch.tensor([1])).tolist() == [[False, False, False, True]]
+
+
+def test_query_attention_in_row_chunks_is_the_same(monkeypatch) -> None:
+    """Many query rows (``mean``) are scored in chunks; the weighted sum does not change."""
+    import redundancy.ranking as ranking
+
+    torch.manual_seed(2)
+    b, h, kvh, n, dh = 2, 4, 2, 9, 5
+    q, k = torch.randn(b, h, 7, dh), torch.randn(b, kvh, n, dh)
+    rows = torch.tensor([[2, 3, 4, 5, 6, 7, 8], [4, 5, 6, 7, 8, 8, 8]])
+    visible = torch.arange(n)[None, None, :] <= rows[:, :, None]
+    weight = torch.tensor([[1 / 7] * 7, [0.2] * 5 + [0.0, 0.0]])
+    whole = query_attention(q, k, visible, weight, dh**-0.5)
+    monkeypatch.setattr(ranking, "_ROW_CHUNK", 3)
+    torch.testing.assert_close(query_attention(q, k, visible, weight, dh**-0.5), whole)
+    monkeypatch.setattr(ranking, "_ROW_CHUNK", 1)
+    torch.testing.assert_close(query_attention(q, k, visible, weight, dh**-0.5), whole)

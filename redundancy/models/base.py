@@ -171,6 +171,19 @@ class FamilyAdapter:
 
         return eager_attention_forward
 
+    # ------------------------------------------------------ vision_cls score
+    def cls_layer(self) -> nn.Module:
+        """The vision-tower layer whose [CLS] attention ranks for ``vision_cls``; families
+        without a [CLS] token whose patches map one to one onto image tokens raise."""
+        raise ValueError(
+            f"ranker='vision_cls' needs a vision tower with a [CLS] token whose patches are the image tokens "
+            f"(LLaVA-1.5); the {self.family} family has none"
+        )
+
+    def cls_scores(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``[n_images, patches]`` [CLS]-to-patch attention of ``layer`` for its input ``hidden``."""
+        raise NotImplementedError
+
     # ------------------------------------------------------- uniform control
     def image_priorities(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
         """Per row, a priority per original image token (lower = kept first by the

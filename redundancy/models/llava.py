@@ -18,13 +18,38 @@ from typing import Any
 
 import torch
 
+from torch import nn
+
 from redundancy.models.base import FamilyAdapter
-from redundancy.ranking import grid_priority, sequence_priority
+from redundancy.ranking import cls_attention, grid_priority, sequence_priority
 
 
 class LlavaAdapter(FamilyAdapter):
     family = "llava"
     model_types = ("llava",)
+
+    def cls_layer(self) -> nn.Module:
+        """The CLIP layer whose output LLaVA feeds the LLM (``vision_feature_layer``: the
+        second-to-last for LLaVA-1.5, FasterVLM's choice); needs the ``default`` feature
+        selection (the [CLS] token is not an image token) and one feature layer."""
+        cfg = self.model.config
+        layer = cfg.vision_feature_layer
+        if cfg.vision_feature_select_strategy != "default" or not isinstance(layer, int):
+            raise ValueError(
+                "ranker='vision_cls' needs vision_feature_select_strategy='default' and one vision_feature_layer"
+            )
+        tower = self.multimodal.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest the encoder
+        return layers[layer % (len(layers) + 1) - 1]  # hidden_states[j] is the output of layer j - 1
+
+    def cls_scores(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        attn = layer.self_attn
+        with torch.no_grad():
+            x = layer.layer_norm1(hidden)  # [n_images, tokens, d_v]
+            n, t, _ = x.shape
+            q = attn.q_proj(x[:, :1]).view(n, 1, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(n, t, -1, attn.head_dim).transpose(1, 2)
+        return cls_attention(q, k, float(attn.scale))
 
     def image_priorities(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
         vision = self.model.config.vision_config
