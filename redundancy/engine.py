@@ -555,11 +555,9 @@ class DropEngine:
                 self.model.register_forward_pre_hook(self._capture_labels, with_kwargs=True),
             ]
             self._undo.extend(h.remove for h in hooks)
-            self._wrap_image_features()
             if self.schedule.ranker == "vision_cls":
-                layer = self.adapter.cls_layer()
-                hook = functools.partial(self._capture_cls, layer)
-                self._undo.append(layer.register_forward_pre_hook(hook, with_kwargs=True).remove)
+                self.adapter.cls_layer()  # raises for a family without a [CLS] token
+            self._wrap_image_features()
         except BaseException:
             self.detach()
             raise
@@ -572,7 +570,8 @@ class DropEngine:
     def _wrap_image_features(self) -> None:
         """``generate`` encodes the images itself and drops the layout inputs (LLaVA-NeXT's
         ``image_sizes``) from the forward call, so they are also captured where the images
-        are encoded."""
+        are encoded; so is the ``vision_cls`` score, from the vision tower's hidden states
+        (encoded once and reused by the grid runner, so no hook inside the tower)."""
         multimodal = self.adapter.multimodal
         encode = getattr(multimodal, "get_image_features", None)
         if encode is None:
@@ -587,7 +586,10 @@ class DropEngine:
                 value = kwargs.get(name, args[params.index(name)] if name in params[: len(args)] else None)
                 if value is not None:
                     self._pending[name] = value
-            return encode(*args, **kwargs)
+            out = encode(*args, **kwargs)
+            if self.schedule.ranker == "vision_cls":
+                self._pending.setdefault("vision_cls", []).append(self.adapter.cls_scores(out))
+            return out
 
         multimodal.get_image_features = capture
         self._undo.append(
@@ -605,11 +607,6 @@ class DropEngine:
         for name in self.adapter.layout_inputs:
             if kwargs.get(name) is not None or name not in self._pending:
                 self._pending[name] = kwargs.get(name)
-
-    def _capture_cls(self, layer: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """``vision_cls``: the [CLS]-to-patch attention of the images being encoded, in order."""
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._pending.setdefault("vision_cls", []).append(self.adapter.cls_scores(layer, hidden))
 
     def _capture_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["labels"] = kwargs.get("labels")

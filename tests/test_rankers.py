@@ -174,6 +174,24 @@ def test_vision_cls_matches_reference(n_images: int, name: str, text: str) -> No
     assert ref.kept != last.kept
 
 
+def test_vision_cls_with_images_encoded_once() -> None:
+    """The grid runner encodes a batch's images once (the trunk) and hands every schedule the
+    same features without running the tower again: the score still comes with them."""
+    from redundancy.grid import encode_images_once
+
+    model = tiny_model("llava", "llama", "sdpa")
+    ids, pv, sizes = make_sample(model, seed=53)
+    schedule = SCHEDULES["pdrop"]("vision_cls")
+    alone, trace = run_engine(model, ids, pv, sizes, schedule)
+    kept = [rec.kept[0].tolist() for rec in trace.boundaries]
+    with encode_images_once(model):
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pv, image_sizes=sizes)  # the trunk encodes the images
+        shared, trace = run_engine(model, ids, pv, sizes, schedule)
+    assert [rec.kept[0].tolist() for rec in trace.boundaries] == kept
+    assert torch.equal(shared, alone)
+
+
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
 def test_vision_cls_needs_a_cls_token(family: str) -> None:
     model = qwen_model() if family == "qwen2_vl" else tiny_model(family, "llama", "sdpa")

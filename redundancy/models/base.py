@@ -172,16 +172,17 @@ class FamilyAdapter:
         return eager_attention_forward
 
     # ------------------------------------------------------ vision_cls score
-    def cls_layer(self) -> nn.Module:
-        """The vision-tower layer whose [CLS] attention ranks for ``vision_cls``; families
-        without a [CLS] token whose patches map one to one onto image tokens raise."""
+    def cls_layer(self) -> int:
+        """Index of the vision-tower layer whose [CLS] attention ranks for ``vision_cls``;
+        families without a [CLS] token whose patches map one to one onto image tokens raise."""
         raise ValueError(
             f"ranker='vision_cls' needs a vision tower with a [CLS] token whose patches are the image tokens "
             f"(LLaVA-1.5); the {self.family} family has none"
         )
 
-    def cls_scores(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """``[n_images, patches]`` [CLS]-to-patch attention of ``layer`` for its input ``hidden``."""
+    def cls_scores(self, outputs: Any) -> torch.Tensor:
+        """``[n_images, patches]`` [CLS]-to-patch attention of the :meth:`cls_layer`, from the
+        vision tower's ``outputs`` (``get_image_features``' result, with its hidden states)."""
         raise NotImplementedError
 
     # ------------------------------------------------------- uniform control
