@@ -570,8 +570,8 @@ class DropEngine:
     def _wrap_image_features(self) -> None:
         """``generate`` encodes the images itself and drops the layout inputs (LLaVA-NeXT's
         ``image_sizes``) from the forward call, so they are also captured where the images
-        are encoded; so is the ``vision_cls`` score, from the vision tower's hidden states
-        (encoded once and reused by the grid runner, so no hook inside the tower)."""
+        are encoded; so is the ``vision_cls`` score, from the input of the vision layer it reads
+        (:meth:`_encode_scoring`)."""
         multimodal = self.adapter.multimodal
         encode = getattr(multimodal, "get_image_features", None)
         if encode is None:
@@ -586,16 +586,36 @@ class DropEngine:
                 value = kwargs.get(name, args[params.index(name)] if name in params[: len(args)] else None)
                 if value is not None:
                     self._pending[name] = value
-            out = encode(*args, **kwargs)
             if self.schedule.ranker == "vision_cls":
-                self._pending.setdefault("vision_cls", []).append(self.adapter.cls_scores(out))
-            return out
+                pixels = kwargs.get("pixel_values", args[0] if args else None)
+                return self._encode_scoring(encode, pixels, args, kwargs)
+            return encode(*args, **kwargs)
 
         multimodal.get_image_features = capture
         self._undo.append(
             lambda: setattr(multimodal, "get_image_features", previous) if previous is not None
             else delattr(multimodal, "get_image_features")
         )
+
+    def _encode_scoring(
+        self, encode: Callable[..., Any], pixel_values: torch.Tensor, args: tuple, kwargs: dict
+    ) -> Any:
+        """``encode(*args, **kwargs)`` while a hook hands the ``vision_cls`` layer's input to the
+        score; features encoded before without it (the grid runner encodes a batch's images once)
+        have their layer input recomputed from ``pixel_values``."""
+        layer = self.adapter.cls_layer()
+        inputs: list[torch.Tensor] = []
+        hook = layer.register_forward_pre_hook(
+            lambda module, a, kw: inputs.append(a[0] if a else kw["hidden_states"]), with_kwargs=True
+        )
+        try:
+            out = encode(*args, **kwargs)
+        finally:
+            hook.remove()
+        if not inputs:
+            inputs.append(self.adapter.cls_layer_input(pixel_values))
+        self._pending.setdefault("vision_cls", []).extend(self.adapter.cls_scores(h) for h in inputs)
+        return out
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["input_ids"] = kwargs.get("input_ids", args[0] if args else None)

@@ -165,13 +165,12 @@ def ranking_attention(ranker, q, k, plain_q, plain_k, scaling, rows, image_slots
 
 def reference_cls_scores(model, pixel_values) -> list[float]:
     """The ``vision_cls`` score of every patch of every image, in order (float64): the CLIP
-    layer after the one whose output LLaVA uses (``vision_feature_layer``; the last layer for
-    LLaVA-1.5) recomputed by hand from its input, the full attention matrix of every head,
-    row 0 ([CLS]) averaged over heads, CLS column cut."""
+    layer whose output LLaVA uses (``vision_feature_layer``) recomputed by hand from its input,
+    the full attention matrix of every head, row 0 ([CLS]) averaged over heads, CLS column cut."""
     tower = model.model.vision_tower
     layers = getattr(tower, "vision_model", tower).encoder.layers
     feature = model.config.vision_feature_layer  # hidden_states[j] is the output of layer j - 1
-    index = feature if feature >= 0 else len(layers) + 1 + feature  # the next layer: its input is the features
+    index = (feature if feature >= 0 else len(layers) + 1 + feature) - 1
     with torch.no_grad():
         hidden = tower(pixel_values, output_hidden_states=True).hidden_states[index]  # layer `index`'s input
         layer = layers[index]

@@ -252,3 +252,29 @@ def test_ranking_flops_by_hand() -> None:
     assert ranking_flops(dims, DropSchedule.pdrop(ranker="vision_cls")) == ranking_flops(dims, fastv("vision_cls"))
     nxt = DropSchedule.fastv(K=2, R=0.5, ranker="mean", rank_layer="next")
     assert ranking_flops(dims, nxt) == 577 * (t + 576) * d + 577 * d * d + (t + 576) * d * kv
+
+
+# ---------------------------------------------------------------- grid runner
+def test_shared_grid_equals_separate_runs(tmp_path) -> None:
+    """The sweep's shared-prefix runner (replayed first stage, images encoded once) gives every
+    new ranker what separate runs give."""
+    from redundancy.checkpoints import TEST_SET, load_model
+    from redundancy.data import load_dataset
+    from redundancy.grid import run_grid
+
+    try:
+        from tests.test_grid import save_tiny_micro
+    except ImportError:
+        from test_grid import save_tiny_micro
+
+    model, processor = load_model(save_tiny_micro(tmp_path / "micro"))
+    samples = load_dataset(TEST_SET)[:4]
+    grid = [DropSchedule.vanilla(), *(DropSchedule.drop(3, 0.25, ranker=r) for r in (*NEW, "vision_cls")),
+            DropSchedule.pdrop(layers=(2, 4), lam=0.5, ranker="norope")]
+    opts = {"batch_size": 2, "progress": False}
+    shared, stats = run_grid(model, processor, samples, grid, share=True, **opts)
+    separate, _ = run_grid(model, processor, samples, grid, share=False, **opts)
+    assert stats.prefix_hits == 2 * (len(grid) - 1) and stats.prefix_misses == 0
+    for schedule, a, b in zip(grid, shared, separate):
+        assert [r.prediction for r in a] == [r.prediction for r in b], schedule
+        assert [r.kept for r in a] == [r.kept for r in b], schedule

@@ -172,17 +172,20 @@ class FamilyAdapter:
         return eager_attention_forward
 
     # ------------------------------------------------------ vision_cls score
-    def cls_layer(self) -> int:
-        """Index of the vision-tower layer whose [CLS] attention ranks for ``vision_cls``;
-        families without a [CLS] token whose patches map one to one onto image tokens raise."""
+    def cls_layer(self) -> nn.Module:
+        """The vision-tower layer whose [CLS] attention ranks for ``vision_cls``; families
+        without a [CLS] token whose patches map one to one onto image tokens raise."""
         raise ValueError(
             f"ranker='vision_cls' needs a vision tower with a [CLS] token whose patches are the image tokens "
             f"(LLaVA-1.5); the {self.family} family has none"
         )
 
-    def cls_scores(self, outputs: Any) -> torch.Tensor:
-        """``[n_images, patches]`` [CLS]-to-patch attention of the :meth:`cls_layer`, from the
-        vision tower's ``outputs`` (``get_image_features``' result, with its hidden states)."""
+    def cls_layer_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The input ``[n_images, tokens, d_v]`` of :meth:`cls_layer` for ``pixel_values``."""
+        raise NotImplementedError
+
+    def cls_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[n_images, patches]`` [CLS]-to-patch attention of :meth:`cls_layer` for its input ``hidden``."""
         raise NotImplementedError
 
     # ------------------------------------------------------- uniform control

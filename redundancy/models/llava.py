@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from torch import nn
+
 from redundancy.models.base import FamilyAdapter
 from redundancy.ranking import cls_attention, grid_priority, sequence_priority
 
@@ -26,36 +28,39 @@ class LlavaAdapter(FamilyAdapter):
     family = "llava"
     model_types = ("llava",)
 
-    def cls_layer(self) -> int:
-        """The CLIP layer right after the one whose output LLaVA feeds the LLM
-        (``vision_feature_layer``): for LLaVA-1.5 the tower's last layer, its input the
-        second-to-last layer's output, which HF keeps (FasterVLM's [CLS] attention). Needs
-        the ``default`` feature selection (the [CLS] token is not an image token), one
-        feature layer, and a layer after it."""
+    def cls_layer(self) -> nn.Module:
+        """The CLIP layer whose output LLaVA feeds the LLM (``vision_feature_layer``: the
+        tower's last layer for the micro models, the second-to-last for LLaVA-1.5). Needs the
+        ``default`` feature selection (the [CLS] token is not an image token) and one feature layer."""
         cfg = self.model.config
         feature = cfg.vision_feature_layer
-        n = len(self._vision_layers)
-        if cfg.vision_feature_select_strategy != "default" or not isinstance(feature, int) or feature % (n + 1) >= n:
+        layers = self._vision_layers
+        one_layer = isinstance(feature, int) and feature % (len(layers) + 1) > 0
+        if cfg.vision_feature_select_strategy != "default" or not one_layer:
             raise ValueError(
                 "ranker='vision_cls' needs vision_feature_select_strategy='default' and one vision_feature_layer "
-                "before the vision tower's last layer"
+                "that is a layer's output"
             )
-        return feature % (n + 1)  # hidden_states[j] (the features) is the input of layer j
+        return layers[feature % (len(layers) + 1) - 1]  # hidden_states[j] is the output of layer j - 1
 
     @property
-    def _vision_layers(self) -> Any:
+    def _vision_layers(self) -> nn.ModuleList:
         tower = self.multimodal.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest the encoder
 
-    def cls_scores(self, outputs: Any) -> torch.Tensor:
-        index = self.cls_layer()
-        if outputs.hidden_states is None:
-            raise ValueError("ranker='vision_cls' needs the vision tower's hidden states")
-        layer = self._vision_layers[index]
+    def cls_layer_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The input of :meth:`cls_layer` for ``pixel_values``, the vision tower run again (for
+        images whose features were encoded before, without the engine: the grid runner's)."""
+        feature = self.model.config.vision_feature_layer % (len(self._vision_layers) + 1)
+        with torch.no_grad():
+            out = self.multimodal.vision_tower(pixel_values, output_hidden_states=True)
+        return out.hidden_states[feature - 1]
+
+    def cls_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        layer = self.cls_layer()
         attn = layer.self_attn
         with torch.no_grad():
-            features = outputs.hidden_states[self.model.config.vision_feature_layer]  # the layer's input
-            x = layer.layer_norm1(features)  # [n_images, tokens, d_v]
+            x = layer.layer_norm1(hidden)  # [n_images, tokens, d_v]
             n, t, _ = x.shape
             q = attn.q_proj(x[:, :1]).view(n, 1, -1, attn.head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(n, t, -1, attn.head_dim).transpose(1, 2)
