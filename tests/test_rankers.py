@@ -75,6 +75,14 @@ def test_ranker_matches_reference(ranker: str, name: str, family: str, text: str
     compare(family, text, "sdpa", SCHEDULES[name](ranker), seed=40 + len(name), after=5)
 
 
+@pytest.mark.parametrize("ranker", ["mean", "norope", "nosink", "vision_cls"])
+def test_eager_kernel(ranker: str) -> None:
+    """The scores do not depend on the kernel: eager attention, with a sink for ``nosink``."""
+    model = tiny_model("llava", "qwen2", "eager")
+    with sink_at(model, 5):
+        compare("llava", "qwen2", "eager", SCHEDULES["fastv"](ranker), seed=43, after=5)
+
+
 def test_mean_in_row_chunks(monkeypatch) -> None:
     """``mean`` scores its many query rows a few at a time (bounded memory); the same result."""
     import redundancy.ranking as ranking
