@@ -4,6 +4,8 @@ key comes from the content of what was evaluated, never from a path."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,19 +19,29 @@ from redundancy.results import load_results
 from tests.test_sweep import tiny, tiny_dir  # noqa: F401  (the tiny model fixture)
 
 
+OTHER_PROCESS = """
+import sys, time
+from redundancy.locks import PointLocks
+other = PointLocks(sys.argv[1])
+print(other.claim("a"), other.claim("b"), flush=True)
+other.release()
+t0 = time.monotonic()
+other.wait(["a"])  # returns once the first process releases "a"
+print(round(time.monotonic() - t0, 1), other.claim("a"), flush=True)
+"""
+
+
 def test_a_claimed_point_is_refused_until_released(tmp_path: Path) -> None:
-    mine, other = PointLocks(tmp_path), PointLocks(tmp_path)
+    mine = PointLocks(tmp_path)
     assert mine.claim("a") and mine.claim("a")  # a process's own claim holds
-    assert not other.claim("a") and other.claim("b")
-    done = threading.Event()
-    waiter = threading.Thread(target=lambda: (other.wait(["a"]), done.set()))
-    waiter.start()
-    time.sleep(0.3)
-    assert not done.is_set()  # waits while "a" is held
+    other = subprocess.Popen([sys.executable, "-c", OTHER_PROCESS, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert other.stdout is not None
+    assert other.stdout.readline().split() == ["False", "True"]  # "a" is held here, "b" is free
+    time.sleep(1.0)
     mine.release()
-    waiter.join(timeout=30)
-    assert done.is_set() and other.claim("a")
-    other.release()
+    waited, claimed = other.stdout.readline().split()
+    assert other.wait(timeout=60) == 0
+    assert float(waited) >= 0.5 and claimed == "True"  # it waited while "a" was held, then took it
     assert PointLocks(tmp_path, enabled=False).claim("b")  # data-parallel processes: no locks
 
 
