@@ -47,6 +47,14 @@ STUDY_LAYERS = (2, 8, 16, 24)
 
 
 # ------------------------------------------------------------------ helpers
+
+def checkpoints(rows: pd.DataFrame) -> str:
+    """The checkpoints a figure describes, each with its content fingerprint: ``name (1a2b3c4d5e6f7a8b)``."""
+    pairs = rows[["model", "checkpoint_id"]].drop_duplicates() if "checkpoint_id" in rows else rows[["model"]].drop_duplicates()
+    return ", ".join(f"{r.model} ({r.checkpoint_id})" if "checkpoint_id" in rows else str(r.model)
+                     for r in pairs.itertuples())
+
+
 def curve(ax: Axes, data: pd.DataFrame, x: str, color: object, *, style: str = "-", label: str | None = None,
           band: bool = True, marker: str = "o") -> None:
     """Accuracy (%) against column ``x``, sorted by ``x``, with the confidence band where known."""
@@ -137,7 +145,7 @@ def layer_ratio_figure(
         handles.append(Line2D([], [], color="k", ls="--", marker="x", markersize=3, label=control_label(control, long)))
     handles.append(Line2D([], [], color=REFERENCE, ls=":", label="no drop (vanilla)"))
     add_legend(fig, handles, spare)
-    fig.suptitle(f"Image tokens dropped at one layer: {rows['model'].iloc[0]}\n"
+    fig.suptitle(f"Image tokens dropped at one layer: {checkpoints(rows)}\n"
                  "(r: fraction of the image tokens kept from the drop layer on; bands: 95% intervals)")
     return fig
 
@@ -197,7 +205,8 @@ def trained_figure(
     handles.append(Line2D([], [], color=REFERENCE, ls=":", label="no drop (same checkpoint)"))
     add_legend(fig, handles, None)
     fig.suptitle("Vanilla- against PyramidDrop-trained checkpoint, image tokens dropped at one layer\n"
-                 "(r: fraction of the image tokens kept from the drop layer on; bands: 95% intervals)")
+                 f"{checkpoints(pd.concat(per_model.values()))}; r: fraction of the image tokens kept from the drop layer "
+                 "on; bands: 95% intervals")
     return fig
 
 
@@ -272,5 +281,5 @@ def flops_tradeoff_figure(
     add_legend(fig, handles, spare)
     convention = column(rows, "flops_convention").dropna()
     name = f"FLOPs: {convention.iloc[0].split(':')[0]} convention (docs/method.md section 7)" if len(convention) else ""
-    fig.suptitle(f"Accuracy under a FLOPs budget: {rows['model'].iloc[0]}\n{name}".strip())
+    fig.suptitle(f"Accuracy under a FLOPs budget: {checkpoints(rows)}\n{name}".strip())
     return fig
