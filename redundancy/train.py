@@ -96,7 +96,7 @@ class Stage:
     prompt: str = "llava"
     # Also supervise the answer at every LLaVA-prompt position from the question's last word
     # on ("<word> ? ASSISTANT :"): a training-only loss that builds the answering position's
-    # fetch of the question one token at a time (experiments/micro_llava_training.md)
+    # fetch of the question one token at a time (experiments/log/micro_llava_training.md)
     suffix_loss: bool = False
     # Questions per image: the generator's question plus questions-1 others about the same scene,
     # packed into one sequence that keeps them from seeing each other (redundancy.packing; a
