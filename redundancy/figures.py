@@ -58,6 +58,7 @@ class FiguresConfig:
     inference: list[str] = field(default_factory=lambda: list(tables.INFERENCE_POINTS))
     lambdas: list[float] = field(default_factory=lambda: list(tables.LAMBDAS))
     map_layers: list[int] = field(default_factory=lambda: [2, 16])
+    map_rows: int = 4  # questions drawn in Fig. 1b and Fig. 5 (one per family first); the claims use all recorded
     every_layer: bool = True
     samples: bool = True
     formats: list[str] = field(default_factory=lambda: ["pdf", "png"])
@@ -143,11 +144,23 @@ def result_tables(cfg: FiguresConfig, rows: pd.DataFrame,
     }
 
 
+def page_rows(record: MapRecord, rows: int) -> list[int]:
+    """The recorded questions a page-sized map figure draws: the first of each family, then the
+    others in order, ``rows`` in all."""
+    firsts, seen = [], set()
+    for i, q in enumerate(record.questions):
+        if q.family not in seen:
+            seen.add(q.family)
+            firsts.append(i)
+    rest = [i for i in range(len(record.questions)) if i not in firsts]
+    return sorted((firsts + rest)[: max(1, rows)])
+
+
 def map_figures(cfg: FiguresConfig, tag: str, record: MapRecord) -> dict[str, Draw]:
     """The figures drawn from one attention-map artefact (``<tag>.npz``), by file name."""
     out: dict[str, Draw] = {
-        f"fig1b_attention_{tag}": lambda: images.attention_figure(record, cfg.map_layers),
-        f"fig5_retained_{tag}": lambda: images.retained_figure(record),
+        f"fig1b_attention_{tag}": lambda: images.attention_figure(record, cfg.map_layers, page_rows(record, cfg.map_rows)),
+        f"fig5_retained_{tag}": lambda: images.retained_figure(record, page_rows(record, cfg.map_rows)),
     }
     if cfg.every_layer:
         for q, item in enumerate(record.questions):
