@@ -205,8 +205,8 @@ def trained_figure(
     handles.append(Line2D([], [], color=REFERENCE, ls=":", label="no drop (same checkpoint)"))
     add_legend(fig, handles, None)
     fig.suptitle("Vanilla- against PyramidDrop-trained checkpoint, image tokens dropped at one layer\n"
-                 f"{checkpoints(pd.concat(per_model.values()))}; r: fraction of the image tokens kept from the drop layer "
-                 "on; bands: 95% intervals")
+                 f"{checkpoints(pd.concat(per_model.values()))}\n"
+                 "(r: fraction of the image tokens kept from the drop layer on; bands: 95% intervals)")
     return fig
 
 
