@@ -119,3 +119,25 @@ def test_seeded_summary_mean_spread_and_per_seed_tests() -> None:
     assert summary.seeds == [0, 1, 2, 3, 4] and summary.n == 300 and len(summary.per_seed) == 5
     assert all(c.p_holm is not None and c.diff > 0 for c in summary.per_seed) and summary.separated() == 5
     assert "5 seeds" in summary.text()
+
+
+def test_detectable_difference_matches_the_normal_formula_and_shrinks_with_n() -> None:
+    """10% discordant questions split evenly: sd of the differences sqrt(0.1); at n=600 the
+    detectable difference is (z_0.975 + z_0.8) * sd / sqrt(n) = 3.6 points (t-test power, within
+    1%), and 4x the questions halve it."""
+    from scipy.stats import norm
+
+    from redundancy.stats import detectable_difference
+
+    def diffs(n: int) -> np.ndarray:
+        d = np.zeros(n)
+        d[: n // 20], d[n // 20 : n // 10] = 1.0, -1.0
+        return d
+
+    d600 = diffs(600)
+    expected = (norm.ppf(0.975) + norm.ppf(0.8)) * d600.std(ddof=1) / np.sqrt(600)
+    assert detectable_difference(d600) == pytest.approx(expected, rel=0.01)
+    assert detectable_difference(diffs(2400)) == pytest.approx(detectable_difference(d600) / 2, rel=0.01)
+    assert detectable_difference(np.zeros(50)) == 0.0
+    assert compare(np.r_[np.ones(30), np.zeros(570)], np.zeros(600)).detectable == pytest.approx(
+        detectable_difference(np.r_[np.ones(30), np.zeros(570)]))
