@@ -57,7 +57,7 @@ from redundancy.flops import MethodParams, flops_report, schedule_from_config
 from redundancy.micro import PROMPT
 from redundancy.models.factory import build_model, config_from_dims
 from redundancy.models.llava_next import next_image_layout
-from redundancy.presets import PRESETS, ModelDims, get_preset
+from redundancy.presets import DEFAULT_N_TEXT, PRESETS, ModelDims, get_preset
 from redundancy.schedule import DropSchedule
 from redundancy.staged import StagePlan, fastv_eager_plan, ideal_plan, staged
 from redundancy.validate import available_memory, check_device, check_threads, check_weights, check_writable
@@ -83,6 +83,11 @@ MICRO = ModelDims(
     projector_in=64,
     projector_hidden=256,
 )
+# The CPU stand-in of LLaVA-1.5's shape: its depth, 576 image tokens, a 1024-wide LM (a quarter of
+# Vicuna-7B's width, FFN twice the width) and the micro vision tower; a batch-8 prefill fits in seconds.
+LLAVA15_CPU = replace(MICRO, name="llava-1.5-cpu", hidden=1024, ffn=2048, heads=16, kv_heads=16, vocab=32064,
+                      n_text=DEFAULT_N_TEXT, projector_hidden=1024)
+STAND_INS = {"micro": MICRO, "llava-1.5-cpu": LLAVA15_CPU}
 MiB = 2**20
 PEERS = {"fastv_eager": "FastV's official way: layer K-1 in eager attention, its attention matrix read"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -150,13 +155,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def preset_dims(name: str | None) -> ModelDims:
-    return MICRO if name in (None, "micro") else get_preset(name)
+    if name is None or name == "micro":
+        return MICRO
+    if name in STAND_INS:
+        return STAND_INS[name]
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is not a known preset; choose one of {[*STAND_INS, *sorted(PRESETS)]}")
+    return get_preset(name)
 
 
 def load_subject(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> Subject:
     """A trained model (``cfg.checkpoint``) with processor inputs, or a random-init ``cfg.preset``."""
     if cfg.checkpoint is not None:
-        if cfg.checkpoint == "micro" or cfg.checkpoint in PRESETS:
+        if cfg.checkpoint in STAND_INS or cfg.checkpoint in PRESETS:
             raise ValueError(f"checkpoint={cfg.checkpoint!r} is a preset shape: use preset={cfg.checkpoint} (random init)")
         model, processor = load_model(cfg.checkpoint, dtype=dtype, device=device, attn_implementation=cfg.attn)
         inputs, weights, name = processor_inputs(processor, cfg.batch_size), "trained", cfg.checkpoint
@@ -577,7 +588,7 @@ def check(cfg: BenchConfig) -> None:
     if cfg.checkpoint is None:
         dims = preset_dims(cfg.preset)
     else:
-        if cfg.checkpoint == "micro" or cfg.checkpoint in PRESETS:
+        if cfg.checkpoint in STAND_INS or cfg.checkpoint in PRESETS:
             raise ValueError(f"checkpoint={cfg.checkpoint!r} is a preset shape: use preset={cfg.checkpoint} (random init)")
         model_dir = resolve(cfg.checkpoint)
         check_weights(model_dir)

@@ -149,3 +149,12 @@ def test_cache_bytes_counts_every_stage() -> None:
 def test_micro_shape_is_consistent() -> None:
     assert isinstance(bench.MICRO, ModelDims)
     assert bench.MICRO.vision_patches == bench.MICRO.n_image == 576
+
+
+def test_cpu_sized_llava15_stand_in_has_the_issue_shape() -> None:
+    """The CPU-sized LLaVA-1.5 (issue 32's second bench shape): hidden >= 1024, 576 image tokens,
+    LLaVA-1.5's depth, and a preset name the bench resolves (an unknown one lists it)."""
+    dims = bench.preset_dims("llava-1.5-cpu")
+    assert dims.hidden >= 1024 and dims.n_image == 576 and dims.num_layers == 32
+    with pytest.raises(ValueError, match="llava-1.5-cpu"):
+        bench.preset_dims("llava-1.5-gpu")
