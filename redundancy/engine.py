@@ -57,6 +57,8 @@ from torch import nn
 from redundancy.models import FamilyAdapter, adapter_for
 from redundancy.ranking import (
     pack_priorities,
+    pool_states,
+    pool_windows,
     query_attention,
     random_scores,
     select_top,
@@ -862,6 +864,7 @@ class DropEngine:
         plan = _plan_layouts(sched.ratios, n_image, n_valid, untouched, length, dropping)
         counts = torch.tensor([p.counts for p in plan], device=dev) if dropping else None  # [boundaries, batch]
         controls = self._control_scores(n_image, pending, dev) if dropping else None
+        windows = self._pool_windows(n_image, pending, plan, dev) if dropping and sched.ranker == "pool" else None
         ordinal = is_img.long().cumsum(1) - 1  # original image-token index
         index = arange[None].expand(b, length)  # original sequence index of each slot (relayout padding: length)
         slots = [index]
@@ -920,6 +923,8 @@ class DropEngine:
             if not plan[s].drops:
                 slots.append(index)  # nothing dropped: the stage keeps the layout, padding included
                 continue
+            if windows is not None:  # pool: each kept token takes the mean of its window
+                hidden = pool_states(hidden, windows[s], ordinal, present)
             keep = valid & (~present | keep_img)
             first = valid.long().argmax(1, keepdim=True)[None].expand(pos.shape[0], -1, -1)
             first_pos = pos.gather(2, first).amin(0)  # [batch, 1]
@@ -1082,13 +1087,25 @@ class DropEngine:
                     f"{sum(n_image)} image tokens (pass pixel_values with input_ids)"
                 )
             rows = [pack_priorities(n_image, images)] * len(sched.boundaries)
-        else:  # uniform: the same grid priority at every boundary
+        else:  # uniform / pool: the same grid priority at every boundary
             priority = [-p for p in self.adapter.image_priorities(n_image, pending)]
             rows = [priority] * len(sched.boundaries)
         table = torch.zeros(len(rows), len(n_image), max(n_image))
         for s, per_row in enumerate(rows):
             for i, row in enumerate(per_row):
                 table[s, i, : len(row)] = row
+        return table.to(device)
+
+    def _pool_windows(
+        self, n_image: list[int], pending: dict[str, Any], plan: list[_Layout], device: torch.device
+    ) -> torch.Tensor:
+        """``[boundaries, batch, max N]`` the ``pool`` windows (:func:`~redundancy.ranking.pool_windows`)
+        of every original image token on its grid, made on the host before the first layer."""
+        cells = self.adapter.image_cells(n_image, pending)
+        priority = self.adapter.image_priorities(n_image, pending)
+        table = torch.full((len(plan), len(n_image), max(n_image)), -1, dtype=torch.long)
+        for i, n in enumerate(n_image):
+            table[:, i, :n] = pool_windows(cells[i], priority[i], [p.counts[i] for p in plan])
         return table.to(device)
 
     @staticmethod

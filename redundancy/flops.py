@@ -116,7 +116,12 @@ def ranking_flops(dims: ModelDims, schedule: DropSchedule, n_query: int = 1) -> 
     * ``nosink`` / ``nosink_keep``: plus the norms of the image tokens, ``image tokens * d``;
     * ``vision_cls`` (before the LLM, once per image whatever the boundaries): the [CLS] query and
       the keys of the vision tower's feature layer recomputed, and the [CLS] row of QK^T,
-      ``crops * (d_v^2 + vision_tokens * d_v^2 + vision_tokens * d_v)``.
+      ``crops * (d_v^2 + vision_tokens * d_v^2 + vision_tokens * d_v)``;
+    * ``debias``: as ``last`` (the division by the prior is one per image token, no factor ``d``);
+      the prior's calibration prefills are made once per checkpoint and left out;
+    * ``pool`` (no score; the windows are integer work on the host, no factor ``d``): the sum of
+      every image token of layer ``K-1`` into its window and the division of each kept state,
+      ``(image tokens + kept tokens) * d``.
     """
     if n_query < 1:
         raise ValueError(f"n_query={n_query} is outside the allowed range [1, inf)")
@@ -127,6 +132,8 @@ def ranking_flops(dims: ModelDims, schedule: DropSchedule, n_query: int = 1) -> 
         return dims.vision_crops * (dv * dv + t * dv * dv + t * dv)
     per_layer = schedule.tokens_per_layer(dims.n_image, dims.num_layers)
     d, total = dims.hidden, 0
+    if schedule.ranker == "pool":
+        return sum((per_layer[k - 1] + per_layer[k]) * d for k in schedule.boundaries)
     for k in schedule.boundaries:
         n_image = per_layer[k - 1]
         kv_len = dims.n_text + n_image

@@ -179,6 +179,117 @@ def sequence_priority(n: int) -> torch.Tensor:
     return torch.from_numpy(ranks.astype(np.float32) / max(n, 1))
 
 
+Grid = tuple[int, int]
+"""``(height, width)`` of one token grid (an image, a crop, a frame) in raster order."""
+
+
+def row_grids(n_image: Sequence[int], images: Sequence[Sequence[Grid]]) -> list[list[Grid] | None]:
+    """Per row, the grids of the images it holds, in order: ``images`` lists each image's grids
+    (crops, frames) in batch order, images packed row after row; ``None`` for a row whose token
+    count does not match (its grid is unknown)."""
+    out: list[list[Grid] | None] = []
+    it = iter(images)
+    for n in n_image:
+        grids: list[Grid] = []
+        total = 0
+        while total < n:
+            image = next(it, None)
+            if image is None:
+                break
+            grids += list(image)
+            total += sum(h * w for h, w in image)
+        out.append(grids if grids and total == n else None)
+    return out
+
+
+def grid_priorities(grids: Sequence[Grid] | None, n: int) -> torch.Tensor:
+    """The ``uniform`` priorities of a row's ``n`` tokens laid out as ``grids`` (each grid
+    subsampled alike, :func:`grid_priority`); :func:`sequence_priority` when the grid is unknown."""
+    if grids is None:
+        return sequence_priority(n)
+    return torch.cat([torch.zeros(0), *(grid_priority(h, w) for h, w in grids)])
+
+
+def grid_cells(grids: Sequence[Grid] | None, n: int) -> torch.Tensor:
+    """``[n, 3]`` long ``(grid, row, column)`` of a row's ``n`` tokens laid out as ``grids``, end
+    to end; one ``1 x n`` grid (the sequence) when the grid is unknown."""
+    grids = [(1, n)] if grids is None else grids
+    parts = [torch.zeros(0, 3, dtype=torch.long)]
+    for g, (h, w) in enumerate(grids):
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        parts.append(torch.stack([torch.full((h * w,), g), rows.flatten(), cols.flatten()], dim=1))
+    return torch.cat(parts)
+
+
+_POOL_CHUNK = 512  # tokens assigned to their windows at once: a [512, kept] cost matrix
+
+
+def pool_windows(cells: torch.Tensor, priority: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """The ``pool`` baseline's windows at each boundary (docs/method.md section 3).
+
+    At boundary ``s`` the ``counts[s]`` tokens of lowest ``priority`` are kept (the ``uniform``
+    selection, ties to the earlier token); every token present (the ``counts[s-1]`` lowest,
+    all at the first boundary) joins the window of its nearest kept token: the one in the same
+    grid at the smallest squared distance on it, ties to the earlier kept token; a grid with no
+    kept token joins the kept token nearest in the sequence (ties: the earlier). Each window is thus a cell of a Voronoi partition of the grid: on a ``2h x 2w``
+    grid keeping a quarter, the ``2 x 2`` blocks of average pooling, the kept token at the top left.
+
+    Args:
+        cells: ``[n, 3]`` long ``(grid, row, column)`` of each token (:func:`grid_cells`).
+        priority: ``[n]`` the ``uniform`` priorities (lower = kept first).
+        counts: tokens kept at each boundary (non-increasing).
+
+    Returns:
+        ``[boundaries, n]`` long: the index of the kept token whose window holds each token
+        present at that boundary; -1 for tokens no longer present (or all dropped).
+    """
+    n = cells.shape[0]
+    order = torch.sort(priority.float(), stable=True).indices
+    out = torch.full((len(counts), n), -1, dtype=torch.long)
+    present = n
+    index = torch.arange(n)
+    for s, k in enumerate(counts):
+        members = order[:present]
+        kept = torch.sort(order[:k]).values
+        present = k
+        if k == 0:
+            continue
+        for lo in range(0, len(members), _POOL_CHUNK):
+            who = members[lo : lo + _POOL_CHUNK]
+            a, b = cells[who][:, None, :], cells[kept][None, :, :]
+            other = (a[..., 0] != b[..., 0]).long()
+            dist = ((a[..., 1:] - b[..., 1:]) ** 2).sum(-1) * (1 - other)
+            gap = (index[who][:, None] - kept[None, :]).abs() * other
+            cost = (other << 60) | (dist << 30) | gap  # lexicographic: grid, distance on it, sequence gap
+            out[s, who] = kept[cost.argmin(dim=1)]  # the first minimum: the earlier kept token
+    return out
+
+
+def pool_states(hidden: torch.Tensor, window: torch.Tensor, ordinal: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``hidden`` ``[batch, n, d]`` with each kept image token's state replaced by the mean (in
+    float32 at least) of the states of the tokens in its window (the ``pool`` baseline).
+
+    Args:
+        window: ``[batch, N]`` long, per original image-token index the index of its window's
+            kept token (:func:`pool_windows`; -1 where not present).
+        ordinal: ``[batch, n]`` the original image-token index of each slot.
+        present: ``[batch, n]`` bool, the image tokens present.
+    """
+    b, n, d = hidden.shape
+    width = window.shape[1]
+    target = window.gather(1, ordinal.clamp(min=0, max=width - 1))
+    member = present & (target >= 0)
+    target = torch.where(member, target, width)  # the others: a spare bin, counted nowhere
+    exact = torch.promote_types(hidden.dtype, torch.float32)
+    sums = hidden.new_zeros(b, width + 1, d, dtype=exact)
+    sums = sums.scatter_add(1, target[..., None].expand(-1, -1, d), hidden.to(exact))
+    sizes = torch.zeros(b, width + 1, dtype=exact, device=hidden.device).scatter_add(1, target, member.to(exact))
+    own = torch.where(present, ordinal.clamp(min=0, max=width - 1), width)
+    size = sizes.gather(1, own)
+    mean = sums.gather(1, own[..., None].expand(-1, -1, d)) / size.clamp(min=1)[..., None]
+    return torch.where((size > 0)[..., None], mean.to(hidden.dtype), hidden)
+
+
 def pack_priorities(n_image: Sequence[int], images: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
     """Per row, the priorities of the images it holds, concatenated: ``images`` lists each
     image's token groups (crops, frames) in batch order, images packed row after row. A row

@@ -18,8 +18,11 @@ Conventions (``docs/method.md`` sections 1-4):
   (``last`` without rotary embedding on the query and keys), ``nosink`` /
   ``nosink_keep`` (``last`` with the image sink tokens, found by hidden-state norm,
   left out of the softmax and dropped / kept), ``vision_cls`` (the vision tower's
-  [CLS] attention over the patches, LLaVA-1.5), and the controls ``random``,
-  ``uniform`` (spatially even) and ``inverse`` (lowest scores); docs/method.md section 3.
+  [CLS] attention over the patches, LLaVA-1.5), ``debias`` (``last`` divided by the
+  attention each image position receives on average over calibration images,
+  :mod:`redundancy.priors`), and the controls ``random``, ``uniform`` (spatially even),
+  ``pool`` (``uniform``'s tokens, each holding the mean of its window of the image grid)
+  and ``inverse`` (lowest scores); docs/method.md section 3.
 * ``rank_layer``: ``stage_last`` scores with the queries/keys of layer ``K-1``
   (the paper's definition); ``next`` applies layer ``K``'s input norm and q/k
   projections to the hidden states leaving layer ``K-1`` (official PyramidDrop code).
@@ -36,7 +39,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
 Ranker = Literal[
-    "last", "instruction", "mean", "norope", "nosink", "nosink_keep", "vision_cls", "random", "uniform", "inverse"
+    "last", "instruction", "mean", "norope", "nosink", "nosink_keep", "debias", "vision_cls", "random", "uniform",
+    "pool", "inverse",
 ]
 RankLayer = Literal["stage_last", "next"]
 PositionPolicy = Literal["keep", "compact"]
@@ -48,7 +52,9 @@ POSITION_POLICIES: tuple[str, ...] = get_args(PositionPolicy)
 METHODS: tuple[str, ...] = get_args(Method)
 SEEDED_RANKERS: tuple[str, ...] = ("random",)  # rankers whose choice depends on the schedule's seed
 # rankers that score by the attention of query rows over the keys of the ranking layer
-ATTENTION_RANKERS: tuple[str, ...] = ("last", "instruction", "mean", "norope", "nosink", "nosink_keep", "inverse")
+ATTENTION_RANKERS: tuple[str, ...] = (
+    "last", "instruction", "mean", "norope", "nosink", "nosink_keep", "debias", "inverse"
+)
 
 # floor(r * N) is evaluated with this slack so that a ratio typed as a decimal
 # (0.29 * 100 = 28.999999999999996 in binary floating point) keeps the count its

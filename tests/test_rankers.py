@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,19 +15,19 @@ import torch
 from redundancy.engine import apply_schedule
 from redundancy.flops import ranking_flops
 from redundancy.presets import get_preset
-from redundancy.ranking import SINK_NORM_RATIO
-from redundancy.schedule import RANKERS, DropSchedule
+from redundancy.ranking import SINK_NORM_RATIO, grid_cells, grid_priority, pool_windows
+from redundancy.schedule import RANKERS, DropSchedule, kept_count
 
 try:
-    from tests.reference import SINK_RATIO, make_sample, reference_run, tiny_model
-    from tests.test_engine_qwen2_vl import qwen_model
+    from tests.reference import SINK_RATIO, _layer_forward, make_sample, merged_inputs_embeds, reference_run, tiny_model
+    from tests.test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
     from tests.test_engine_qwen2_vl import reference_run as qwen_reference
     from tests.test_engine_qwen2_vl import make_sample as qwen_sample
     from tests.test_engine_reference import ATOL, check_row, compare, run_engine
     from tests.test_engine_training import with_answers
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import SINK_RATIO, make_sample, reference_run, tiny_model
-    from test_engine_qwen2_vl import qwen_model
+    from reference import SINK_RATIO, _layer_forward, make_sample, merged_inputs_embeds, reference_run, tiny_model
+    from test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
     from test_engine_qwen2_vl import reference_run as qwen_reference
     from test_engine_qwen2_vl import make_sample as qwen_sample
     from test_engine_reference import ATOL, check_row, compare, run_engine
@@ -246,6 +247,137 @@ def sink_at_merger(model, token: int, scale: float = 1000.0) -> Iterator[None]:
         handle.remove()
 
 
+# ---------------------------------------------------------------------- pool
+def _pool_reference(model, embeds, ids, schedule, grids, rope):
+    """One sample's pruned forward under ``pool``, by hand: the layers of tests/reference.py; at
+    each boundary the ``uniform`` tokens (lowest ``grid_priority`` per grid, ties to the earlier),
+    every token present assigned by brute force to its nearest kept token on its grid (squared
+    distance, ties to the earlier kept token), each kept token given the mean of its window by a
+    loop. ``rope(cur, stage)``: the ``(cos, sin)`` of the tokens ``cur`` (original indices).
+    Returns the kept sets, the windows and the last token's logits."""
+    lm = model.model.language_model
+    layers = list(lm.layers)
+    image_id = int(model.config.image_token_id)
+    image_pos = [i for i, t in enumerate(ids) if t == image_id]
+    n = len(image_pos)
+    ordinal = {p: j for j, p in enumerate(image_pos)}
+    cells = [(g, r, c) for g, (h, w) in enumerate(grids) for r in range(h) for c in range(w)]
+    assert len(cells) == n
+    priority = torch.cat([grid_priority(h, w) for h, w in grids]).tolist()
+    order = sorted(range(n), key=lambda j: (priority[j], j))
+    cur, hidden, kept, windows = list(range(len(ids))), embeds, [], []
+    starts = [0, *schedule.boundaries, len(layers)]
+    for s in range(len(starts) - 1):
+        cos, sin = rope(cur, s)
+        for li in range(starts[s], starts[s + 1]):
+            hidden, _, _ = _layer_forward(layers[li], hidden, cos, sin)
+        if s == len(schedule.boundaries):
+            break
+        slot = {ordinal[p]: i for i, p in enumerate(cur) if p in ordinal}
+        keep = sorted(order[: kept_count(n, schedule.ratios[s])])
+
+        def nearest(j: int) -> int:
+            (g, r, c) = cells[j]
+            same = [k for k in keep if cells[k][0] == g]
+            if not same:
+                return min(keep, key=lambda k: (abs(k - j), k))
+            return min(same, key=lambda k: ((cells[k][1] - r) ** 2 + (cells[k][2] - c) ** 2, k))
+
+        window: dict[int, list[int]] = {k: [] for k in keep}
+        for j in sorted(slot):
+            window[nearest(j)].append(j)
+        pooled = hidden.clone()
+        for k, members in window.items():
+            pooled[slot[k]] = sum(hidden[slot[j]] for j in members) / len(members)
+        select = [i for i, p in enumerate(cur) if p not in ordinal or ordinal[p] in window]
+        hidden, cur = pooled[select], [cur[i] for i in select]
+        kept.append(keep)
+        windows.append(window)
+    return kept, windows, model.lm_head(lm.norm(hidden))[-1]
+
+
+POOL = {
+    "drop-1": DropSchedule.drop(layer=1, ratio=0.25, ranker="pool"),  # the earliest boundary: before layer 1
+    "fastv": DropSchedule.fastv(K=2, R=0.75, ranker="pool"),
+    "pdrop-keep": DropSchedule.pdrop(**PDROP, ranker="pool", positions="keep"),
+    "pdrop-compact": DropSchedule.pdrop(**PDROP, ranker="pool"),
+    "odd": DropSchedule.pdrop((1, 3), ratios=(0.4, 0.1), ranker="pool"),
+}
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+@pytest.mark.parametrize("name", list(POOL))
+def test_pool_matches_reference(name: str, n_images: int) -> None:
+    """LLaVA (one and two 4 x 4 images): the engine keeps the ``uniform`` tokens, each holding
+    the mean of its window, as the hand loop does (kept indices, logits)."""
+    model = tiny_model("llava", "qwen2", "sdpa")
+    ids, pv, sizes = make_sample(model, seed=54 + n_images, n_images=n_images)
+    schedule = POOL[name]
+    lm = model.model.language_model
+
+    with torch.no_grad():
+        embeds = merged_inputs_embeds(model, ids, pv)[0]
+
+    def rope(cur, stage):
+        pos = cur if schedule.positions == "keep" else list(range(len(cur)))
+        cos, sin = lm.rotary_emb(embeds[None], position_ids=torch.tensor([pos]))
+        return cos[0], sin[0]
+
+    with torch.no_grad():
+        kept, windows, last = _pool_reference(model, embeds, ids[0].tolist(), schedule, [(4, 4)] * n_images, rope)
+    logits, trace = run_engine(model, ids, pv, sizes, schedule)
+    assert [rec.kept[0].tolist() for rec in trace.boundaries] == kept
+    torch.testing.assert_close(logits[0, -1], last, atol=ATOL["sdpa"], rtol=0)
+    if name == "fastv":  # a quarter of each 4 x 4 grid: the 2 x 2 blocks of average pooling
+        blocks = {k + 16 * i: [k + 16 * i, k + 1 + 16 * i, k + 4 + 16 * i, k + 5 + 16 * i]
+                  for i in range(n_images) for k in (0, 2, 8, 10)}
+        assert windows[0] == blocks
+    uniform, _ = run_engine(model, ids, pv, sizes, replace(schedule, ranker="uniform"))
+    assert not torch.allclose(uniform[0, -1], logits[0, -1])  # the pooled states matter
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop-keep", "pdrop-compact"])
+def test_pool_qwen2_vl_matches_reference(name: str) -> None:
+    """Qwen2-VL: windows on the merged grid (an 8 x 12-patch image is 4 x 6 tokens); the pooled
+    tokens carry their kept token's multimodal positions (``keep``) or the bounding-box
+    renumbering (``compact``)."""
+    model = qwen_model("qwen2_vl", "sdpa", torch.float64)
+    sample = qwen_sample(model, (8, 12), 2, 5, seed=57)
+    schedule = POOL[name]
+    embeds, original = hf_language_inputs(model, sample)
+    ids = sample["input_ids"][0].tolist()
+    lm = model.model.language_model
+
+    def rope(cur, stage):
+        if schedule.positions == "keep" or stage == 0:
+            pos = original[:, cur].tolist()
+        else:
+            pos = compact_reference(ids, cur, original, int(model.config.image_token_id))
+        cos, sin = lm.rotary_emb(embeds[None], torch.tensor(pos)[:, None, :])
+        return cos[0], sin[0]
+
+    with torch.no_grad():
+        kept, _, last = _pool_reference(model, embeds, ids, schedule, [(4, 6)], rope)
+        got, trace = _qwen_engine(model, sample, schedule)
+    assert [rec.kept[0].tolist() for rec in trace.boundaries] == kept
+    torch.testing.assert_close(got, last, atol=1e-8, rtol=0)
+
+
+def test_pool_windows_stay_in_their_grid() -> None:
+    """LLaVA-NeXT: the base image and the high-resolution grid are pooled apart; a grid left
+    without a kept token joins the kept token nearest in the sequence."""
+    cells = grid_cells([(2, 2), (2, 3)], 10)
+    priority = torch.cat([grid_priority(2, 2), grid_priority(2, 3)])
+    windows = pool_windows(cells, priority, [2, 1])
+    assert windows[0].tolist() == [0, 0, 0, 0, 4, 4, 4, 4, 4, 4]  # one kept token per grid
+    assert windows[1].tolist() == [0, -1, -1, -1, 0, -1, -1, -1, -1, -1]  # grid 2 joins token 0
+    model = tiny_model("llava_next", "qwen2", "sdpa")
+    ids, pv, sizes = make_sample(model, seed=58, image_hw=(56, 28))
+    logits, trace = run_engine(model, ids, pv, sizes, POOL["fastv"])
+    assert trace.kept_counts()[0] == list(POOL["fastv"].stage_counts(trace.n_image[0]))
+    assert torch.isfinite(logits[0, -1]).all()
+
+
 # ---------------------------------------------------------------------- FLOPs
 def test_ranking_flops_by_hand() -> None:
     dims = get_preset("llava-1.5-7b")
@@ -260,6 +392,9 @@ def test_ranking_flops_by_hand() -> None:
     assert ranking_flops(dims, DropSchedule.pdrop(ranker="vision_cls")) == ranking_flops(dims, fastv("vision_cls"))
     nxt = DropSchedule.fastv(K=2, R=0.5, ranker="mean", rank_layer="next")
     assert ranking_flops(dims, nxt) == 577 * (t + 576) * d + 577 * d * d + (t + 576) * d * kv
+    assert ranking_flops(dims, fastv("pool")) == (576 + 288) * d  # sums into windows, divisions
+    assert ranking_flops(dims, DropSchedule.pdrop(ranker="pool")) == (576 + 288 + 288 + 144 + 144 + 72) * d
+    assert ranking_flops(dims, fastv("uniform")) == 0
 
 
 # ---------------------------------------------------------------- grid runner

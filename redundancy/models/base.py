@@ -26,7 +26,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from redundancy.ranking import sequence_priority
+from redundancy.ranking import Grid, grid_cells, grid_priorities
 
 PositionEmbeddings = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,7 +53,7 @@ class FamilyAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     layout_inputs: ClassVar[tuple[str, ...]] = ("image_sizes",)
     """Keyword inputs of the multimodal module that describe the image layout (read by
-    :meth:`image_priorities`)."""
+    :meth:`image_grids`)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -188,8 +188,18 @@ class FamilyAdapter:
         """``[n_images, patches]`` [CLS]-to-patch attention of :meth:`cls_layer` for its input ``hidden``."""
         raise NotImplementedError
 
-    # ------------------------------------------------------- uniform control
+    # ------------------------------------------------- uniform and pool controls
+    def image_grids(self, n_image: list[int], extra: dict[str, Any]) -> list[list[Grid] | None]:
+        """Per row, the token grids (an image, a crop, a frame: ``(height, width)`` in raster
+        order) its image tokens form, in order; ``None`` where unknown. Families override this."""
+        return [None for _ in n_image]
+
     def image_priorities(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
         """Per row, a priority per original image token (lower = kept first by the
-        ``uniform`` control). Families override this with their image grid."""
-        return [sequence_priority(n) for n in n_image]
+        ``uniform`` control): each grid of :meth:`image_grids` subsampled evenly."""
+        return [grid_priorities(g, n) for g, n in zip(self.image_grids(n_image, extra), n_image)]
+
+    def image_cells(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
+        """Per row, ``[n, 3]`` ``(grid, row, column)`` of each original image token (the ``pool``
+        control's windows); a grid unknown is one row of ``n`` tokens."""
+        return [grid_cells(g, n) for g, n in zip(self.image_grids(n_image, extra), n_image)]

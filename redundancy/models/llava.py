@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from redundancy.models.base import FamilyAdapter
-from redundancy.ranking import cls_attention, grid_priority, sequence_priority
+from redundancy.ranking import Grid, cls_attention
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -66,16 +66,15 @@ class LlavaAdapter(FamilyAdapter):
             k = attn.k_proj(x).view(n, t, -1, attn.head_dim).transpose(1, 2)
         return cls_attention(q, k, float(attn.scale))
 
-    def image_priorities(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
+    def image_grids(self, n_image: list[int], extra: dict[str, Any]) -> list[list[Grid] | None]:
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
-        per_image = side * side
-        out = []
+        out: list[list[Grid] | None] = []
         for n in n_image:
-            if n > 0 and n % per_image == 0:
-                out.append(torch.cat([grid_priority(side, side) for _ in range(n // per_image)]))
+            if n > 0 and n % (side * side) == 0:
+                out.append([(side, side)] * (n // (side * side)))
             elif math.isqrt(n) ** 2 == n:
-                out.append(grid_priority(math.isqrt(n), math.isqrt(n)))
+                out.append([(math.isqrt(n), math.isqrt(n))])
             else:
-                out.append(sequence_priority(n))
+                out.append(None)
         return out

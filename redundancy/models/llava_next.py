@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from redundancy.models.base import FamilyAdapter
-from redundancy.ranking import grid_priority, pack_priorities, sequence_priority
+from redundancy.ranking import Grid, row_grids
 
 
 def next_image_layout(
@@ -46,15 +46,15 @@ class LlavaNextAdapter(FamilyAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
 
-    def image_priorities(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
+    def image_grids(self, n_image: list[int], extra: dict[str, Any]) -> list[list[Grid] | None]:
         sizes = extra.get("image_sizes")
         cfg = self.model.config
         if sizes is None:
-            return [sequence_priority(n) for n in n_image]
-        images = []
-        for h, w in torch.as_tensor(sizes).tolist():
-            base, high = next_image_layout(
+            return [None for _ in n_image]
+        images = [
+            list(next_image_layout(
                 int(h), int(w), cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.image_grid_pinpoints
-            )
-            images.append([grid_priority(*base), grid_priority(*high)])
-        return pack_priorities(n_image, images)
+            ))
+            for h, w in torch.as_tensor(sizes).tolist()
+        ]
+        return row_grids(n_image, images)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from redundancy.models.base import FamilyAdapter, PositionEmbeddings
-from redundancy.ranking import grid_priority, pack_priorities, sequence_priority
+from redundancy.ranking import Grid, row_grids
 
 _MROPE = 3  # temporal, height, width
 
@@ -108,12 +108,11 @@ class Qwen2VLAdapter(FamilyAdapter):
     ) -> torch.Tensor:
         return compact_mrope(kept, valid, is_image, start)
 
-    # ------------------------------------------------------- uniform control
-    def image_priorities(self, n_image: list[int], extra: dict[str, Any]) -> list[torch.Tensor]:
+    # ------------------------------------------------- uniform and pool controls
+    def image_grids(self, n_image: list[int], extra: dict[str, Any]) -> list[list[Grid] | None]:
         grid_thw = extra.get("image_grid_thw")
         if grid_thw is None:
-            return [sequence_priority(n) for n in n_image]
+            return [None for _ in n_image]
         merge = int(self.model.config.vision_config.spatial_merge_size)
-        # Every frame of an image subsampled alike.
-        images = [[grid_priority(h // merge, w // merge)] * t for t, h, w in torch.as_tensor(grid_thw).tolist()]
-        return pack_priorities(n_image, images)
+        # Every frame of an image is a grid of its own (subsampled and pooled alike).
+        return row_grids(n_image, [[(h // merge, w // merge)] * t for t, h, w in torch.as_tensor(grid_thw).tolist()])
