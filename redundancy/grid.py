@@ -44,6 +44,7 @@ from redundancy.engine import DropEngine, apply_schedule
 from redundancy.evaluate import batches, prompts
 from redundancy.models import adapter_for
 from redundancy.schedule import DropSchedule
+from redundancy.spatial import BoundaryStates, question_diagnostics
 
 
 @dataclass
@@ -58,6 +59,8 @@ class SampleResult:
     """Prompt tokens that are not image tokens (padding excluded)."""
     logits: torch.Tensor | None = None
     """``[steps, vocab]`` float32 logits of each generated token (only with ``keep_logits``)."""
+    spatial: dict[str, Any] | None = None
+    """Where its kept image tokens lie (only with ``spatial``; :func:`redundancy.spatial.question_diagnostics`)."""
 
 
 @dataclass
@@ -212,20 +215,27 @@ def encode(processor: Any, samples: Sequence[Sample], device: torch.device) -> A
 
 def _generate(
     model: Any, processor: Any, inputs: Any, chunk: Sequence[Sample], schedule: DropSchedule,
-    max_new_tokens: int, keep_logits: bool, prefix: SharedPrefix | None = None,
+    max_new_tokens: int, keep_logits: bool, prefix: SharedPrefix | None = None, spatial: bool = False,
 ) -> list[SampleResult]:
-    with apply_schedule(model, schedule, trace=False, first_stage=prefix) as trace:
+    """``spatial``: also count where the kept image tokens lie (the engine's trace and the states
+    leaving each ranking layer, read after the prefill; :mod:`redundancy.spatial`)."""
+    with apply_schedule(model, schedule, trace=spatial, first_stage=prefix) as trace, \
+            BoundaryStates(model, schedule, enabled=spatial) as states:
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False,
             return_dict_in_generate=True, output_logits=keep_logits,
         )
+    places: list[Any] = [None] * len(chunk)
+    if spatial:
+        replayed = {k: snap.hidden for k, snap in prefix._snaps.items()} if prefix is not None else None
+        places = question_diagnostics(model, inputs, trace, states.hidden(replayed))
     new = out.sequences[:, inputs["input_ids"].shape[1] :]
     answers = [a.strip() for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
     kept = trace.kept_counts()
     lengths = inputs["attention_mask"].sum(1).tolist()
     logits = torch.stack(out.logits, dim=1).float().cpu() if keep_logits else None  # [batch, steps, vocab]
     return [
-        SampleResult(s.question_id, a, k, int(n) - k[0], logits[i] if logits is not None else None)
+        SampleResult(s.question_id, a, k, int(n) - k[0], logits[i] if logits is not None else None, places[i])
         for i, (s, a, k, n) in enumerate(zip(chunk, answers, kept, lengths))
     ]
 
@@ -243,6 +253,7 @@ def run_grid(
     on_batch: Callable[[int, list[SampleResult], float, bool], None] | None = None,
     keep_logits: bool = False,
     progress: bool = True,
+    spatial: bool = False,
 ) -> tuple[list[list[SampleResult]], GridStats]:
     """Greedy answers of ``samples`` under each of ``schedules``.
 
@@ -250,6 +261,7 @@ def run_grid(
     fixed slices of ``samples``, and a batch runs for a schedule when any of its questions
     is to do. ``on_batch(i, results, seconds, shared)`` is called after each batch of
     schedule ``i`` (to persist it) with its wall seconds and whether its prefix was replayed.
+    ``spatial``: each result also counts where its kept image tokens lie (:mod:`redundancy.spatial`).
     Returns per schedule the results of the batches it ran, in sample order, and the stats.
     """
     model.eval()
@@ -274,7 +286,7 @@ def run_grid(
         _sync(device)
         start = time.perf_counter()
         try:
-            res = _generate(model, processor, inputs, chunk, schedule, max_new_tokens, keep_logits, prefix)
+            res = _generate(model, processor, inputs, chunk, schedule, max_new_tokens, keep_logits, prefix, spatial)
         except _PrefixRecorded:
             res = []
         _sync(device)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pandas loads when results are first read into a frame, not at import
     import pandas as pd
 
+UNFLATTENED = ("spatial",)  # row fields kept as one column of dicts (None in rows without them)
 _WHOLE_FILE_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones by head, tail and size
 _EDGE = 2**20
 
@@ -160,7 +161,8 @@ def load_results(root: str | Path) -> pd.DataFrame:
     """Every finished point under ``root`` as one DataFrame, one row per point.
 
     Nested fields are flattened with dots (``config.model.path``, ``per_family.color``,
-    ``params.layer``); lists stay lists. Duplicate keys (the same point copied from
+    ``params.layer``) except :data:`UNFLATTENED` ones (``spatial``: one column of dicts, None
+    in rows written without it); lists stay lists. Duplicate keys (the same point copied from
     several machines) are kept once.
     """
     import pandas as pd
@@ -168,7 +170,10 @@ def load_results(root: str | Path) -> pd.DataFrame:
     rows = ResultStore(root).rows()
     if not rows:
         return pd.DataFrame()
+    whole = {name: [row.pop(name, None) for row in rows] for name in UNFLATTENED}
     df = pd.json_normalize(rows, sep=".")
+    for name, values in whole.items():
+        df[name] = pd.Series(values, index=df.index, dtype=object)
     return df.drop_duplicates(subset="key").sort_values("created", kind="stable").reset_index(drop=True)
 
 

@@ -16,6 +16,8 @@ per-sample records under ``out`` (:mod:`redundancy.results`); points already the
 configs, which set ``study=true``) write the published ``results/``, and only whole evaluations.
 A seeded ranker (``ranker=random``) gives one point per seed index (``seed=[0,1,2]`` or
 ``seeds=5``), each drawing with a seed derived from the checkpoint, layer, ratio and index.
+With ``spatial`` (by default in studies) each row also counts where the kept image tokens lie
+and how many are sinks (:mod:`redundancy.spatial`; rows written before have ``spatial: null``).
 Under ``accelerate launch`` the processes share each point's questions (:mod:`redundancy.distributed`).
 The whole configuration is checked (ranges, layers against the model's depth read from its
 ``config.json``) before any weights load.
@@ -53,6 +55,7 @@ from redundancy.locks import PointLocks
 from redundancy.presets import ModelDims
 from redundancy.results import ResultStore, checkpoint_fingerprint, fingerprint, point_key
 from redundancy.schedule import SEEDED_RANKERS, DropSchedule, check_ratio
+from redundancy.spatial import question_numbers, summarise
 from redundancy.validate import check_device, check_weights, check_writable
 from redundancy.stats import LEVEL as CI_LEVEL
 from redundancy.stats import confidence_interval
@@ -139,6 +142,7 @@ class SweepConfig:
     study: bool = False  # a run of the published study (the experiment configs): may write into results/
     out: str = "outputs/sweep"  # the result store; trial runs stay out of the published results/
     rerun: bool = False  # recompute points already in `out`
+    spatial: bool | None = None  # count where the kept image tokens lie (row field `spatial`); null = in studies
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True
     timing: TimingConfig = field(default_factory=TimingConfig)
@@ -346,8 +350,24 @@ def sample_records(
             "question_id": r.question_id, "family": s.family, "prediction": r.prediction, "score": value,
             "correct": value == 1.0, "kept": r.kept, "n_image": r.kept[0], "n_text": r.n_text,
             "seconds": seconds / len(results), "shared_prefix": shared,
+            **({"spatial": r.spatial} if r.spatial is not None else {}),
         })
     return out
+
+
+def committed(record: dict[str, Any]) -> dict[str, Any]:
+    """A per-sample record as the store's samples keep it: a question's spatial counts (in the partial
+    records until its point is done; the row holds their sum) reduced to the numbers paired tests
+    read (:func:`redundancy.spatial.question_numbers`)."""
+    out = {k: v for k, v in record.items() if k != "spatial"}
+    if record.get("spatial") is not None:
+        out.update(question_numbers(record["spatial"]))
+    return out
+
+
+def spatial_enabled(cfg: SweepConfig) -> bool:
+    """Whether the sweep counts where the kept image tokens lie: ``spatial``, by default in studies."""
+    return cfg.study if cfg.spatial is None else cfg.spatial
 
 
 def flops_summary(config: Any, schedule: DropSchedule, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -418,6 +438,7 @@ def build_row(ctx: _Context, schedule: DropSchedule, key: str, records: list[dic
         "prefill_ms": prefill_ms, "prefill_batch": cfg.timing.batch_size if prefill_ms is not None else None,
         "wall_s": sum(r["seconds"] for r in records),
         "shared_prefix": any(r.get("shared_prefix", False) for r in records),
+        "spatial": summarise([r.get("spatial") for r in records]),
         "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device),
         **ctx.provenance,
         "config": point_config(cfg, schedule),
@@ -469,7 +490,7 @@ def run(cfg: SweepConfig) -> str:
         _, stats = run_grid(
             model, processor, mine, writer.schedules, share=cfg.share, batch_size=cfg.batch_size,
             max_new_tokens=cfg.data.max_new_tokens, todo=writer.todo, on_batch=writer.on_batch,
-            progress=cfg.progress and procs.is_main,
+            progress=cfg.progress and procs.is_main, spatial=spatial_enabled(cfg),
         )
         if procs.distributed:
             procs.wait()  # every shard answered: the main process reads them all back and writes the rows
@@ -530,7 +551,8 @@ class _PointWriter:
             prefill = time_prefill(self.model, self.processor, self.ctx.samples[: timing.batch_size], schedule,
                                    repeats=timing.repeats, warmup=timing.warmup)
         row = build_row(self.ctx, schedule, self.keys[j], recs, self.model, prefill)
-        self.store.finish(self.keys[j], row, recs)
+        # The per-question counts live in the partial records only; the row holds their sum.
+        self.store.finish(self.keys[j], row, [committed(r) for r in recs])
 
 
 def _load(cfg: SweepConfig, model_dir: Path, launched: torch.device | None = None) -> tuple[Any, Any, torch.device]:
