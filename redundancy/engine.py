@@ -49,12 +49,14 @@ import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from redundancy.models import FamilyAdapter, adapter_for
+from redundancy.priors import PRIOR_FLOOR, Prior, ranking_layers, resolve_prior
 from redundancy.ranking import (
     pack_priorities,
     pool_states,
@@ -157,6 +159,8 @@ class Trace:
     """Packed input: ``(row, start, end)`` of each segment; the trace's samples are these
     segments, in order. Empty otherwise."""
     prefills: int = 0
+    prior: str = ""
+    """``debias``: the key of the position prior the score is divided by (:mod:`redundancy.priors`)."""
     ranking_seconds: float = 0.0
     """Time spent ranking (scores + top-k) in the last prefill; measured only with ``profile=True``."""
     _boundaries: list[BoundaryRecord] = field(default_factory=list, repr=False)
@@ -510,6 +514,7 @@ class DropEngine:
         record_attention: Sequence[int] = (),
         profile: bool = False,
         first_stage: FirstStageRunner | None = None,
+        prior: str | Path | Prior | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter_for(model)
@@ -527,11 +532,16 @@ class DropEngine:
         self._state: _DecodeState | None = None
         self._undo: list[Any] = []
         self._impl = ""
+        self._prior_given = prior
+        self._prior: Prior | None = None
 
     # ---------------------------------------------------------- install/remove
     def attach(self) -> None:
         from transformers.utils.output_capturing import capture_outputs
 
+        if self.schedule.ranker == "debias" and not self.schedule.is_vanilla:  # before the model changes:
+            self._prior = resolve_prior(self.model, self.schedule, self._prior_given)  # it may calibrate
+            self.trace.prior = self._prior.key
         _attention_functions()  # registers the wrapper
         configs = self.adapter.attention_configs()
         impls = {cfg._attn_implementation for cfg in configs}
@@ -1037,6 +1047,9 @@ class DropEngine:
                         reuse = _LayerInputs(hidden, proj.normed, proj.key_proj)
                 att = self._attention_score(q, k, scaling, hidden, pe, rank_rows, present)
             assert att is not None
+            if ranker == "debias":  # the prior of each original image position (the controls' table)
+                assert controls is not None
+                att = att / controls[stage].gather(1, ordinal.clamp(min=0))
             return (-att if ranker == "inverse" else att), reuse
         assert controls is not None
         return controls[stage].gather(1, ordinal.clamp(min=0)), None
@@ -1068,13 +1081,16 @@ class DropEngine:
         return att if sinks is None else sink_scores(att, sinks, keep=ranker == "nosink_keep")
 
     def _control_scores(self, n_image: list[int], pending: dict[str, Any], device: torch.device) -> torch.Tensor | None:
-        """``[boundaries, batch, max N]`` scores of the ``random`` / ``uniform`` controls and of the
-        pre-LLM ``vision_cls`` score per original image token, made on the host before the first
-        layer (None for the attention rankers)."""
+        """``[boundaries, batch, max N]`` scores of the ``random`` / ``uniform`` / ``pool`` controls
+        and of the pre-LLM ``vision_cls`` score per original image token, made on the host before the
+        first layer; for ``debias``, the prior of each position at each boundary's ranking layer
+        (floored at :data:`~redundancy.priors.PRIOR_FLOOR`); None for the other attention rankers."""
         sched = self.schedule
-        if sched.ranker in ATTENTION_RANKERS:
+        if sched.ranker == "debias":
+            rows = [self._prior_rows(n_image, layer) for layer in ranking_layers(sched)]
+        elif sched.ranker in ATTENTION_RANKERS:
             return None
-        if sched.ranker == "random":
+        elif sched.ranker == "random":
             keys = pending["row_keys"]
             rows = [[random_scores(n, sched.seed, s, keys[i]) for i, n in enumerate(n_image)]
                     for s in range(len(sched.boundaries))]
@@ -1095,6 +1111,21 @@ class DropEngine:
             for i, row in enumerate(per_row):
                 table[s, i, : len(row)] = row
         return table.to(device)
+
+    def _prior_rows(self, n_image: list[int], layer: int) -> list[torch.Tensor]:
+        """Per row, the ``debias`` prior of ``layer`` for each image token (one image's prior per image)."""
+        assert self._prior is not None
+        prior = self._prior.at(layer).clamp(min=PRIOR_FLOOR)
+        per_image = len(prior)
+        out = []
+        for n in n_image:
+            if n % per_image:
+                raise ValueError(
+                    f"ranker='debias': the prior {self._prior.key} holds {per_image} image positions, a sample has {n} "
+                    f"image tokens; pass a prior calibrated on images of this size (REDUNDANCY_PRIOR=<file>)"
+                )
+            out.append(prior.repeat(n // per_image))
+        return out
 
     def _pool_windows(
         self, n_image: list[int], pending: dict[str, Any], plan: list[_Layout], device: torch.device
@@ -1202,6 +1233,7 @@ def apply_schedule(
     record_attention: Sequence[int] = (),
     profile: bool = False,
     first_stage: FirstStageRunner | None = None,
+    prior: str | Path | Prior | None = None,
 ) -> Iterator[Trace]:
     """Run ``model`` under ``schedule`` inside the ``with`` block; yields the :class:`Trace`.
 
@@ -1210,10 +1242,13 @@ def apply_schedule(
     ``profile``: time the ranking work into ``trace.ranking_seconds`` (synchronises).
     ``first_stage``: computes the prefill's first stage instead of the engine (the grid
     runner's shared prefix, :mod:`redundancy.grid`).
+    ``prior``: the ``debias`` ranker's position prior (a file or a :class:`~redundancy.priors.Prior`);
+    by default :func:`~redundancy.priors.resolve_prior` finds or makes one when the block opens.
     The model is restored in every case when the block exits.
     """
     engine = DropEngine(
-        model, schedule, trace=trace, record_attention=record_attention, profile=profile, first_stage=first_stage
+        model, schedule, trace=trace, record_attention=record_attention, profile=profile, first_stage=first_stage,
+        prior=prior,
     )
     engine.attach()
     try:

@@ -15,18 +15,19 @@ import torch
 from redundancy.engine import apply_schedule
 from redundancy.flops import ranking_flops
 from redundancy.presets import get_preset
+from redundancy.priors import Prior, calibrate, ranking_layers
 from redundancy.ranking import SINK_NORM_RATIO, grid_cells, grid_priority, pool_windows
 from redundancy.schedule import RANKERS, DropSchedule, kept_count
 
 try:
-    from tests.reference import SINK_RATIO, _layer_forward, make_sample, merged_inputs_embeds, reference_run, tiny_model
+    from tests.reference import SINK_RATIO, _attention_row, _layer_forward, _qkv, make_sample, merged_inputs_embeds, reference_run, tiny_model
     from tests.test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
     from tests.test_engine_qwen2_vl import reference_run as qwen_reference
     from tests.test_engine_qwen2_vl import make_sample as qwen_sample
     from tests.test_engine_reference import ATOL, check_row, compare, run_engine
     from tests.test_engine_training import with_answers
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import SINK_RATIO, _layer_forward, make_sample, merged_inputs_embeds, reference_run, tiny_model
+    from reference import SINK_RATIO, _attention_row, _layer_forward, _qkv, make_sample, merged_inputs_embeds, reference_run, tiny_model
     from test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
     from test_engine_qwen2_vl import reference_run as qwen_reference
     from test_engine_qwen2_vl import make_sample as qwen_sample
@@ -63,8 +64,8 @@ def sink_at(model, token: int, scale: float = 1000.0, every_image: bool = False)
 
 
 def test_rankers_are_selectable_and_recorded() -> None:
-    assert {*NEW, "vision_cls"} <= set(RANKERS)
-    for ranker in (*NEW, "vision_cls"):
+    assert {*NEW, "vision_cls", "pool", "debias"} <= set(RANKERS)
+    for ranker in (*NEW, "vision_cls", "pool", "debias"):
         assert DropSchedule.drop(layer=2, ratio=0.5, ranker=ranker).record()["ranker"] == ranker
     assert SINK_RATIO == SINK_NORM_RATIO  # the reference's threshold is the documented one
 
@@ -248,33 +249,45 @@ def sink_at_merger(model, token: int, scale: float = 1000.0) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------- pool
-def _pool_reference(model, embeds, ids, schedule, grids, rope):
-    """One sample's pruned forward under ``pool``, by hand: the layers of tests/reference.py; at
-    each boundary the ``uniform`` tokens (lowest ``grid_priority`` per grid, ties to the earlier),
-    every token present assigned by brute force to its nearest kept token on its grid (squared
-    distance, ties to the earlier kept token), each kept token given the mean of its window by a
-    loop. ``rope(cur, stage)``: the ``(cos, sin)`` of the tokens ``cur`` (original indices).
-    Returns the kept sets, the windows and the last token's logits."""
+def _staged_reference(model, embeds, ids, schedule, rope, choose):
+    """One sample's pruned forward by hand: the layers of tests/reference.py, stage by stage,
+    ``rope(cur, stage)`` giving the ``(cos, sin)`` of the tokens ``cur`` (original indices). At
+    each boundary ``choose(s, hidden, q, k, cos, sin, cur, slot)`` (``q, k``: layer ``K-1``'s;
+    ``slot``: image-token index -> row of ``hidden``) returns the kept image tokens, the states
+    (changed or not) and what to report. Returns the kept sets, the reports and the last logits."""
     lm = model.model.language_model
     layers = list(lm.layers)
     image_id = int(model.config.image_token_id)
-    image_pos = [i for i, t in enumerate(ids) if t == image_id]
-    n = len(image_pos)
-    ordinal = {p: j for j, p in enumerate(image_pos)}
-    cells = [(g, r, c) for g, (h, w) in enumerate(grids) for r in range(h) for c in range(w)]
-    assert len(cells) == n
-    priority = torch.cat([grid_priority(h, w) for h, w in grids]).tolist()
-    order = sorted(range(n), key=lambda j: (priority[j], j))
-    cur, hidden, kept, windows = list(range(len(ids))), embeds, [], []
+    ordinal = {p: j for j, p in enumerate(i for i, t in enumerate(ids) if t == image_id)}
+    cur, hidden, kept, reports = list(range(len(ids))), embeds, [], []
     starts = [0, *schedule.boundaries, len(layers)]
     for s in range(len(starts) - 1):
         cos, sin = rope(cur, s)
         for li in range(starts[s], starts[s + 1]):
-            hidden, _, _ = _layer_forward(layers[li], hidden, cos, sin)
+            hidden, q, k = _layer_forward(layers[li], hidden, cos, sin)
         if s == len(schedule.boundaries):
             break
         slot = {ordinal[p]: i for i, p in enumerate(cur) if p in ordinal}
-        keep = sorted(order[: kept_count(n, schedule.ratios[s])])
+        keep, hidden, report = choose(s, hidden, q, k, cos, sin, cur, slot)
+        select = [i for i, p in enumerate(cur) if p not in ordinal or ordinal[p] in set(keep)]
+        hidden, cur = hidden[select], [cur[i] for i in select]
+        kept.append(sorted(keep))
+        reports.append(report)
+    return kept, reports, model.lm_head(lm.norm(hidden))[-1]
+
+
+def _pool_reference(model, embeds, ids, schedule, grids, rope):
+    """``pool`` by hand: at each boundary the ``uniform`` tokens (lowest ``grid_priority`` per
+    grid, ties to the earlier), every token present assigned by brute force to its nearest kept
+    token on its grid (squared distance, ties to the earlier kept token; a grid without one: the
+    nearest in the sequence), each kept token given the mean of its window by a loop. Reports
+    the windows."""
+    cells = [(g, r, c) for g, (h, w) in enumerate(grids) for r in range(h) for c in range(w)]
+    priority = torch.cat([grid_priority(h, w) for h, w in grids]).tolist()
+    order = sorted(range(len(cells)), key=lambda j: (priority[j], j))
+
+    def choose(s, hidden, q, k, cos, sin, cur, slot):
+        keep = sorted(order[: kept_count(len(cells), schedule.ratios[s])])
 
         def nearest(j: int) -> int:
             (g, r, c) = cells[j]
@@ -289,11 +302,42 @@ def _pool_reference(model, embeds, ids, schedule, grids, rope):
         pooled = hidden.clone()
         for k, members in window.items():
             pooled[slot[k]] = sum(hidden[slot[j]] for j in members) / len(members)
-        select = [i for i, p in enumerate(cur) if p not in ordinal or ordinal[p] in window]
-        hidden, cur = pooled[select], [cur[i] for i in select]
-        kept.append(keep)
-        windows.append(window)
-    return kept, windows, model.lm_head(lm.norm(hidden))[-1]
+        return keep, pooled, window
+
+    return _staged_reference(model, embeds, ids, schedule, rope, choose)
+
+
+def _llava_case(model, ids, pv, positions="keep"):
+    """``(embeds, ids, rope)`` of a LLaVA sample for :func:`_staged_reference` under ``positions``."""
+    lm = model.model.language_model
+    with torch.no_grad():
+        embeds = merged_inputs_embeds(model, ids, pv)[0]
+
+    def rope(cur, stage):
+        pos = cur if positions == "keep" else list(range(len(cur)))
+        cos, sin = lm.rotary_emb(embeds[None], position_ids=torch.tensor([pos]))
+        return cos[0], sin[0]
+
+    return embeds, ids[0].tolist(), rope
+
+
+def _qwen_case(model, sample, positions="keep"):
+    """As :func:`_llava_case` for a Qwen2-VL sample: HF's multimodal positions (``keep``) or the
+    bounding-box renumbering (``compact``, tests/test_engine_qwen2_vl.py)."""
+    lm = model.model.language_model
+    with torch.no_grad():
+        embeds, original = hf_language_inputs(model, sample)
+    ids = sample["input_ids"][0].tolist()
+
+    def rope(cur, stage):
+        if positions == "keep" or stage == 0:
+            pos = original[:, cur].tolist()
+        else:
+            pos = compact_reference(ids, cur, original, int(model.config.image_token_id))
+        cos, sin = lm.rotary_emb(embeds[None], torch.tensor(pos)[:, None, :])
+        return cos[0], sin[0]
+
+    return embeds, ids, rope
 
 
 POOL = {
@@ -313,18 +357,9 @@ def test_pool_matches_reference(name: str, n_images: int) -> None:
     model = tiny_model("llava", "qwen2", "sdpa")
     ids, pv, sizes = make_sample(model, seed=54 + n_images, n_images=n_images)
     schedule = POOL[name]
-    lm = model.model.language_model
-
+    embeds, plain, rope = _llava_case(model, ids, pv, schedule.positions)
     with torch.no_grad():
-        embeds = merged_inputs_embeds(model, ids, pv)[0]
-
-    def rope(cur, stage):
-        pos = cur if schedule.positions == "keep" else list(range(len(cur)))
-        cos, sin = lm.rotary_emb(embeds[None], position_ids=torch.tensor([pos]))
-        return cos[0], sin[0]
-
-    with torch.no_grad():
-        kept, windows, last = _pool_reference(model, embeds, ids[0].tolist(), schedule, [(4, 4)] * n_images, rope)
+        kept, windows, last = _pool_reference(model, embeds, plain, schedule, [(4, 4)] * n_images, rope)
     logits, trace = run_engine(model, ids, pv, sizes, schedule)
     assert [rec.kept[0].tolist() for rec in trace.boundaries] == kept
     torch.testing.assert_close(logits[0, -1], last, atol=ATOL["sdpa"], rtol=0)
@@ -344,18 +379,7 @@ def test_pool_qwen2_vl_matches_reference(name: str) -> None:
     model = qwen_model("qwen2_vl", "sdpa", torch.float64)
     sample = qwen_sample(model, (8, 12), 2, 5, seed=57)
     schedule = POOL[name]
-    embeds, original = hf_language_inputs(model, sample)
-    ids = sample["input_ids"][0].tolist()
-    lm = model.model.language_model
-
-    def rope(cur, stage):
-        if schedule.positions == "keep" or stage == 0:
-            pos = original[:, cur].tolist()
-        else:
-            pos = compact_reference(ids, cur, original, int(model.config.image_token_id))
-        cos, sin = lm.rotary_emb(embeds[None], torch.tensor(pos)[:, None, :])
-        return cos[0], sin[0]
-
+    embeds, ids, rope = _qwen_case(model, sample, schedule.positions)
     with torch.no_grad():
         kept, _, last = _pool_reference(model, embeds, ids, schedule, [(4, 6)], rope)
         got, trace = _qwen_engine(model, sample, schedule)
@@ -378,6 +402,106 @@ def test_pool_windows_stay_in_their_grid() -> None:
     assert torch.isfinite(logits[0, -1]).all()
 
 
+# ---------------------------------------------------------------------- debias
+def _reference_prior(model, cases, layers) -> dict[int, torch.Tensor]:
+    """Per layer, ``[N]`` float64: the last token's attention over each image position in the
+    unpruned forward by hand (every layer, every token), averaged over ``cases``."""
+    image_id = int(model.config.image_token_id)
+    sums = {layer: 0.0 for layer in layers}
+    for embeds, ids, rope in cases:
+        image = [i for i, t in enumerate(ids) if t == image_id]
+        cos, sin = rope(list(range(len(ids))), 0)
+        hidden = embeds
+        for li, layer in enumerate(model.model.language_model.layers):
+            hidden, q, k = _layer_forward(layer, hidden, cos, sin)
+            if li in sums:
+                sums[li] = sums[li] + _attention_row(q, k, len(ids) - 1, layer.self_attn.scaling)[image]
+    return {layer: total / len(cases) for layer, total in sums.items()}
+
+
+def _debias_reference(model, case, schedule, prior):
+    """``debias`` by hand: at each boundary the eager ``last`` score (float64, the ranking layer's
+    q/k) of each image token present divided by ``prior[layer][j]``; top ``floor(r N)``, ties to
+    the earlier token. Reports the scores."""
+    embeds, ids, rope = case
+    layers = model.model.language_model.layers
+    n = ids.count(int(model.config.image_token_id))
+
+    def choose(s, hidden, q, k, cos, sin, cur, slot):
+        boundary = schedule.boundaries[s]
+        layer = boundary - 1 if schedule.rank_layer == "stage_last" else boundary
+        if schedule.rank_layer == "next":
+            q, k, _ = _qkv(layers[boundary], hidden, cos, sin)
+        att = _attention_row(q, k, len(cur) - 1, layers[layer].self_attn.scaling)
+        score = {j: float(att[i]) / max(float(prior[layer][j]), 1e-12) for j, i in slot.items()}
+        keep = sorted(score, key=lambda j: (-score[j], j))[: kept_count(n, schedule.ratios[s])]
+        return keep, hidden, score
+
+    return _staged_reference(model, embeds, ids, schedule, rope, choose)
+
+
+DEBIAS = {
+    "fastv": DropSchedule.fastv(K=2, R=0.5, ranker="debias"),  # stage_last, positions kept
+    "pdrop": DropSchedule.pdrop(**PDROP, ranker="debias"),  # next, compact
+}
+
+
+def _check_debias(model, case, calibration, inputs, schedule, run) -> None:
+    """The engine's calibration on ``inputs`` equals the hand-made prior over the same samples
+    (``calibration``, other than the ranked ``case``); ranked with it, the engine keeps and scores
+    what the hand reference does and gives its logits. ``run(schedule, prior)``: the engine's last
+    logits and trace on ``case``. (Scores of ``last`` would fail: the prior is not flat.)"""
+    layers = ranking_layers(schedule)
+    reference = _reference_prior(model, calibration, layers)
+    values = calibrate(model, inputs, layers)
+    for i, layer in enumerate(layers):
+        torch.testing.assert_close(values[i].double(), reference[layer], atol=1e-7, rtol=0)
+    with torch.no_grad():
+        kept, scores, last = _debias_reference(model, case, schedule, reference)
+    got, trace = run(schedule, Prior("test", layers, values))
+    assert trace.prior == "test"
+    assert [rec.kept[0].tolist() for rec in trace.boundaries] == kept
+    for rec, score in zip(trace.boundaries, scores):
+        expected = torch.tensor([score.get(j, float("nan")) for j in range(len(rec.scores[0]))], dtype=torch.float64)
+        torch.testing.assert_close(rec.scores[0].double(), expected, rtol=1e-5, atol=0, equal_nan=True)
+    torch.testing.assert_close(got, last, atol=1e-8, rtol=0)
+    assert float(values.std(dim=1).min()) > 1e-3 * float(values.mean())
+
+
+@pytest.mark.parametrize("name", list(DEBIAS))
+def test_debias_matches_reference(name: str) -> None:
+    """LLaVA: the prior over four calibration samples (not the ranked one), by the engine and by
+    hand; ``debias`` ranks by ``last`` over it."""
+    model = tiny_model("llava", "qwen2", "sdpa")
+    schedule = DEBIAS[name]
+    samples = [make_sample(model, seed=60 + i) for i in range(5)]
+    cases = [_llava_case(model, ids, pv, schedule.positions) for ids, pv, _ in samples]
+    inputs = [{"input_ids": ids, "pixel_values": pv} for ids, pv, _ in samples[1:]]
+    ids, pv, _ = samples[0]
+
+    def run(sched, prior):
+        with torch.no_grad(), apply_schedule(model, sched, prior=prior) as trace:
+            logits = model(input_ids=ids, pixel_values=pv).logits[0, -1]
+        return logits, trace
+
+    _check_debias(model, cases[0], cases[1:], inputs, schedule, run)
+
+
+@pytest.mark.parametrize("name", list(DEBIAS))
+def test_debias_qwen2_vl_matches_reference(name: str) -> None:
+    model = qwen_model("qwen2_vl", "sdpa", torch.float64)
+    schedule = DEBIAS[name]
+    samples = [qwen_sample(model, (8, 8), 2, 5, seed=64 + i) for i in range(4)]
+    cases = [_qwen_case(model, sample, schedule.positions) for sample in samples]
+
+    def run(sched, prior):
+        with torch.no_grad(), apply_schedule(model, sched, prior=prior) as trace:
+            logits = model(**samples[0]).logits[0, -1]
+        return logits, trace
+
+    _check_debias(model, cases[0], cases[1:], samples[1:], schedule, run)
+
+
 # ---------------------------------------------------------------------- FLOPs
 def test_ranking_flops_by_hand() -> None:
     dims = get_preset("llava-1.5-7b")
@@ -398,9 +522,9 @@ def test_ranking_flops_by_hand() -> None:
 
 
 # ---------------------------------------------------------------- grid runner
-def test_shared_grid_equals_separate_runs(tmp_path) -> None:
+def test_shared_grid_equals_separate_runs(tmp_path, monkeypatch) -> None:
     """The sweep's shared-prefix runner (replayed first stage, images encoded once) gives every
-    new ranker what separate runs give."""
+    new ranker what separate runs give (``debias`` calibrating its prior on first use)."""
     from redundancy.checkpoints import TEST_SET, load_model
     from redundancy.data import load_dataset
     from redundancy.grid import run_grid
@@ -412,7 +536,11 @@ def test_shared_grid_equals_separate_runs(tmp_path) -> None:
 
     model, processor = load_model(save_tiny_micro(tmp_path / "micro"))
     samples = load_dataset(TEST_SET)[:4]
-    grid = [DropSchedule.vanilla(), *(DropSchedule.drop(3, 0.25, ranker=r) for r in (*NEW, "vision_cls")),
+    monkeypatch.setenv("REDUNDANCY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("REDUNDANCY_PRIOR_IMAGES", "2")
+    monkeypatch.delenv("REDUNDANCY_PRIOR", raising=False)
+    rankers = (*NEW, "vision_cls", "pool", "debias")
+    grid = [DropSchedule.vanilla(), *(DropSchedule.drop(3, 0.25, ranker=r) for r in rankers),
             DropSchedule.pdrop(layers=(2, 4), lam=0.5, ranker="norope")]
     opts = {"batch_size": 2, "progress": False}
     shared, stats = run_grid(model, processor, samples, grid, share=True, **opts)
