@@ -60,7 +60,7 @@ import io
 import json
 import shutil
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from itertools import islice
@@ -749,6 +749,41 @@ def config_from_meta(path: str | Path) -> tuple[GenConfig, str, int]:
     """The (config, split, n) recorded in a written directory's ``meta.json``."""
     meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
     return GenConfig(**meta["config"]), meta["split"], int(meta["n"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a question's evidence lies
+
+EVIDENCE_POSITIONS = ("top", "bottom", "both")
+
+
+def evidence_position(record: Mapping[str, Any], image_size: int) -> str:
+    """Where the evidence of a ``questions.jsonl`` record lies along the image's height.
+
+    Rule: ``"top"`` when every evidence object's box lies wholly in the top half (pixel rows
+    ``[0, image_size / 2)``), ``"bottom"`` when every one lies wholly in the bottom half (rows
+    ``[image_size / 2, image_size)``), else ``"both"``: a box crosses the middle row, the evidence
+    sits in both halves (a relation, most counts), or the question names no object (the whole
+    image). Boxes are ``[x, y, size]`` (rows ``y .. y + size - 1``). The middle falls on a patch
+    boundary for the shipped models (96 px, 8 px patches), so "top" evidence lies in the top
+    half of the image-token rows."""
+    boxes = [record["objects"][i]["box"] for i in record.get("evidence", [])]
+    if not boxes:
+        return "both"
+    middle = image_size / 2
+    if all(y + size <= middle for _, y, size in boxes):
+        return "top"
+    if all(y >= middle for _, y, _ in boxes):
+        return "bottom"
+    return "both"
+
+
+def evidence_positions(directory: str | Path) -> dict[str, str]:
+    """Question id -> :func:`evidence_position` for a written split (``meta.json`` gives the image size)."""
+    cfg, _, _ = config_from_meta(directory)
+    lines = (Path(directory) / QUESTIONS_FILE).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {r["question_id"]: evidence_position(r, cfg.image_size) for r in records}
 
 
 # ---------------------------------------------------------------------------------------------

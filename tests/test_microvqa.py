@@ -383,3 +383,38 @@ def test_png_is_rgb_at_image_size(committed: list) -> None:
         assert im.mode == "RGB" and im.size == (96, 96)
     buf = io.BytesIO(mv.png_bytes(np.zeros((8, 8, 3), np.uint8)))
     assert Image.open(buf).format == "PNG"
+
+
+# ---------------------------------------------------------------- where the evidence lies
+def question(*boxes: list[int], evidence: list[int] | None = None) -> dict:
+    objects = [{"shape": "circle", "color": "red", "glyph": None, "box": list(b)} for b in boxes]
+    return {"objects": objects, "evidence": list(range(len(boxes))) if evidence is None else evidence}
+
+
+@pytest.mark.parametrize(
+    ("record", "position"),
+    [
+        (question([10, 0, 20]), "top"),
+        (question([10, 28, 20]), "top"),  # rows 28..47: the last top row of a 96 px image
+        (question([10, 29, 20]), "both"),  # rows 29..48: crosses the middle
+        (question([10, 48, 20]), "bottom"),
+        (question([0, 60, 36]), "bottom"),
+        (question([0, 0, 12], [50, 0, 12]), "top"),  # two objects, both on top
+        (question([0, 0, 12], [50, 70, 12]), "both"),  # one each side
+        (question([0, 0, 12], [50, 70, 12], evidence=[1]), "bottom"),  # only the evidence counts
+        (question([0, 0, 12], evidence=[]), "both"),  # no object named: the whole image
+    ],
+)
+def test_evidence_position_rule(record: dict, position: str) -> None:
+    assert mv.evidence_position(record, 96) == position
+
+
+def test_evidence_positions_of_the_committed_test_set() -> None:
+    positions = mv.evidence_positions(TEST_SET)
+    records = [json.loads(line) for line in (TEST_SET / "questions.jsonl").read_text().splitlines()]
+    assert list(positions) == [r["question_id"] for r in records]
+    counts = Counter(positions.values())
+    assert set(counts) == set(mv.EVIDENCE_POSITIONS) and min(counts.values()) >= 100
+    for r in records:  # every top question's evidence patches lie in the top rows of the 12 x 12 token grid
+        if positions[r["question_id"]] == "top":
+            assert all(i // 12 < 6 for j in r["evidence"] for i in mv.patch_indices(r["objects"][j]["box"], 96, 8))
