@@ -61,6 +61,8 @@ class SampleResult:
     """``[steps, vocab]`` float32 logits of each generated token (only with ``keep_logits``)."""
     spatial: dict[str, Any] | None = None
     """Where its kept image tokens lie (only with ``spatial``; :func:`redundancy.spatial.question_diagnostics`)."""
+    prior: str = ""
+    """``debias``: the key of the position prior it was ranked with (``Trace.prior``)."""
 
 
 @dataclass
@@ -235,7 +237,8 @@ def _generate(
     lengths = inputs["attention_mask"].sum(1).tolist()
     logits = torch.stack(out.logits, dim=1).float().cpu() if keep_logits else None  # [batch, steps, vocab]
     return [
-        SampleResult(s.question_id, a, k, int(n) - k[0], logits[i] if logits is not None else None, places[i])
+        SampleResult(s.question_id, a, k, int(n) - k[0], logits[i] if logits is not None else None, places[i],
+                     trace.prior)
         for i, (s, a, k, n) in enumerate(zip(chunk, answers, kept, lengths))
     ]
 

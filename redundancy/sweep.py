@@ -351,6 +351,7 @@ def sample_records(
             "correct": value == 1.0, "kept": r.kept, "n_image": r.kept[0], "n_text": r.n_text,
             "seconds": seconds / len(results), "shared_prefix": shared,
             **({"spatial": r.spatial} if r.spatial is not None else {}),
+            **({"prior": r.prior} if r.prior else {}),
         })
     return out
 
@@ -438,6 +439,7 @@ def build_row(ctx: _Context, schedule: DropSchedule, key: str, records: list[dic
         "prefill_ms": prefill_ms, "prefill_batch": cfg.timing.batch_size if prefill_ms is not None else None,
         "wall_s": sum(r["seconds"] for r in records),
         "shared_prefix": any(r.get("shared_prefix", False) for r in records),
+        "prior": next((r["prior"] for r in records if r.get("prior")), None),  # debias: the prior's key
         "spatial": summarise([r.get("spatial") for r in records]),
         "batch_size": cfg.batch_size, "device": str(next(model.parameters()).device),
         **ctx.provenance,

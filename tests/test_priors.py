@@ -169,3 +169,25 @@ def _image():
     from PIL import Image
 
     return Image.new("RGB", (96, 96), (200, 30, 30))
+
+
+def test_sweep_rows_record_the_prior(tmp_path: Path, cache: Path) -> None:
+    """``python -m redundancy.sweep method.ranker=[debias,pool]``: a row per ranker, the ``debias``
+    row naming the key of the prior it was ranked with (made on first use), ``pool`` none."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from redundancy import sweep
+    from redundancy.cli import CONF
+    from redundancy.results import load_results
+
+    path = save_tiny_micro(tmp_path / "micro")
+    overrides = [f"model.path={path}", "model.num_layers=null", "data.limit=4", "batch_size=4",
+                 f"out={tmp_path / 'out'}", "timing.repeats=0", "progress=false", "layer=2", "ratio=0.5",
+                 "method.ranker=[debias,pool]"]
+    with initialize_config_dir(config_dir=str(CONF / "sweep"), version_base=None):
+        cfg = OmegaConf.to_object(compose(config_name="sweep", overrides=overrides))
+    sweep.run(cfg)
+    rows = load_results(tmp_path / "out").set_index("ranker")
+    assert rows.loc["debias", "prior"] == prior_key(checkpoint_fingerprint(path), (1,), 16, 3)
+    assert rows.loc["pool", "prior"] is None or rows.loc["pool", "prior"] != rows.loc["pool", "prior"]  # None / NaN
