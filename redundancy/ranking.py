@@ -19,7 +19,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-
 _ROW_CHUNK = 256  # query rows scored at once: [batch, heads, 256, keys] float32 at most
 
 
@@ -275,7 +274,7 @@ def pool_states(hidden: torch.Tensor, window: torch.Tensor, ordinal: torch.Tenso
         ordinal: ``[batch, n]`` the original image-token index of each slot.
         present: ``[batch, n]`` bool, the image tokens present.
     """
-    b, n, d = hidden.shape
+    b, _, d = hidden.shape
     width = window.shape[1]
     target = window.gather(1, ordinal.clamp(min=0, max=width - 1))
     member = present & (target >= 0)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import redundancy.priors as priors
+from redundancy import priors
 from redundancy.checkpoints import load_model
 from redundancy.engine import apply_schedule
-from redundancy.priors import Prior, calibrate, load_prior, prior_key, resolve_prior, save_prior
+from redundancy.priors import Prior, calibrate, load_prior, prior_key, save_prior
 from redundancy.results import checkpoint_fingerprint
 from redundancy.schedule import DropSchedule
 

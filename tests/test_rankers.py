@@ -20,17 +20,35 @@ from redundancy.ranking import SINK_NORM_RATIO, grid_cells, grid_priority, pool_
 from redundancy.schedule import RANKERS, DropSchedule, kept_count
 
 try:
-    from tests.reference import SINK_RATIO, _attention_row, _layer_forward, _qkv, make_sample, merged_inputs_embeds, reference_run, tiny_model
+    from tests.reference import (
+        SINK_RATIO,
+        _attention_row,
+        _layer_forward,
+        _qkv,
+        make_sample,
+        merged_inputs_embeds,
+        reference_run,
+        tiny_model,
+    )
     from tests.test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
-    from tests.test_engine_qwen2_vl import reference_run as qwen_reference
     from tests.test_engine_qwen2_vl import make_sample as qwen_sample
+    from tests.test_engine_qwen2_vl import reference_run as qwen_reference
     from tests.test_engine_reference import ATOL, check_row, compare, run_engine
     from tests.test_engine_training import with_answers
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import SINK_RATIO, _attention_row, _layer_forward, _qkv, make_sample, merged_inputs_embeds, reference_run, tiny_model
+    from reference import (
+        SINK_RATIO,
+        _attention_row,
+        _layer_forward,
+        _qkv,
+        make_sample,
+        merged_inputs_embeds,
+        reference_run,
+        tiny_model,
+    )
     from test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
-    from test_engine_qwen2_vl import reference_run as qwen_reference
     from test_engine_qwen2_vl import make_sample as qwen_sample
+    from test_engine_qwen2_vl import reference_run as qwen_reference
     from test_engine_reference import ATOL, check_row, compare, run_engine
     from test_engine_training import with_answers
 
@@ -307,17 +325,17 @@ def _pool_reference(model, embeds, ids, schedule, grids, rope):
 
         def nearest(j: int) -> int:
             (g, r, c) = cells[j]
-            same = [k for k in keep if cells[k][0] == g]
+            same = [m for m in keep if cells[m][0] == g]
             if not same:
-                return min(keep, key=lambda k: (abs(k - j), k))
-            return min(same, key=lambda k: ((cells[k][1] - r) ** 2 + (cells[k][2] - c) ** 2, k))
+                return min(keep, key=lambda m: (abs(m - j), m))
+            return min(same, key=lambda m: ((cells[m][1] - r) ** 2 + (cells[m][2] - c) ** 2, m))
 
-        window: dict[int, list[int]] = {k: [] for k in keep}
+        window: dict[int, list[int]] = {m: [] for m in keep}
         for j in sorted(slot):
             window[nearest(j)].append(j)
         pooled = hidden.clone()
-        for k, members in window.items():
-            pooled[slot[k]] = sum(hidden[slot[j]] for j in members) / len(members)
+        for rep, members in window.items():
+            pooled[slot[rep]] = sum(hidden[slot[j]] for j in members) / len(members)
         return keep, pooled, window
 
     return _staged_reference(model, embeds, ids, schedule, rope, choose)

@@ -17,7 +17,6 @@ import math
 from typing import Any
 
 import torch
-
 from torch import nn
 
 from redundancy.models.base import FamilyAdapter
