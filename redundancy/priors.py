@@ -150,6 +150,20 @@ def resolve_prior(model: Any, schedule: DropSchedule, given: str | Path | Prior 
     if not str(getattr(model, "name_or_path", "")) or not (model_dir / "config.json").is_file():
         raise ValueError(_no_calibration("the model was not loaded from a checkpoint directory"))
     count = int(os.environ.get(IMAGES_ENV) or CALIBRATION_IMAGES)
+    # A sweep applies the schedule once per batch: the checkpoint's files unchanged, the same prior.
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(model_dir.iterdir()) if f.is_file()]
+    memo = (str(model_dir.resolve()), tuple(stamp), layers, count, str(cache_dir()))
+    if memo not in _MADE:
+        _MADE[memo] = _benchmark_prior(model, model_dir, layers, count)
+    return _MADE[memo]
+
+
+_MADE: dict[tuple[Any, ...], Prior] = {}
+
+
+def _benchmark_prior(model: Any, model_dir: Path, layers: tuple[int, ...], count: int) -> Prior:
+    """The prior of ``model`` (loaded from ``model_dir``) over the benchmark's first ``count`` val
+    questions: read from the cache, else calibrated and cached."""
     processor, examples = _processor(model_dir), calibration_examples(count)
     from redundancy.evaluate import batches as chunks
     from redundancy.micro import PROMPT

@@ -58,11 +58,16 @@ def test_made_on_first_use_then_cached(tmp_path: Path, cache: Path, monkeypatch:
         raise AssertionError("calibrated again instead of reading the cache")
 
     monkeypatch.setattr(priors, "calibrate", refuse)
+    priors._MADE.clear()  # a new process: read from the cache
     with torch.no_grad(), apply_schedule(model, schedule) as again:
         second = model(**inputs).logits
     assert again.prior == key
     assert torch.equal(first, second)
     assert [r.kept[0].tolist() for r in again.boundaries] == [r.kept[0].tolist() for r in trace.boundaries]
+    monkeypatch.setattr(priors, "calibration_examples", refuse)  # the next batch: nothing read or encoded
+    with torch.no_grad(), apply_schedule(model, schedule) as third:
+        model(**inputs)
+    assert third.prior == key
 
 
 def test_calibration_images_are_not_test_questions() -> None:
