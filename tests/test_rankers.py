@@ -436,6 +436,45 @@ def test_pool_windows_stay_in_their_grid() -> None:
     assert torch.isfinite(logits[0, -1]).all()
 
 
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+def test_pool_cached_generation_equals_recomputation(positions: str) -> None:
+    """The pooled states enter each stage's cache: decoding with it equals the pooled prefill
+    of the prompt and the tokens generated so far (``pool``'s choice ignores the text)."""
+    from tests.conftest import engine_generate
+
+    model = tiny_model("llava", "llama", "sdpa")
+    ids, pv, _ = make_sample(model, seed=59, n_images=2)
+    schedule = DropSchedule.pdrop(**PDROP, ranker="pool", positions=positions)
+    new, logits, _, _ = engine_generate(model, schedule, 3, input_ids=ids, pixel_values=pv,
+                                        attention_mask=torch.ones_like(ids))
+    for step in range(3):
+        longer = torch.cat([ids, new[:, :step]], dim=1)
+        again, _ = run_engine(model, longer, pv, None, schedule)
+        torch.testing.assert_close(logits[step], again[:, -1], atol=1e-8, rtol=0)
+
+
+def test_pool_left_padded_batch() -> None:
+    """Two LLaVA-NeXT samples of different image-token counts, left-padded: each row pools and
+    keeps what it does alone."""
+    model = tiny_model("llava_next", "qwen2", "sdpa")
+    samples = [make_sample(model, image_hw=(56, 28), before=2, after=6, seed=61),
+               make_sample(model, image_hw=(28, 56), before=5, after=3, seed=62)]
+    width = max(sample[0].shape[1] for sample in samples)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        ids[row, width - sample[0].shape[1]:], mask[row, width - sample[0].shape[1]:] = sample[0][0], 1
+    schedule = POOL["pdrop-compact"]
+    pv, sizes = torch.cat([s[1] for s in samples]), torch.cat([s[2] for s in samples])
+    logits, trace = run_engine(model, ids, pv, sizes, schedule, attention_mask=mask,
+                               position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+    assert trace.n_image[0] != trace.n_image[1]
+    for row, (one, one_pv, one_sizes) in enumerate(samples):
+        alone, single = run_engine(model, one, one_pv, one_sizes, schedule)
+        assert [r.kept[row].tolist() for r in trace.boundaries] == [r.kept[0].tolist() for r in single.boundaries]
+        torch.testing.assert_close(logits[row, -1], alone[0, -1], atol=1e-8, rtol=0)
+
+
 # ---------------------------------------------------------------------- debias
 def _reference_prior(model, cases, layers) -> dict[int, torch.Tensor]:
     """Per layer, ``[N]`` float64: the last token's attention over each image position in the
