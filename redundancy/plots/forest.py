@@ -43,7 +43,7 @@ def claim_figure(
     rows = len(comparisons)
     fig, axes = new_figure(1, 1, panel=(width, max(1.0, ROW_HEIGHT * rows + 0.4)), extra=0.9)
     ax = axes[0, 0]
-    for i, (label, c) in enumerate(comparisons):
+    for i, (_, c) in enumerate(comparisons):
         y = rows - 1 - i
         colour = direction_colour(c) if margin is None else (
             AS_CLAIMED if c.low >= -margin else AGAINST if c.high < -margin else NOT_SEPARATED)
