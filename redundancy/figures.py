@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from redundancy import claims
 from redundancy.cli import launch, run_entry
-from redundancy.plots import curves, images, tables
+from redundancy.plots import curves, images, spatial, tables
 from redundancy.plots.frames import MissingInput, NothingToDraw
 from redundancy.plots.records import MapRecord, load_all_maps
 from redundancy.plots.style import save_figure
@@ -59,6 +59,9 @@ class FiguresConfig:
     lambdas: list[float] = field(default_factory=lambda: list(tables.LAMBDAS))
     map_layers: list[int] = field(default_factory=lambda: [2, 16])
     map_rows: int = 4  # questions drawn in Fig. 1b and Fig. 5 (one per family first); the claims use all recorded
+    rankers: list[str] = field(default_factory=lambda: list(spatial.RANKERS))  # the rankers study, in drawing order
+    rankers_ratio: float = 0.1  # the rankers study's figures and critique claims: this keep ratio
+    rankers_layers: list[int] = field(default_factory=lambda: [2, 16])  # ... these drop layers
     every_layer: bool = True
     samples: bool = True
     formats: list[str] = field(default_factory=lambda: ["pdf", "png"])
@@ -121,7 +124,12 @@ def trained_models(cfg: FiguresConfig) -> dict[str, str]:
 def result_figures(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None) -> dict[str, Draw]:
     """The figures drawn from result rows, by file name."""
     one = {"model": cfg.model, "data": cfg.data, "ranker": cfg.ranker}
+    study = {"ratio": cfg.rankers_ratio, "data": cfg.data, "rankers": cfg.rankers}
+    kept = {f"fig_rankers_kept_layer{k}": lambda k=k: spatial.kept_heatmap_figure(rows, cfg.model, k, **study)
+            for k in cfg.layers}
     return {
+        **kept,
+        "fig_rankers_accuracy": lambda: spatial.ranker_accuracy_figure(rows, cfg.trained, cfg.rankers_layers, **study),
         "fig1a_layer_ratio": lambda: curves.layer_ratio_figure(
             rows, samples, layers=cfg.layers, control=cfg.control, **one),
         "fig3_trained": lambda: curves.trained_figure(
@@ -175,7 +183,8 @@ def claims_settings(cfg: FiguresConfig) -> claims.Settings:
         data=cfg.data, model=cfg.model, trained=(cfg.trained[0], cfg.trained[-1]), layers=tuple(cfg.layers),
         ranker=cfg.ranker, fastv_K=cfg.fastv_K, pdrop_layers=tuple(cfg.pdrop_layers), budgets=tuple(cfg.budgets),
         fastv_point=first["fastv"], pdrop_point=first["pdrop"], lambdas=tuple(cfg.lambdas),
-        map_layers=(cfg.map_layers[0], cfg.map_layers[-1]))
+        map_layers=(cfg.map_layers[0], cfg.map_layers[-1]), rankers_ratio=cfg.rankers_ratio,
+        rankers_layers=tuple(cfg.rankers_layers))
 
 
 def write_claims_of(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None,

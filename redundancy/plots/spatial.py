@@ -102,7 +102,7 @@ def kept_heatmap_figure(rows: pd.DataFrame, model: str, layer: int, ratio: float
         bar.set_label("share of questions keeping the cell")
     if spare is not None:
         spare.set_axis_off()
-    fig.suptitle(f"{model}: kept image tokens at layer {layer}, {100 * ratio:g}% kept (rows top to bottom)")
+    fig.suptitle(f"{model}: kept image tokens at layer {layer}, {100 * ratio:g}% kept (the image's top at the top)")
     return fig
 
 
@@ -114,7 +114,7 @@ def ranker_accuracy_figure(rows: pd.DataFrame, models: Sequence[str], layers: Se
     model dotted. Equal layer and ratio mean equal image-part FLOPs for every ranker."""
     colours = palette(len(models))
     fig, axes = new_figure(len(layers), 1, panel=(7.0, 2.0), extra=0.8)
-    drawn = False
+    drawn: set[str] = set()
     for ax, layer in zip(axes[:, 0], layers):
         for m, (model, colour) in enumerate(zip(models, colours)):
             here = study_rows(rows, model, data, layer, ratio)
@@ -134,12 +134,13 @@ def ranker_accuracy_figure(rows: pd.DataFrame, models: Sequence[str], layers: Se
                 xs = x + (m - (len(models) - 1) / 2) * 0.25
                 ax.errorbar([xs], [centre], yerr=[[centre - low], [high - centre]], fmt="o", ms=3, color=colour,
                             capsize=2, lw=1.0)
-                drawn = True
+                drawn.add(ranker)
         ax.set_xticks(range(len(rankers)), rankers, rotation=30, ha="right")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"drop at layer {layer}, {100 * ratio:g}% of the image tokens kept")
-    if not drawn:
-        raise NothingToDraw(f"no rankers-study rows at layers {list(layers)}, r={ratio:g}")
+    if len(drawn) < 2:
+        raise NothingToDraw(f"rows of fewer than two rankers at layers {list(layers)}, r={ratio:g} "
+                            "(python -m redundancy.sweep -m experiment=rankers model=...)")
     handles = [Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in zip(models, colours)]
     handles.append(Line2D([], [], color=REFERENCE, ls=":", label="no drop (each model's colour)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
