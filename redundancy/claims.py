@@ -66,6 +66,8 @@ class Settings:
     pdrop_point: str = "pdrop layers=[8, 16, 24] lam=0.5"
     lambdas: tuple[float, ...] = (0.4, 0.5, 0.6)
     map_layers: tuple[int, int] = (2, 16)
+    rankers_ratio: float = 0.1  # the critique claims (12-16): the rankers study at this keep ratio
+    rankers_layers: tuple[int, ...] = (2, 16)  # ... and these drop layers
 
 
 @dataclass
@@ -405,6 +407,171 @@ def claim_training_cost(inp: Inputs) -> Outcome:
                    note=f"no interval (one timed run per model): verdict by a tolerance of {TIME_TOLERANCE:.2f}")
 
 
+# ------------------------------------------------------------------ the critiques (the rankers study)
+RANKERS_COMMAND = "python -m redundancy.sweep -m experiment=rankers model=micro-llava-vanilla,micro-llava-pdrop"
+BASELINES = ("random", "uniform", "pool")  # claim 15: the baselines without a score
+
+
+def not_run(*what: str) -> Outcome:
+    """A critique whose rows are not recorded yet."""
+    return Outcome("not run", "-", MISSING, missing=[*what, RANKERS_COMMAND])
+
+
+def study_row(inp: Inputs, model: str, ranker: str, layer: int) -> pd.DataFrame:
+    """The rankers study's rows of ``model`` and ``ranker`` at ``layer`` and the settings' ratio (a
+    seeded ranker: one per seed); empty when absent."""
+    s = inp.settings
+    rows = latest(select(inp.rows, model=model, data=s.data, method="drop", ranker=ranker)) if not inp.rows.empty \
+        else inp.rows
+    if rows.empty:
+        return rows
+    return rows[(rows["ranker"] == ranker) & (rows["layer"] == layer)
+                & ((rows["ratio"].astype(float) - s.rankers_ratio).abs() < 1e-9)]
+
+
+def per_question(inp: Inputs, rows: pd.DataFrame, value: str = "score") -> pd.Series:
+    """A per-question value of the rows' points (``score``, or a spatial number of the per-sample
+    records, per question over its first boundary), averaged over the rows (a seeded ranker's seeds)."""
+    parts = []
+    for _, row in rows.iterrows():
+        mine = inp.samples[inp.samples["key"] == row["key"]] if not inp.samples.empty else inp.samples
+        if mine.empty or value not in mine:
+            raise LookupError(f"no per-sample {value} for {row['model']} {row['point']} {row['ranker']}")
+        column = mine[value] if value == "score" else mine[value].map(lambda v: v[0] if isinstance(v, list) else v)
+        parts.append(pd.Series(column.to_numpy(float), index=mine["question_id"].to_numpy()))
+    return pd.concat(parts, axis=1).mean(axis=1)
+
+
+def kept_share(inp: Inputs, rows: pd.DataFrame, value: str) -> pd.Series:
+    """Per question, ``value`` (kept_bottom, kept_sinks) as a share of the image tokens kept at the first boundary."""
+    shares = []
+    for _, row in rows.iterrows():
+        mine = inp.samples[inp.samples["key"] == row["key"]]
+        if value not in mine or mine[value].isna().any():
+            raise LookupError(f"{row['model']} {row['point']} {row['ranker']}: per-sample records without "
+                              f"{value} (written before the spatial diagnostics; rerun with rerun=true)")
+        numerator = mine[value].map(lambda v: v[0]).to_numpy(float)
+        denominator = mine["kept"].map(lambda v: v[1]).to_numpy(float)
+        shares.append(pd.Series(numerator / np.maximum(denominator, 1), index=mine["question_id"].to_numpy()))
+    return pd.concat(shares, axis=1).mean(axis=1)
+
+
+def study_pairs(inp: Inputs, a: str, b: str) -> tuple[list[tuple[str, pd.DataFrame, pd.DataFrame]], list[str]]:
+    """Per shipped model and drop layer of the settings, the rows of rankers ``a`` and ``b``; and what is absent."""
+    s = inp.settings
+    found, absent = [], []
+    for model in dict.fromkeys(s.trained):
+        for layer in s.rankers_layers:
+            ra, rb = study_row(inp, model, a, layer), study_row(inp, model, b, layer)
+            if ra.empty or rb.empty:
+                absent.append(f"{model}: {a} and {b} at layer {layer}, r={s.rankers_ratio:g}")
+            else:
+                found.append((f"{model}, layer {layer}", ra, rb))
+    return found, absent
+
+
+def claim_positional_tokens(inp: Inputs) -> Outcome:
+    pairs, absent = study_pairs(inp, "last", "norope")
+    if not pairs:
+        return not_run(*absent)
+    named, numbers = [], []
+    for name, last, norope in pairs:
+        a, b = kept_share(inp, last, "kept_bottom"), kept_share(inp, norope, "kept_bottom")
+        named.append((f"{name}: bottom share, last minus norope", compare_differences((a - b.reindex(a.index)).to_numpy())))
+        named.append((f"{name}: bottom share of last minus 0.5", compare_differences((a - 0.5).to_numpy())))
+        numbers.append(f"{name}: last {a.mean():.2f}, norope {b.mean():.2f}")
+    verdict, named = directional(named)
+    return Outcome("bottom-half share of the kept image tokens: " + "; ".join(numbers), str(named[0][1].n), verdict,
+                   named, missing=absent, note=tally(named))
+
+
+def claim_positional_accuracy(inp: Inputs) -> Outcome:
+    from redundancy.plots.spatial import evidence_accuracy, test_set_positions
+
+    s = inp.settings
+    positions = test_set_positions(inp.rows)
+    if positions is None:
+        return not_run(f"rows on the shipped {s.data} test set (its questions' evidence boxes)")
+    named, numbers, absent = [], [], []
+    for model in dict.fromkeys(s.trained):
+        van = find(inp.official(), model, "vanilla")
+        for layer in s.rankers_layers:
+            last = study_row(inp, model, "last", layer)
+            if van is None or last.empty:
+                absent.append(f"{model}: vanilla and last at layer {layer}, r={s.rankers_ratio:g}")
+                continue
+            scores = per_question(inp, last)
+            change = scores - inp.scores(van).reindex(scores.index)
+            where = np.asarray(change.index.map(lambda q: positions.get(str(q))))
+            named.append((f"{model}, layer {layer}: change from no drop, bottom- minus top-evidence questions",
+                          compare_groups(change[where == "bottom"].to_numpy(), change[where == "top"].to_numpy())))
+            split = evidence_accuracy(scores, positions)
+            numbers.append(f"{model}, layer {layer}: accuracy under last, bottom-evidence {split['bottom'].text()} "
+                           f"vs top-evidence {split['top'].text()}")
+    if not named:
+        return not_run(*absent)
+    verdict, named = directional(named)
+    return Outcome("; ".join(numbers), str(named[0][1].n), verdict, named, missing=absent,
+                   note="evidence position by redundancy.microvqa.evidence_position (the evidence boxes' rows); "
+                        + tally(named))
+
+
+def claim_sinks(inp: Inputs) -> Outcome:
+    pairs, absent = study_pairs(inp, "nosink", "last")
+    if not pairs:
+        return not_run(*absent)
+    named, shares = [], []
+    for name, nosink, last in pairs:
+        named.append((f"{name}: nosink minus last", compare(per_question(inp, nosink), per_question(inp, last))))
+        try:
+            shares.append(f"{name}: {100 * kept_share(inp, last, 'kept_sinks').mean():.1f}%")
+        except LookupError as err:
+            absent.append(str(err))
+    verdicts = [equivalent(c) for _, c in named]
+    verdict = REVERSED if REVERSED in verdicts else REPRODUCED if all(v == REPRODUCED for v in verdicts) \
+        else INCONCLUSIVE
+    number = "; ".join(f"{n}: {points(c)}" for n, c in named)
+    kept = f"sinks among last's kept tokens: {'; '.join(shares)}" if shares else "sinks not counted"
+    return Outcome(f"{number} ({kept})", str(named[0][1].n), verdict, named, missing=absent,
+                   note=f"equivalence margin {100 * EQUIVALENCE_MARGIN:.0f} points; sinks: hidden-state norm at least "
+                        "SINK_NORM_RATIO times the image tokens' median (redundancy.ranking.sink_mask)")
+
+
+def claim_baselines(inp: Inputs) -> Outcome:
+    named, absent = [], []
+    for baseline in BASELINES:
+        pairs, missing_here = study_pairs(inp, baseline, "last")
+        absent += missing_here
+        named += [(f"{name}: {baseline} minus last", compare(per_question(inp, a), per_question(inp, b)))
+                  for name, a, b in pairs]
+    if not named:
+        return not_run(*absent)
+    named = list(zip([n for n, _ in named], holm([c for _, c in named])))
+    against = any(c.direction() == -1 for _, c in named)
+    within = all(equivalent(c) == REPRODUCED for _, c in named)
+    verdict = REVERSED if against else REPRODUCED if within else INCONCLUSIVE
+    worst = min(named, key=lambda x: x[1].diff)
+    return Outcome(f"least favourable: {worst[0]} {points(worst[1])} points", str(worst[1].n), verdict, named,
+                   missing=absent, note=tally(named).replace("as claimed", "for the baseline")
+                   + f"; equivalence margin {100 * EQUIVALENCE_MARGIN:.0f} points")
+
+
+def claim_fastv_definition(inp: Inputs) -> Outcome:
+    pairs, absent = study_pairs(inp, "mean", "last")
+    if not pairs:
+        return not_run(*absent)
+    named = holm([compare(per_question(inp, a), per_question(inp, b)) for _, a, b in pairs])
+    named = [(f"{name}: mean minus last", c) for (name, _, _), c in zip(pairs, named)]
+    if any(c.direction() != 0 for _, c in named):
+        verdict = REPRODUCED
+    elif all(-EQUIVALENCE_MARGIN <= c.low and c.high <= EQUIVALENCE_MARGIN for _, c in named):
+        verdict = REVERSED
+    else:
+        verdict = INCONCLUSIVE
+    return Outcome("; ".join(f"{n}: {points(c)}" for n, c in named), str(named[0][1].n), verdict, named,
+                   missing=absent, note=f"not reproduced: every interval within +-{100 * EQUIVALENCE_MARGIN:.0f} points")
+
+
 @dataclass(frozen=True)
 class Claim:
     number: int
@@ -445,6 +612,24 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(11, "Training cost", "PyramidDrop training time relative to vanilla is close to its FLOPs ratio.",
           f"final-stage wall-time ratio within {TIME_TOLERANCE:.2f} of the full-sequence FLOPs ratio",
           claim_training_cost),
+    Claim(12, "FEATHER (positional bias)", "With RoPE, last-token attention keeps mostly bottom-of-image tokens: more "
+          "of its kept tokens lie in the bottom half than without RoPE (norope), and more than half.",
+          "sign-flip permutation test of the per-question bottom-half share of the kept tokens, last minus norope "
+          "and last minus 0.5, per model and layer at the study's ratio; Holm", claim_positional_tokens),
+    Claim(13, "FEATHER (positional bias)", "Under last-token ranking, questions whose evidence lies in the bottom "
+          "half lose less accuracy than questions whose evidence lies in the top half.",
+          "two-group permutation test of the per-question change from no drop, bottom- vs top-evidence questions, "
+          "per model and layer; Holm", claim_positional_accuracy),
+    Claim(14, "Attention sinks", "Leaving the sink tokens out of the ranking (nosink) barely changes accuracy.",
+          f"equivalence: 95% paired-bootstrap interval of nosink minus last above -{100 * EQUIVALENCE_MARGIN:.0f} "
+          "points, per model and layer", claim_sinks),
+    Claim(15, "Simple baselines", "Random, spatially uniform and pooled tokens are competitive with last-token "
+          "ranking at equal FLOPs.", "exact McNemar (random: sign-flip test of its mean over 5 seeds) of baseline "
+          "minus last, per model and layer; Holm; competitive: none separates against the baseline and every 95% "
+          f"interval lies above -{100 * EQUIVALENCE_MARGIN:.0f} points", claim_baselines),
+    Claim(16, "FastV paper vs code", "FastV's paper score (mean attention from the image on, mean) and its code's "
+          "(the last token, last) give different accuracy at equal FLOPs.",
+          "exact McNemar of mean minus last, per model and layer; Holm", claim_fastv_definition),
 )
 
 

@@ -110,7 +110,7 @@ def outcomes(inp: Inputs) -> dict[int, claims.Outcome]:
 
 def test_every_claim_gets_the_verdict_its_data_were_built_for(world: dict[str, Any]) -> None:
     got = outcomes(world["inputs"])
-    assert sorted(got) == list(range(1, 12))
+    assert sorted(got) == list(range(1, 17))
     expected = {
         1: REPRODUCED,  # layer 2 loses 160 and 80 of 400 answers
         2: INCONCLUSIVE,  # 16 and 24 answer the same questions: "16 < 24" cannot separate
@@ -123,6 +123,7 @@ def test_every_claim_gets_the_verdict_its_data_were_built_for(world: dict[str, A
         9: INCONCLUSIVE,  # no gap at either budget
         10: REPRODUCED,  # the smaller lambda costs 30% of the reading answers, nothing on colour
         11: REVERSED,  # 0.52 of the time against a FLOPs ratio of 0.75
+        **{k: MISSING for k in range(12, 17)},  # the rankers study: not run
     }
     assert {k: o.verdict for k, o in got.items()} == expected
     assert got[1].n == "600" or got[1].n == str(N)
@@ -154,7 +155,8 @@ def test_missing_inputs_say_what_to_run(world: dict[str, Any]) -> None:
     assert all(o.verdict == MISSING and o.missing for o in got.values())
     assert "experiment=fig1_redundancy" in got[1].missing[0] and "redundancy.maps" in got[5].missing[0]
     text = claims.markdown(claims_table(empty))
-    assert text.count("**not computed yet**") == 11 and "missing: " in text
+    assert text.count("**not computed yet**") == 16 and "missing: " in text
+    assert all(got[k].number == "not run" and claims.RANKERS_COMMAND in got[k].missing for k in range(12, 17))
 
 
 def test_markdown_has_one_row_per_claim_and_the_seeded_controls(world: dict[str, Any], tmp_path: Path) -> None:
@@ -166,7 +168,7 @@ def test_markdown_has_one_row_per_claim_and_the_seeded_controls(world: dict[str,
     path = claims.write_claims(inp, tmp_path / "claims.md")
     text = path.read_text()
     table = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(table) == 11 + 1  # the claims, then the control's row
+    assert len(table) == 16 + 1  # the claims, then the control's row
     # attention 280/400; the seeds 275, 270, 265: mean 67.5, sd 1.25; each seed's gap (5, 10, 15 answers one
     # way) separates for 10 and 15 (exact McNemar, Holm across the 3 seeds)
     assert "| 2 | 0.1 | 70.0 | 67.5 +- 1." in text and "(3 seeds, min 66.2, max 68.8) | 2 of 3 | +2.5 |" in text
@@ -180,3 +182,101 @@ def test_figures_command_writes_the_claims(world: dict[str, Any], tmp_path: Path
     path = figures.write_claims_of(cfg, rows, world["inputs"].samples, {})
     assert path == tmp_path / "claims.md" and "| 11 | Training cost |" in path.read_text()
     assert figures.claims_settings(cfg).fastv_point == "fastv K=2 R=0.5"
+
+
+# ---------------------------------------------------------------- the critiques (the rankers study)
+def rankers_world(root: Path, *, spatial_counts: bool = True, bottom_wins: bool = True) -> Path:
+    """A rankers-study store on the shipped test set's 600 questions (its evidence positions) for both
+    shipped models at layers 2 and 16, r=0.1, built so each critique's verdict is known: ``last`` keeps
+    12 of its 14 tokens in the bottom half (``norope`` 7), one of them a sink; it answers every question
+    except the top-evidence ones (``bottom_wins``; else except the bottom-evidence ones), as do ``nosink``,
+    ``random`` (5 seeds), ``uniform`` and ``pool``; ``mean``, ``norope`` and vanilla answer all.
+    ``spatial_counts=False``: rows and records written before the spatial diagnostics."""
+    from redundancy.checkpoints import TEST_SET
+    from redundancy.data import QUESTIONS_FILE
+    from redundancy.microvqa import evidence_positions
+    from redundancy.results import ResultStore, fingerprint
+    from redundancy.spatial import question_numbers, summarise
+
+    positions = evidence_positions(TEST_SET)
+    ids = list(positions)
+    lost = "top" if bottom_wins else "bottom"
+    store, data_id = ResultStore(root), fingerprint([TEST_SET / QUESTIONS_FILE])
+    bottom_cells = {"last": 12, "norope": 7}
+
+    def entry(ranker: str) -> dict[str, Any]:
+        grid = np.zeros(144, int)
+        low = bottom_cells.get(ranker, 7)
+        grid[144 - low:] = 1  # the last cells: bottom rows
+        grid[: 14 - low] = 1
+        return {"image": {"grids": {"12x12": [1] * 144}, "tokens": 144}, "layers": [2],
+                "boundaries": [{"grids": {"12x12": grid.tolist()}, "tokens": 14, "sinks": 1, "sinks_present": 2}]}
+
+    def add(model: str, schedule: DropSchedule, right: np.ndarray) -> None:
+        key = f"{model}-{schedule.method}-{schedule.ranker}-{len(store.rows())}"
+        layer = schedule.boundaries[0] if schedule.boundaries else None
+        place = entry(schedule.ranker) if layer is not None and spatial_counts else None
+        records = [{"question_id": q, "family": "color", "score": float(v), "correct": bool(v),
+                    "kept": [144, 14] if layer else [144], **(question_numbers(place) if place else {})}
+                   for q, v in zip(ids, right)]
+        store.finish(key, {
+            "key": key, "created": "2026-01-01T00:00:00", "model": model, "data": "microvqa", "data_id": data_id,
+            "point": label(schedule), "method": schedule.method, "layer": layer,
+            "ratio": schedule.ratios[0] if layer else None, "boundaries": list(schedule.boundaries),
+            "ranker": schedule.ranker, "rank_layer": schedule.rank_layer, "positions": schedule.positions,
+            "n": len(ids), "accuracy": float(right.mean()), "ci_low": 0.0, "ci_high": 1.0, "ci_level": 0.95,
+            "image_tflops": 1.0, "full_tflops": 2.0, "prefill_ms": None, "avg_image_tokens": 14.0,
+            "per_family": {"color": float(right.mean())}, "params": schedule.params, "seed": schedule.seed,
+            "spatial": summarise([place] * len(ids)) if place else None,
+        }, records)
+
+    everything = np.ones(len(ids))
+    loses = np.array([positions[q] != lost for q in ids], float)
+    for model in ("micro-llava-vanilla", "micro-llava-pdrop"):
+        add(model, DropSchedule.vanilla(), everything)
+        for layer in (2, 16):
+            for ranker in ("last", "nosink", "uniform", "pool"):
+                add(model, DropSchedule.drop(layer, 0.1, ranker=ranker), loses)
+            for ranker in ("mean", "norope"):
+                add(model, DropSchedule.drop(layer, 0.1, ranker=ranker), everything)
+            for seed in range(5):
+                add(model, DropSchedule.drop(layer, 0.1, ranker="random").seeded("c", seed), loses)
+    return root
+
+
+def label(schedule: DropSchedule) -> str:
+    params = " ".join(f"{k}={v}" for k, v in schedule.params.items())
+    return f"{schedule.method} {params}".strip()
+
+
+def rankers_inputs(root: Path) -> Inputs:
+    return Inputs.load(root, root / "maps", Settings())
+
+
+def test_critiques_get_the_verdicts_their_data_were_built_for(tmp_path: Path) -> None:
+    got = outcomes(rankers_inputs(rankers_world(tmp_path)))
+    assert {k: got[k].verdict for k in range(12, 17)} == {
+        12: REPRODUCED,  # 12 of 14 kept tokens in the bottom half under last, 7 under norope
+        13: REPRODUCED,  # last loses exactly the top-evidence questions
+        14: REPRODUCED,  # nosink answers what last answers
+        15: REPRODUCED,  # random, uniform and pool answer what last answers
+        16: REPRODUCED,  # mean answers the 107 top-evidence questions last loses
+    }
+    assert "last 0.86, norope 0.50" in got[12].number and len(got[12].comparisons) == 2 * 2 * 2
+    assert got[12].n == "600" and got[13].n == "224"  # 117 bottom- + 107 top-evidence questions
+    assert "sinks among last's kept tokens: micro-llava-vanilla, layer 2: 7.1%" in got[14].number
+    assert len(got[15].comparisons) == 3 * 2 * 2 and all(c.p_holm is not None for _, c in got[15].comparisons)
+    assert "bottom-evidence 100.0" in got[13].number and "top-evidence 0.0" in got[13].number
+
+
+def test_critiques_reversed_when_the_data_turn_around(tmp_path: Path) -> None:
+    got = outcomes(rankers_inputs(rankers_world(tmp_path, bottom_wins=False)))
+    assert got[13].verdict == REVERSED  # last loses the bottom-evidence questions instead
+    assert got[15].verdict == REPRODUCED and got[12].verdict == REPRODUCED
+
+
+def test_critiques_on_rows_written_before_the_spatial_counts(tmp_path: Path) -> None:
+    got = outcomes(rankers_inputs(rankers_world(tmp_path, spatial_counts=False)))
+    assert got[12].verdict == MISSING and "written before the spatial diagnostics" in got[12].missing[0]
+    assert got[13].verdict == REPRODUCED and got[14].verdict == REPRODUCED  # accuracy needs no counts
+    assert "sinks not counted" in got[14].number
