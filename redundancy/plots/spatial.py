@@ -121,8 +121,11 @@ def ranker_accuracy_figure(rows: pd.DataFrame, models: Sequence[str], layers: Se
             vanilla = latest(select(rows, model=model, data=data, method="vanilla"))
             if not vanilla.empty:
                 ax.axhline(100 * vanilla.iloc[0]["accuracy"], color=colour, ls=":", lw=1.0)
+            if here.empty:
+                note_missing(f"{model} layer {layer} r={ratio:g}: no rankers-study rows")
+                continue
             for x, ranker in enumerate(rankers):
-                mine = here[here["ranker"] == ranker] if not here.empty else here
+                mine = here[here["ranker"] == ranker]
                 if mine.empty:
                     note_missing(f"{model} layer {layer} r={ratio:g} {ranker}: no row")
                     continue
