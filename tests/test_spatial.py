@@ -61,6 +61,10 @@ def test_row_counts_equal_the_trace_and_sinks_an_independent_count(
     grid = ("layer=[2,4]", "ratio=0.5", "method.ranker=[last,norope,random]", "spatial=true")
     sweep.run(tiny(tiny_dir, tmp_path / "shared", *grid))
     sweep.run(tiny(tiny_dir, tmp_path / "separate", *grid, "share=false"))
+    sweep.run(tiny(tiny_dir, tmp_path / "off", *grid[:-1]))
+    answers = [load_samples(tmp_path / name).sort_values(["key", "question_id"])[["key", "prediction", "kept"]]
+               for name in ("shared", "off")]
+    assert answers[0].to_dict("records") == answers[1].to_dict("records")  # counting changes no answer
     rows = load_results(tmp_path / "shared")
     separate = load_results(tmp_path / "separate").set_index("key")
     model, processor = load_model(tiny_dir)
