@@ -132,6 +132,7 @@ class Outcome:
     comparisons: list[tuple[str, Comparison]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     note: str = ""
+    margin: float | None = None  # an equivalence claim: its comparisons are read against -margin
 
 
 def missing(*what: str) -> Outcome:
@@ -228,7 +229,7 @@ def equivalence_claim(inp: Inputs, layer: int, ratio: float) -> Outcome:
     c = compare(inp.scores(drop), inp.scores(van))
     return Outcome(f"change from no drop: {points(c)} points ({100 * c.a:.1f}% vs {100 * c.b:.1f}%)", str(c.n),
                    equivalent(c), [(f"layer {layer}, r={ratio:g} vs vanilla", c)],
-                   note=f"equivalence margin {100 * EQUIVALENCE_MARGIN:.0f} points")
+                   note=f"equivalence margin {100 * EQUIVALENCE_MARGIN:.0f} points", margin=EQUIVALENCE_MARGIN)
 
 
 def claim_layer16(inp: Inputs) -> Outcome:
@@ -527,6 +528,7 @@ def claim_sinks(inp: Inputs) -> Outcome:
     number = "; ".join(f"{n}: {points(c)}" for n, c in named)
     kept = f"sinks among last's kept tokens: {'; '.join(shares)}" if shares else "sinks not counted"
     return Outcome(f"{number} ({kept})", str(named[0][1].n), verdict, named, missing=absent,
+                   margin=EQUIVALENCE_MARGIN,
                    note=f"equivalence margin {100 * EQUIVALENCE_MARGIN:.0f} points; sinks: hidden-state norm at least "
                         "SINK_NORM_RATIO times the image tokens' median (redundancy.ranking.sink_mask)")
 
@@ -706,13 +708,18 @@ def markdown(table: Sequence[Row], source: str = "results/sweep",
         f"the 5% level, Holm-adjusted across the comparisons of one claim. Verdicts: {REPRODUCED}; {REVERSED} "
         f"(separated against the claim); {INCONCLUSIVE} (not separated either way); {MISSING} (inputs absent).",
         "",
-        "| # | source | the paper | this project (95% CI) | test | n | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "The column *detects* gives the smallest difference, in points, that each claim's paired tests "
+        "detect at their n with 80% power (the range over its comparisons; redundancy.stats.detectable_difference): "
+        "a difference below it is not distinguishable at this n. Each claim with comparisons has its figure, "
+        "`figures/claim_<#>` (each comparison with its interval).",
+        "",
+        "| # | source | the paper | this project (95% CI) | test | n | detects | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         c, o = row.claim, row.outcome
         lines.append(f"| {c.number} | {c.source} | {cell(c.statement)} | {cell(o.number)} | {cell(c.test)} | "
-                     f"{cell(o.n)} | **{o.verdict}** |")
+                     f"{cell(o.n)} | {detects(o)} | **{o.verdict}** |")
     lines += ["", "## Details", ""]
     for row in table:
         c, o = row.claim, row.outcome
@@ -726,10 +733,24 @@ def markdown(table: Sequence[Row], source: str = "results/sweep",
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_claims(inp: Inputs, path: str | Path, source: str = "results/sweep") -> Path:
-    """``path`` (``results/claims.md``): :func:`claims_table` and :func:`seeded_controls` of ``inp``."""
+def detects(outcome: Outcome) -> str:
+    """The smallest difference (points) the claim's comparisons detect with 80% power: ``3.1`` or the
+    range ``2.4-3.5`` over its comparisons; ``-`` without comparisons."""
+    values = sorted(100 * c.detectable for _, c in outcome.comparisons
+                    if c.detectable is not None and not math.isnan(c.detectable))
+    if not values:
+        return "-"
+    low, high = f"{values[0]:.1f}", f"{values[-1]:.1f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def write_claims(inp: Inputs, path: str | Path, source: str = "results/sweep",
+                 table: Sequence[Row] | None = None) -> Path:
+    """``path`` (``results/claims.md``): :func:`claims_table` (or the given ``table`` of it) and
+    :func:`seeded_controls` of ``inp``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(claims_table(inp), source, seeded_controls(inp), inp.settings.ranker)
+    table = claims_table(inp) if table is None else table
+    text = markdown(table, source, seeded_controls(inp), inp.settings.ranker)
     path.write_text(text, encoding="utf-8")
     return path

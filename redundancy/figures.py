@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from redundancy import claims
 from redundancy.cli import launch, run_entry
 from redundancy.plots import curves, images, spatial, tables
+from redundancy.plots.forest import claim_figure
 from redundancy.plots.frames import MissingInput, NothingToDraw
 from redundancy.plots.records import MapRecord, load_all_maps
 from redundancy.plots.style import save_figure
@@ -187,13 +188,30 @@ def claims_settings(cfg: FiguresConfig) -> claims.Settings:
         rankers_layers=tuple(cfg.rankers_layers))
 
 
-def write_claims_of(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None,
-                    records: dict[str, MapRecord]) -> Path:
-    """``cfg.claims`` (results/claims.md) from the study's rows, per-sample records and maps."""
+def claims_of(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None,
+              records: dict[str, MapRecord]) -> tuple[claims.Inputs, list[claims.Row]]:
+    """The claims' inputs (the study's rows, per-sample records and maps) and their table."""
     if samples is None:
         samples = load_samples(cfg.store) if not rows.empty else pd.DataFrame()
     inputs = claims.Inputs(rows, samples, records, claims_settings(cfg))
-    return claims.write_claims(inputs, cfg.claims, cfg.store)
+    return inputs, claims.claims_table(inputs)
+
+
+def claim_figures(table: list[claims.Row]) -> dict[str, Callable[[], Figure]]:
+    """One figure per claim with comparisons, ``claim_<#>`` (:func:`redundancy.plots.forest.claim_figure`)."""
+    return {f"claim_{row.claim.number:02d}": lambda row=row: claim_figure(
+        row.claim.number, row.claim.statement, row.outcome.verdict, row.outcome.n, row.outcome.comparisons,
+        row.outcome.margin) for row in table if row.outcome.comparisons}
+
+
+def write_claims_of(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None,
+                    records: dict[str, MapRecord]) -> list[Path]:
+    """``cfg.claims`` (results/claims.md) and the claims' figures."""
+    inputs, table = claims_of(cfg, rows, samples, records)
+    paths = [claims.write_claims(inputs, cfg.claims, cfg.store, table)]
+    for name, draw in claim_figures(table).items():
+        paths += save_figure(draw(), name, cfg.figures, cfg.formats, cfg.dpi)
+    return paths
 
 
 def run(cfg: FiguresConfig) -> str:
@@ -205,6 +223,8 @@ def run(cfg: FiguresConfig) -> str:
     samples = load_samples(cfg.store) if cfg.samples and not rows.empty else None
     records = load_all_maps(cfg.maps)
     draws = result_figures(cfg, rows, samples)
+    claim_inputs, table = claims_of(cfg, rows, samples, records)
+    draws.update(claim_figures(table))
     for tag, record in records.items():
         draws.update(map_figures(cfg, tag, record))
     jobs: dict[str, Job] = {
@@ -213,7 +233,7 @@ def run(cfg: FiguresConfig) -> str:
     }
     jobs.update({name: lambda name=name, make=make: tables.write_table(make(), name, cfg.tables)
                  for name, make in result_tables(cfg, rows, samples).items()})
-    jobs["claims"] = lambda: [write_claims_of(cfg, rows, samples, records)]
+    jobs["claims"] = lambda: [claims.write_claims(claim_inputs, cfg.claims, cfg.store, table)]
     outputs = [build(name, job) for name, job in tqdm(jobs.items(), desc="figures", unit="file", disable=not cfg.progress)]
     if not records:
         outputs.append(Output("fig1b / fig5", skipped=f"no attention-map artefacts in {cfg.maps}; "

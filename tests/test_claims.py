@@ -177,11 +177,31 @@ def test_markdown_has_one_row_per_claim_and_the_seeded_controls(world: dict[str,
 
 
 def test_figures_command_writes_the_claims(world: dict[str, Any], tmp_path: Path) -> None:
-    cfg = figures.config(f"results={tmp_path}", f"claims={tmp_path}/claims.md")
+    s = world["settings"]
+    cfg = figures.config(f"results={tmp_path}", f"claims={tmp_path}/claims.md", f"model={s.model}",
+                         f"trained=[{s.trained[0]},{s.trained[1]}]", "budgets=[0.3,0.8]", "lambdas=[0.4,0.6]")
     rows = world["inputs"].rows
-    path = figures.write_claims_of(cfg, rows, world["inputs"].samples, {})
+    paths = figures.write_claims_of(cfg, rows, world["inputs"].samples, {})
+    path = paths[0]
     assert path == tmp_path / "claims.md" and "| 11 | Training cost |" in path.read_text()
+    # one figure per claim with comparisons, named by its number; claim 11 (one timed run) has none
+    table = claims.claims_table(claims.Inputs(rows, world["inputs"].samples, {}, figures.claims_settings(cfg)))
+    with_comparisons = {row.claim.number for row in table if row.outcome.comparisons}
+    assert with_comparisons and 11 not in with_comparisons
+    assert {p.stem for p in paths[1:]} == {f"claim_{n:02d}" for n in with_comparisons}
+    assert all(p.exists() for p in paths)
     assert figures.claims_settings(cfg).fastv_point == "fastv K=2 R=0.5"
+
+
+def test_detects_column_is_the_range_of_the_comparisons_detectable_differences() -> None:
+    from redundancy.stats import compare
+
+    a, b = np.r_[np.ones(60), np.zeros(540)], np.zeros(600)
+    one, two = compare(a, b), compare(a[:300], b[:300])
+    assert claims.detects(claims.Outcome("x", "600", claims.INCONCLUSIVE, [("one", one)])) == f"{100 * one.detectable:.1f}"
+    both = claims.detects(claims.Outcome("x", "600", claims.INCONCLUSIVE, [("one", one), ("two", two)]))
+    assert both == f"{100 * one.detectable:.1f}-{100 * two.detectable:.1f}" and two.detectable > one.detectable
+    assert claims.detects(claims.missing("rows")) == "-"
 
 
 # ---------------------------------------------------------------- the critiques (the rankers study)
