@@ -79,6 +79,21 @@ def prior_key(checkpoint_id: str, layers: Iterable[int], n_image: int, count: in
     return f"{checkpoint_id}-L{'_'.join(str(x) for x in layers)}-N{n_image}-C{count}"
 
 
+DEFAULT_SOURCE = f"calibrated:{CALIBRATION_IMAGES}"
+
+
+def prior_source() -> str:
+    """Where :func:`resolve_prior` will take a prior from, known before anything runs (part of a
+    result's identity: a sweep must not reuse a ``debias`` point made with another prior): the
+    given file's content hash, else the calibration count."""
+    given = os.environ.get(PRIOR_FILE_ENV)
+    if given:
+        import hashlib
+
+        return "file:" + hashlib.sha256(Path(given).read_bytes()).hexdigest()[:16]
+    return f"calibrated:{int(os.environ.get(IMAGES_ENV) or CALIBRATION_IMAGES)}"
+
+
 def cache_dir() -> Path:
     """Where priors made on first use are kept (outside ``results/``)."""
     root = os.environ.get(CACHE_ENV) or os.path.join(

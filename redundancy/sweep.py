@@ -399,7 +399,13 @@ class _Context:
 
 def point_identity(ctx: _Context, schedule: DropSchedule) -> dict[str, Any]:
     """What makes two evaluations the same point: model weights, data, answer settings, schedule."""
-    return {**ctx.identity, "schedule": schedule.record()}
+    identity = {**ctx.identity, "schedule": schedule.record()}
+    if schedule.ranker == "debias" and not schedule.is_vanilla:  # a prior other than the default one is part of it
+        from redundancy.priors import DEFAULT_SOURCE, prior_source
+
+        if prior_source() != DEFAULT_SOURCE:
+            identity["prior"] = prior_source()
+    return identity
 
 
 def point_config(cfg: SweepConfig, schedule: DropSchedule) -> dict[str, Any]:

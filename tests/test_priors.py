@@ -196,3 +196,31 @@ def test_sweep_rows_record_the_prior(tmp_path: Path, cache: Path) -> None:
     rows = load_results(tmp_path / "out").set_index("ranker")
     assert rows.loc["debias", "prior"] == prior_key(checkpoint_fingerprint(path), (1,), 16, 3)
     assert rows.loc["pool", "prior"] is None or rows.loc["pool", "prior"] != rows.loc["pool", "prior"]  # None / NaN
+
+
+def test_a_non_default_prior_is_part_of_the_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep must not reuse a ``debias`` point made with another prior: a given file (by content) or
+    another calibration count changes the point's key; the default calibration keeps the key it
+    always had, and rankers other than ``debias`` never depend on it."""
+    from types import SimpleNamespace
+
+    from redundancy.results import point_key
+    from redundancy.schedule import DropSchedule
+    from redundancy.sweep import point_identity
+
+    ctx = SimpleNamespace(identity={"checkpoint": "c", "data": "d"})
+    debias, last = DropSchedule.drop(2, 0.5, ranker="debias"), DropSchedule.drop(2, 0.5, ranker="last")
+    monkeypatch.delenv("REDUNDANCY_PRIOR", raising=False)
+    monkeypatch.delenv("REDUNDANCY_PRIOR_IMAGES", raising=False)
+    default = point_key(point_identity(ctx, debias))
+    assert default == point_key({**ctx.identity, "schedule": debias.record()})
+    monkeypatch.setenv("REDUNDANCY_PRIOR_IMAGES", "32")
+    fewer = point_key(point_identity(ctx, debias))
+    prior = tmp_path / "p.safetensors"
+    prior.write_bytes(b"one")
+    monkeypatch.setenv("REDUNDANCY_PRIOR", str(prior))
+    one = point_key(point_identity(ctx, debias))
+    prior.write_bytes(b"two")
+    two = point_key(point_identity(ctx, debias))
+    assert len({default, fewer, one, two}) == 4
+    assert point_key(point_identity(ctx, last)) == point_key({**ctx.identity, "schedule": last.record()})
