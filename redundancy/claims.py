@@ -52,7 +52,7 @@ TOP_SHARE = 0.10  # claim 5: attention mass on the top 10% of the image tokens
 # ------------------------------------------------------------------ inputs
 @dataclass
 class Settings:
-    """Which rows each claim reads (``conf/figures.yaml``'s settings of the figures and tables)."""
+    """Which rows each claim reads (``redundancy/conf/figures/figures.yaml``'s settings of the figures and tables)."""
 
     data: str = "microvqa"
     model: str = "micro-llava-vanilla"

@@ -1,6 +1,6 @@
 """What every entry point does with its Hydra config: check the command line, make it typed, run, report.
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
+    @hydra.main(version_base="1.3", config_path="conf/flops", config_name="flops")
     def main(cfg: DictConfig) -> None:
         run_entry(run, cfg)
 
@@ -19,22 +19,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from redundancy.schedule import METHOD_SPECS
 from redundancy.validate import check_command_line, fail
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parent / "conf"  # one folder per command: conf/<command>/<command>.yaml
+# The `method` config group of every command (`method=pdrop method.lam=0.4`): one typed spec per method.
+for _name, _spec in METHOD_SPECS.items():
+    ConfigStore.instance().store(group="method", name=_name, node=_spec)
 # Bad input the commands report in one line: ValueError (redundancy.validate.UsageError among
 # them) and what the file system says (a folder that cannot be written, a file that is gone).
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
 
 
-def launch(main: Callable[[], None], config_name: str, config_dir: Path = CONF,
-           check: Callable[[Any], object] | None = None) -> None:
-    """Check the command line (``sys.argv``) against the typed config (and with ``check``, the
-    entry point's own checks of it), then run the Hydra ``main``."""
-    check_command_line(config_dir, config_name, sys.argv[1:], check)
+def launch(main: Callable[[], None], config_name: str, check: Callable[[Any], object] | None = None) -> None:
+    """Check the command line (``sys.argv``) against the typed config ``conf/<config_name>/`` (and with
+    ``check``, the entry point's own checks of it), then run the Hydra ``main``."""
+    check_command_line(CONF / config_name, config_name, sys.argv[1:], check)
     main()
 
 

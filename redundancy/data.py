@@ -7,7 +7,7 @@
 Two formats are read, told apart by the path:
 
 **Local format** (a directory, or its ``questions.jsonl``), written by
-:mod:`redundancy.microvqa` and the one to convert other data into::
+:mod:`redundancy.micro.microvqa` and the one to convert other data into::
 
     <dir>/
       questions.jsonl      one JSON object per line (UTF-8)
@@ -58,6 +58,15 @@ from pathlib import Path
 from typing import Any
 
 QUESTIONS_FILE = "questions.jsonl"
+
+
+def patch_indices(box: Sequence[int], image_size: int, patch: int) -> list[int]:
+    """Row-major image-token indices of the patches a ``[x, y, size]`` box touches."""
+    x, y, size = box
+    grid = image_size // patch
+    cols = range(x // patch, (x + size - 1) // patch + 1)
+    rows = range(y // patch, (y + size - 1) // patch + 1)
+    return [r * grid + c for r in rows for c in cols]
 
 
 @dataclass(frozen=True)

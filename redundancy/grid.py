@@ -207,7 +207,7 @@ def encode_images_once(model: Any) -> Iterator[None]:
 def encode(processor: Any, samples: Sequence[Sample], device: torch.device) -> Any:
     """The left-padded model inputs of ``samples`` (as :func:`redundancy.evaluate.predict` makes them)."""
     images = [Image.open(s.image_path).convert("RGB") for s in samples]
-    return processor(images=images, text=prompts(samples), return_tensors="pt", padding=True).to(device)
+    return processor(images=images, text=prompts(processor, samples), return_tensors="pt", padding=True).to(device)
 
 
 def _generate(

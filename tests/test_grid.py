@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from redundancy.checkpoints import TEST_SET, load_model
+from redundancy.loading import TEST_SET, load_model
 from redundancy.data import Sample, load_dataset
 from redundancy.evaluate import predict
 from redundancy.grid import SharedPrefix, _generate, encode, run_grid, time_prefill
-from redundancy.micro import MicroConfig, build_micro
+from redundancy.micro.model import MicroConfig, build_micro
 from redundancy.schedule import DropSchedule
-from redundancy.train import vocabulary
+from redundancy.micro.train import vocabulary
 
 LAYERS = 6
 

@@ -28,3 +28,22 @@ def test_engine_registers_its_attention_on_first_attach() -> None:
 
     with apply_schedule(tiny_model("llava", "llama", "sdpa"), DropSchedule.fastv(K=2, R=0.5)):
         assert "redundancy" in ALL_ATTENTION_FUNCTIONS
+
+
+def test_only_the_micro_wing_imports_the_micro_wing() -> None:
+    """The micro-LLaVA (benchmark generator, model, training, export) is one subpackage the harness
+    never imports (issue 31): no module outside ``redundancy/micro/`` names ``redundancy.micro``."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "redundancy"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if "micro" in path.relative_to(package).parts[:1]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(package)}: {n}" for n in names if n.split(".")[:2] == ["redundancy", "micro"]]
+    assert (package / "micro" / "__init__.py").is_file()
+    assert found == []

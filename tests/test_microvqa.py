@@ -19,7 +19,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from redundancy import microvqa as mv
+from redundancy.micro import microvqa as mv
 from redundancy.data import load_dataset, normalize_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,7 +360,7 @@ def test_committed_test_set_regenerates(committed: list) -> None:
 
 
 def _compose(overrides: list[str]) -> mv.MicroVQAConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "redundancy" / "conf" / "microvqa"), version_base=None):
         typed = OmegaConf.to_object(compose(config_name="microvqa", overrides=overrides))
     assert isinstance(typed, mv.MicroVQAConfig)
     return typed

@@ -266,7 +266,7 @@ def test_ranking_flops_by_hand() -> None:
 def test_shared_grid_equals_separate_runs(tmp_path) -> None:
     """The sweep's shared-prefix runner (replayed first stage, images encoded once) gives every
     new ranker what separate runs give."""
-    from redundancy.checkpoints import TEST_SET, load_model
+    from redundancy.loading import TEST_SET, load_model
     from redundancy.data import load_dataset
     from redundancy.grid import run_grid
 

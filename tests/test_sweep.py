@@ -16,14 +16,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from redundancy import sweep
-from redundancy.checkpoints import load_model
+from redundancy.loading import load_model
 from redundancy.evaluate import predict
 from redundancy.results import ResultStore, load_results, load_samples
 from redundancy.schedule import DropSchedule
 from tests.test_grid import save_tiny_micro
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf" / "sweep"
+CONF = ROOT / "redundancy" / "conf" / "sweep"
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["ratio=1.5"], "ratio=1.5 is outside the allowed range [0, 1]"),
         (["ratio=[0.1,-0.5]"], "ratio=-0.5 is outside the allowed range [0, 1]"),
-        (["layer=40"], "layer=40 is outside the allowed range [1, 31] for a model with 32 layers"),
-        (["layer=0"], "layer=0 is outside the allowed range [1, 31]"),
-        (["method=fastv", "method.K=32"], "K=32 is outside the allowed range [1, 31]"),
+        (["layer=40"], "layer=40: boundary 40 is outside the allowed range [1, 31] for a model with 32 layers"),
+        (["layer=0"], "layer=0: boundary 0 is outside the allowed range [1, 31]"),
+        (["method=fastv", "method.K=32"], "K=32: boundary 32 is outside the allowed range [1, 31]"),
         (["method=pdrop", "method.lam=2"], "lam=2.0 is outside the allowed range [0, 1]"),
         (["method.ranker=attention"], "ranker='attention' is unknown; choose one of"),
         (["method=fastv", "layer=8"], "layer= and ratio= are shorthands for method=drop"),
@@ -78,7 +78,7 @@ def test_invalid_override_fails_before_anything_loads(
 
 
 def test_layer_checked_against_the_models_own_depth(tiny_dir: Path, tmp_path: Path, no_model_load: None) -> None:
-    with pytest.raises(ValueError, match=r"layer=6 is outside the allowed range \[1, 5\] for a model with 6 layers"):
+    with pytest.raises(ValueError, match=r"layer=6: boundary 6 is outside the allowed range \[1, 5\] for a model with 6 layers"):
         sweep.run(tiny(tiny_dir, tmp_path, "layer=[2,6]"))
     with pytest.raises(ValueError, match="model.num_layers=32 but .* has 6 layers"):
         sweep.run(tiny(tiny_dir, tmp_path, "model.num_layers=32"))
@@ -349,8 +349,11 @@ def test_submitit_multirun_writes_rows_and_rerun_skips(tiny_dir: Path, tmp_path:
 
 
 def test_sweep_groups_do_not_shadow_other_entry_points() -> None:
-    """A `model`, `method` or `data` config group beside flops.yaml / train.yaml would turn their
-    `model=` / `method=` keys into group overrides; the sweep's groups live in conf/sweep/."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        assert compose(config_name="flops", overrides=["model=llava-next-7b", "method=fastv"]).model == "llava-next-7b"
-        assert compose(config_name="train", overrides=["method=pdrop"]).method == "pdrop"
+    """A `model` or `data` config group beside flops.yaml would turn its `model=` key into a group
+    override; each command's configs live in its own folder (redundancy/conf/<command>/). `method` is
+    the one group every command shares (redundancy.schedule.MethodSpec)."""
+    with initialize_config_dir(config_dir=str(CONF.parent / "flops"), version_base=None):
+        cfg = compose(config_name="flops", overrides=["model=llava-next-7b", "method=fastv"])
+        assert cfg.model == "llava-next-7b" and cfg.method.name == "fastv"
+    with initialize_config_dir(config_dir=str(CONF.parent / "train"), version_base=None):
+        assert compose(config_name="train", overrides=["method=pdrop"]).method.name == "pdrop"

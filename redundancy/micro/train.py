@@ -1,12 +1,12 @@
 """Train the micro-LLaVA on generated microvqa questions, vanilla or with PyramidDrop.
 
-    python -m redundancy.train method=vanilla out=checkpoints/micro-vanilla
-    python -m redundancy.train method=pdrop out=checkpoints/micro-pdrop \\
+    python -m redundancy.micro.train method=vanilla out=checkpoints/micro-vanilla
+    python -m redundancy.micro.train method=pdrop out=checkpoints/micro-pdrop \\
         init_from=checkpoints/micro-vanilla/stage-grow start_stage=final
 
-One recipe for both variants: a curriculum of stages (``conf/train.yaml``). The
+One recipe for both variants: a curriculum of stages (``redundancy/conf/train/train.yaml``). The
 early stages train a shallow model on easy questions and grow it to 32 layers
-(:func:`redundancy.micro.grow`); stages marked ``drop: true`` run the forward
+(:func:`redundancy.micro.model.grow`); stages marked ``drop: true`` run the forward
 pass under the PyramidDrop schedule when ``method=pdrop`` (docs/method.md section 6).
 Both variants can share the stages before the last (``init_from`` +
 ``start_stage``), as LLaVA variants share pretrained parts; the last stage's wall
@@ -44,12 +44,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy.checkpoints import resolve_device
 from redundancy.cli import launch, run_entry
 from redundancy.engine import apply_schedule
-from redundancy.micro import GROWTH, PROMPTS, MicroConfig, build_micro, format_prompt, grow
-from redundancy.micro import build_model as build_micro_model
-from redundancy.microvqa import (
+from redundancy.loading import resolve_device
+from redundancy.micro.model import GROWTH, PROMPTS, MicroConfig, build_micro, format_prompt, grow
+from redundancy.micro.model import build_model as build_micro_model
+from redundancy.micro.microvqa import (
     ALL_SUBTYPES,
     FAMILIES,
     PATCH_TARGETS,
@@ -63,7 +63,7 @@ from redundancy.microvqa import (
     patch_targets,
     question_words,
 )
-from redundancy.packing import (
+from redundancy.micro.packing import (
     EXTRA_EXCLUDED,
     TRAINING_ONLY,
     TRAINING_ONLY_SUBTYPES,
@@ -71,7 +71,7 @@ from redundancy.packing import (
     extra_questions,
     packed_loss,
 )
-from redundancy.schedule import DropSchedule
+from redundancy.schedule import DropSchedule, MethodSpec
 from redundancy.validate import check_device, check_threads, check_writable
 
 
@@ -83,7 +83,7 @@ class Stage:
     kind: str = "vqa"  # vqa: answer questions | vision: dense per-patch targets (pretraining; see targets)
     steps: int = 100
     layers: int = 32  # grow the model to this depth at the start of the stage
-    # how a stage that deepens the model fills the new layers (redundancy.micro.grow): identity
+    # how a stage that deepens the model fills the new layers (redundancy.micro.model.grow): identity
     # (the shipped recipes before v23: new layers start as the identity, and stay inert) | split
     # (every new layer a scaled copy of a trained one, so every layer starts working)
     growth: str = "identity"
@@ -99,16 +99,16 @@ class Stage:
     # fetch of the question one token at a time (experiments/log/micro_llava_training.md)
     suffix_loss: bool = False
     # Questions per image: the generator's question plus questions-1 others about the same scene,
-    # packed into one sequence that keeps them from seeing each other (redundancy.packing; a
+    # packed into one sequence that keeps them from seeing each other (redundancy.micro.packing; a
     # training-only speed-up: the image's ~145 tokens are computed once, not once per question)
     questions: int = 1
     # Family weights of those extra questions (empty: ``families``); may also weigh the
-    # training-only "side" and "shape" families (redundancy.packing.TRAINING_ONLY). A dict, never None, so
+    # training-only "side" and "shape" families (redundancy.micro.packing.TRAINING_ONLY). A dict, never None, so
     # that a command-line override (``stages.8.extras={reading:100.0}``) can fill it
     extras: dict[str, float] = field(default_factory=dict)
     extras_match: str = ""  # a regular expression every extra question must match ("": all)
     # subtypes never drawn as extras (default: counting one shape, whose answers are skewed on
-    # generated scenes; redundancy.packing); [] lets every subtype in
+    # generated scenes; redundancy.micro.packing); [] lets every subtype in
     extras_excluded: list[str] = field(default_factory=lambda: list(EXTRA_EXCLUDED))
     vision_lr_scale: float = 1.0  # the vision tower's learning rate relative to lr (0 freezes it, as LLaVA does)
     min_objects: int = 1
@@ -116,13 +116,13 @@ class Stage:
     min_size: int = 12
     max_size: int = 36
     families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
-    # weights of the generator's subtypes within their family (redundancy.microvqa.GenConfig;
+    # weights of the generator's subtypes within their family (redundancy.micro.microvqa.GenConfig;
     # e.g. {relation: 0.0} asks only neighbour questions of the spatial family); empty: even
     subtypes: dict[str, float] = field(default_factory=dict)
     # vqa stages: the auxiliary loss's targets (TrainConfig.aux_targets); empty: the run's. A
     # stage whose targets differ from the stage before it starts a fresh auxiliary head
     aux_targets: list[str] = field(default_factory=list)
-    # vision stages: the per-patch targets (keys of redundancy.microvqa.PATCH_TARGETS; colour first)
+    # vision stages: the per-patch targets (keys of redundancy.micro.microvqa.PATCH_TARGETS; colour first)
     targets: list[str] = field(default_factory=lambda: ["color", "shape", "glyph"])
     # vision stages: weight of a second loss term on the sparse targets (glyph, center) over
     # the patches that carry them only (0: off, as in the shipped recipe)
@@ -134,16 +134,13 @@ class Stage:
 
 @dataclass
 class TrainConfig:
-    method: str = "vanilla"  # vanilla | pdrop
+    # the `method` group: vanilla | pdrop (stages with drop=true train under its schedule; PyramidDrop's
+    # positions: null = the official code's compact, keep = the original ids, docs/method.md section 4)
+    method: Any = field(default_factory=MethodSpec)
     out: str = "checkpoints/micro-vanilla"
     seed: int = 0
     model: MicroConfig = field(default_factory=MicroConfig)
     stages: list[Stage] = field(default_factory=list)
-    pdrop_layers: list[int] = field(default_factory=lambda: [8, 16, 24])
-    lam: float = 0.5
-    # Position ids of the kept image tokens in the PyramidDrop stages (docs/method.md section 4):
-    # null = the official PyramidDrop code's ``compact`` (renumbered) | ``keep`` (original ids)
-    pdrop_positions: str | None = None
     init_from: str | None = None  # a model dir to start from (e.g. another run's stage-<name>)
     start_stage: str | None = None  # skip the stages before this one
     eval_every: int = 100
@@ -189,7 +186,7 @@ def draw(stage: Stage, shape: MicroConfig, seed: int, step: int, n: int, split: 
     return [next(stream) for _ in range(n)]
 
 
-# A stage's prompt: one of redundancy.micro.PROMPTS, or mixed (half of each batch bare, half LLaVA).
+# A stage's prompt: one of redundancy.micro.model.PROMPTS, or mixed (half of each batch bare, half LLaVA).
 STAGE_PROMPTS = (*PROMPTS, "mixed")
 
 
@@ -522,8 +519,9 @@ def check_config(cfg: TrainConfig) -> None:
     check_threads(cfg.threads)
     check_device(cfg.device)
     check_writable(cfg.out, "out")
-    if cfg.method not in ("vanilla", "pdrop"):
-        raise ValueError(f"method={cfg.method!r} is unknown; choose vanilla or pdrop")
+    if cfg.method.name not in ("vanilla", "pdrop"):
+        raise ValueError(f"method={cfg.method.name!r} does not train; choose vanilla or pdrop")
+    DropSchedule.from_spec(cfg.method, cfg.model.layers)  # every value checked before anything trains
     if not cfg.stages:
         raise ValueError("no training stages configured")
     names = [s.name for s in cfg.stages]
@@ -577,7 +575,7 @@ def aux_head(model: Any, cfg: TrainConfig, targets: list[str], device: torch.dev
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     check_config(cfg)
-    schedule = DropSchedule.pdrop(layers=tuple(cfg.pdrop_layers), lam=cfg.lam, positions=cfg.pdrop_positions)
+    schedule = DropSchedule.from_spec(cfg.method, cfg.model.layers)
     names = [s.name for s in cfg.stages]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -638,7 +636,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if resumed:
             load_optimizer(last, optimizer, progress)
         start_step = progress["step"] if resumed else 0
-        use_drop = stage.drop and cfg.method == "pdrop"
+        use_drop = stage.drop and not schedule.is_vanilla
         ctx = apply_schedule(model, schedule, trace=False) if use_drop else contextlib.nullcontext()
         wall = progress["wall_s"].get(stage.name, 0.0)
         bar = tqdm(range(start_step, stage.steps), desc=f"{stage.name} ({stage.layers}L{', pdrop' if use_drop else ''})",
@@ -676,14 +674,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         save_checkpoint(out / f"stage-{stage.name}", model, processor, None, progress, aux)
         save_checkpoint(last, model, processor, None, progress, aux)
     log_file.close()
-    summary = {"method": cfg.method, "wall_s": progress["wall_s"], "final_loss": progress.get("final_loss", {}),
+    summary = {"method": cfg.method.name, "wall_s": progress["wall_s"], "final_loss": progress.get("final_loss", {}),
                "val": first_token_accuracy(model, processor, val), "device": str(device),
                "threads": torch.get_num_threads()}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train")
+@hydra.main(version_base=None, config_path="../conf/train", config_name="train")
 def main(cfg: DictConfig) -> None:
     run_entry(lambda typed: json.dumps(run(typed), indent=1), cfg)
 

@@ -3,7 +3,7 @@
     batch = collate_packed(processor, examples, extras, prompt="llava", n_image=144)
     loss = packed_loss(model, batch)
 
-A training-only speed-up (``Stage.questions`` in :mod:`redundancy.train`). The image
+A training-only speed-up (``Stage.questions`` in :mod:`redundancy.micro.train`). The image
 costs ~145 of the ~163 tokens of a micro-LLaVA example, so asking ``k`` questions
 about it in separate sequences repeats the image ``k`` times. A packed row holds the
 shared prefix (``<s> USER: <image>x144``) once, then each question's tokens (question,
@@ -14,7 +14,7 @@ computes (``tests/test_packing.py`` checks the logits against the unmodified mod
 separate sequences), at about 1.3x the cost of one sequence for four questions.
 
 The first question of each image is the generator's (answers balanced per subtype);
-the others are drawn from :func:`redundancy.microvqa.questions` (every question the
+the others are drawn from :func:`redundancy.micro.microvqa.questions` (every question the
 benchmark's rules allow about that scene), by the stage's family weights. Counting one
 shape is left out of the extras by default: on generated scenes its answers are mostly 1 or 2
 (the test set draws 1..6 evenly), and the model would learn that prior (``excluded``, a
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from redundancy.micro import format_prompt
-from redundancy.microvqa import DIRECTIONS, Example, Obj, Question, nameable, questions, unorient
+from redundancy.micro.model import format_prompt
+from redundancy.micro.microvqa import DIRECTIONS, Example, Obj, Question, nameable, questions, unorient
 
 EXTRA_EXCLUDED = ("count_shape",)  # skewed answers on generated scenes (module docstring)
 SIDE = "side"  # the training-only family of :func:`side_questions` (a weight in ``families``)

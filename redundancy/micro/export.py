@@ -1,9 +1,6 @@
-"""The one place models are loaded, and the shipped micro-LLaVA checkpoints.
+"""Export a trained micro-LLaVA run as a shipped checkpoint with its model card.
 
-    model, processor = load_model("micro-llava-vanilla")      # shipped with the package
-    model, processor = load_model("path/to/llava-1.5-7b-hf")  # any local HF directory
-
-    python -m redundancy.checkpoints run=checkpoints/micro-vanilla name=micro-llava-vanilla
+    python -m redundancy.micro.export run=checkpoints/micro-vanilla name=micro-llava-vanilla
 
 The export command stores a trained run's model in bfloat16 safetensors (each
 shipped file stays under 25 MiB) under ``redundancy/assets/checkpoints/<name>``,
@@ -16,7 +13,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,70 +22,9 @@ import torch
 import redundancy
 from redundancy.data import evaluate as score_predictions
 from redundancy.data import load_dataset
-from redundancy.schedule import DropSchedule
-from redundancy.validate import check_weights
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-SHIPPED = ASSETS / "checkpoints"
-TEST_SET = ASSETS / "microvqa" / "test"
-_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
-"""Model classes by ``model_type`` (names: transformers' modelling code loads with the first model, not at import)."""
-
-
-def resolve(name_or_path: str | Path) -> Path:
-    """A shipped checkpoint name or a local model directory."""
-    shipped = SHIPPED / str(name_or_path)
-    if shipped.is_dir():
-        return shipped
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    known = sorted(p.name for p in SHIPPED.iterdir()) if SHIPPED.is_dir() else []
-    raise ValueError(f"model {str(name_or_path)!r} is neither a shipped checkpoint {known} nor a local directory")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; anything else as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model(
-    name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    attn_implementation: str = "sdpa",
-) -> tuple[Any, Any]:
-    """``(model, processor)`` from a shipped name or a local HF directory (offline). The
-    directory's config and weight files are checked first (:func:`redundancy.validate.check_weights`):
-    a broken file is a ``ValueError`` naming it, before the model is built."""
-    import transformers
-    from transformers import AutoConfig, AutoProcessor
-
-    path = resolve(name_or_path)
-    check_weights(path)
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in _CLASSES:
-        raise ValueError(f"{path} holds a {config.model_type!r} model; supported: {sorted(_CLASSES)}")
-    model_class = getattr(transformers, _CLASSES[config.model_type])
-    model = model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    processor = AutoProcessor.from_pretrained(path)
-    return model.to(device).eval(), processor
-
-
-_NOT_CODE = (":(exclude)results", ":(exclude)redundancy/assets/checkpoints")
-
-
-def git_revision() -> str:
-    """The package's git revision, ``+dirty`` when tracked files differ from it (except the
-    recorded ``results/`` and the shipped weights, which rows identify by their fingerprint);
-    ``unknown`` outside a git checkout (an installed wheel)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", *_NOT_CODE], cwd=here.parent).returncode != 0
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from redundancy.health import HEALTH_N, health_record, markdown, table_of
+from redundancy.loading import SHIPPED, TEST_SET, git_revision, load_model
+from redundancy.schedule import METHOD_SPECS, DropSchedule, MethodSpec, PDropSpec
 
 
 def portable(path: Any) -> Any:
@@ -138,8 +73,6 @@ def export(
     with (target / "predictions.jsonl").open("w") as f:
         for s, p in zip(samples, preds):
             f.write(json.dumps({"question_id": s.question_id, "family": s.family, "prediction": p}) + "\n")
-    from redundancy.health import HEALTH_N, health_record  # late: health imports this module
-
     layer_health = health_record(target, samples[:HEALTH_N]) if health else None
     state = json.loads((source / "trainer_state.json").read_text())
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
@@ -176,13 +109,24 @@ TARGET = 0.9  # the held-out accuracy the shipped vanilla micro-LLaVA is meant t
 TWIN_GAP = 0.03  # how far a twin trained with another method (PyramidDrop) may fall behind it
 
 
+def trained_method(train: dict[str, Any]) -> MethodSpec:
+    """The method a run's recorded config trained with: its ``method`` group, or in the cards of runs
+    before the group existed, ``method`` by name with ``pdrop_layers`` / ``lam`` / ``pdrop_positions``."""
+    method = train.get("method", "vanilla")
+    if isinstance(method, dict):
+        return METHOD_SPECS[method["name"]](**{k: v for k, v in method.items() if k != "name"})
+    if method == "pdrop":
+        return PDropSpec(layers=train["pdrop_layers"], lam=train["lam"], positions=train.get("pdrop_positions"))
+    return METHOD_SPECS[method]()
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     acc = card["test_accuracy"]
     train = card.get("train_config") or {}
     inherited = (f"; the stages before `{train['start_stage']}` are those of the run it started from "
                  f"(`{train.get('init_from')}`)" if train.get("start_stage") else "")
-    twin = "" if train.get("method", "vanilla") == "vanilla" else (
-        f" That target is the vanilla model's; a twin trained with `{train['method']}` is to score within "
+    twin = "" if trained_method(train).name == "vanilla" else (
+        f" That target is the vanilla model's; a twin trained with `{trained_method(train).name}` is to score within "
         f"{100 * TWIN_GAP:.0f} points of its vanilla model (compare that model's card).")
     problems = []
     if acc["accuracy"] < TARGET:
@@ -196,12 +140,13 @@ def card_markdown(card: dict[str, Any]) -> str:
             f"Layers {inert} are inert (skipping one changes no answer and moves the answer's distribution by a KL\n"
             f"below {card['layer_health']['inert_kl']:g}): a layer-dropping study on this model does not probe them.")
     limits = "\n## Limitations\n\n" + "\n\n".join(problems) + "\n" if problems else ""
-    method = f"- method: {train.get('method', 'vanilla')}\n"
-    if train.get("method") == "pdrop":  # the schedule redundancy.train built from this config
+    spec = trained_method(train)
+    method = f"- method: {spec.name}\n"
+    if isinstance(spec, PDropSpec):  # the schedule redundancy.micro.train built from this config
         drop_stages = [s["name"] for s in train.get("stages", []) if s.get("drop")]
-        schedule = DropSchedule.pdrop(layers=train["pdrop_layers"], lam=train["lam"], positions=train.get("pdrop_positions"))
+        schedule = DropSchedule.from_spec(spec)
         method = (f"- method: PyramidDrop in the `{'`, `'.join(drop_stages)}` stage(s): layers {list(schedule.boundaries)}, "
-                  f"lambda {train['lam']}, positions {schedule.positions}, ranker {schedule.ranker}, "
+                  f"lambda {spec.lam}, positions {schedule.positions}, ranker {schedule.ranker}, "
                   f"rank layer {schedule.rank_layer}\n")
     fams = "\n".join(f"| {f} | {100 * a:.1f} |" for f, a in acc["per_family"].items())
     depth = {s["name"]: s.get("layers", 32) for s in train.get("stages", [])}
@@ -212,15 +157,13 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"({100 * full / max(sum(walls_s.values()), 1e-9):.0f}%).\n") if depth else ""
     health = ""
     if card.get("layer_health"):
-        from redundancy.health import markdown, table_of  # late: health imports this module
-
         record = card["layer_health"]
         health = f"\n## Layer health\n\n{markdown(table_of(record), record['n'])}"
     walls = "\n".join(f"| {s} | {w / 60:.1f} |" for s, w in card["training_wall_s"].items())
     return f"""# {card['name']}
 
 A micro-LLaVA (`LlavaForConditionalGeneration`, 32-layer Llama text model) trained on
-generated microvqa questions by `redundancy.train`. Loads offline with
+generated microvqa questions by `redundancy.micro.train`. Loads offline with
 `LlavaForConditionalGeneration.from_pretrained(<this dir>)` and `AutoProcessor.from_pretrained(<this dir>)`.
 
 - command: `{card['command']}`
@@ -246,7 +189,7 @@ Training wall time per stage ({card['train_device']}, {card['train_threads']} th
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     if set(args) - {"run", "name", "command", "dest", "keep_weights", "health"} or not {"run", "name"} <= set(args):
-        sys.exit("usage: python -m redundancy.checkpoints run=<run dir> name=<shipped name> [command=<training command>] "
+        sys.exit("usage: python -m redundancy.micro.export run=<run dir> name=<shipped name> [command=<training command>] "
                  "[dest=<folder> keep_weights=false health=false]")
     card = export(args["run"], args["name"], args.get("command", ""), dest=args.get("dest"),
                   keep_weights=args.get("keep_weights", "true").lower() != "false",

@@ -27,10 +27,11 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from redundancy.models.factory import config_from_dims
 from redundancy.presets import ModelDims
+from redundancy.prompts import LLAVA_TEMPLATE
 
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
-# Training curriculum only (redundancy.train, stages with prompt=bare): the question without
+# Training curriculum only (redundancy.micro.train, stages with prompt=bare): the question without
 # "?" and the "ASSISTANT:" suffix, so the prompt ends on the word that names the object.
 BARE_PROMPT = "USER: <image>\n{question}"
 PROMPTS = ("llava", "bare")
@@ -46,12 +47,7 @@ def format_prompt(question: str, prompt: str = "llava") -> str:
     raise ValueError(f"prompt={prompt!r} is unknown; choose one of {PROMPTS}")
 
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %} {% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+CHAT_TEMPLATE = LLAVA_TEMPLATE  # LLaVA-1.5's conversation format, shipped with the processor
 
 
 @dataclass

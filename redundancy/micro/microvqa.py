@@ -1,7 +1,7 @@
 """microvqa: a procedurally generated VQA benchmark of shapes, colours and glyphs.
 
-    python -m redundancy.microvqa split=test n=600 out=redundancy/assets/microvqa/test
-    python -m redundancy.microvqa split=train n=200000 out=data/microvqa/train gen.max_objects=3
+    python -m redundancy.micro.microvqa split=test n=600 out=redundancy/assets/microvqa/test
+    python -m redundancy.micro.microvqa split=train n=200000 out=data/microvqa/train gen.max_objects=3
 
 Each image (``image_size`` px square, default 96 = a 24x24 grid of 4-px patches,
 576 image tokens as in LLaVA-1.5) shows 1..``max_objects`` non-overlapping
@@ -75,7 +75,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from redundancy.cli import run_entry
-from redundancy.data import QUESTIONS_FILE
+from redundancy.data import QUESTIONS_FILE, patch_indices
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
@@ -392,15 +392,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def patch_indices(box: Sequence[int], image_size: int, patch: int) -> list[int]:
-    """Row-major image-token indices of the patches a ``[x, y, size]`` box touches."""
-    x, y, size = box
-    grid = image_size // patch
-    cols = range(x // patch, (x + size - 1) // patch + 1)
-    rows = range(y // patch, (y + size - 1) // patch + 1)
-    return [r * grid + c for r in rows for c in cols]
-
-
 # ---------------------------------------------------------------------------------------------
 # Scenes and questions
 
@@ -647,7 +638,7 @@ def questions(objects: Sequence[Obj], image_size: int) -> list[Question]:
     docstring: each named object unique in the scene, relations along the dominant axis with
     the boxes disjoint along it, a neighbour the only object on its side of the referent).
     Whatever :func:`generate` asks about a scene is among them, with the same answer.
-    Training draws extra questions about one image from here (``redundancy.train``)."""
+    Training draws extra questions about one image from here (``redundancy.micro.train``)."""
     out: list[Question] = []
     shapes = [o.shape for o in objects]
     pairs = [(o.color, o.shape) for o in objects]
@@ -740,7 +731,7 @@ def write_split(
             image = f"images/{i:06d}.png"
             (out / image).write_bytes(png_bytes(ex.image))
             f.write(json.dumps(ex.record(f"{split}-{i:06d}", image), separators=(",", ":")) + "\n")
-    meta = {"generator": "redundancy.microvqa", "split": split, "n": n, "config": asdict(cfg)}
+    meta = {"generator": "redundancy.micro.microvqa", "split": split, "n": n, "config": asdict(cfg)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -783,7 +774,7 @@ def run(cfg: MicroVQAConfig) -> str:
     return f"wrote {cfg.n} {cfg.split} questions ({cfg.n} images) to {path}"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="microvqa")
+@hydra.main(version_base="1.3", config_path="../conf/microvqa", config_name="microvqa")
 def main(cfg: DictConfig) -> None:
     run_entry(run, cfg, errors=(ValueError, FileExistsError))
 
