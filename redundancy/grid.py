@@ -136,7 +136,7 @@ class SharedPrefix:
         out, lo = hidden, start
         for cut in [*cuts, end]:
             # Layers run in segments with the same mask and positions: the same ops as one call.
-            out, pe = engine._run_layers(out, lo, cut, valid, position_ids, cache, probes, all_valid)
+            out, pe = engine.run_layers(out, lo, cut, valid, position_ids, cache, probes, all_valid)
             if cut in captures:
                 cap = captures[cut]
                 self._snaps[cut] = _Snapshot(out, cap.query, cap.key, cap.scaling)
@@ -158,7 +158,7 @@ class SharedPrefix:
         if snap is None or cache is None or start != 0 or not self._same_inputs(hidden, valid, position_ids) \
                 or not set(probes) <= {end - 1}:
             self.misses += 1
-            return engine._run_layers(hidden, start, end, valid, position_ids, cache, probes, all_valid)
+            return engine.run_layers(hidden, start, end, valid, position_ids, cache, probes, all_valid)
         for i, (k, v) in enumerate(self._cache[:end]):
             cache.update(k, v, i)
         for probe in probes.get(end - 1, []):
@@ -166,7 +166,7 @@ class SharedPrefix:
             probe(snap.query, snap.key, snap.scaling)
         self.hits += 1
         # Zero layers: the stage's position embeddings, computed as the engine computes them.
-        return engine._run_layers(snap.hidden, end, end, valid, position_ids, cache, {}, all_valid)
+        return engine.run_layers(snap.hidden, end, end, valid, position_ids, cache, {}, all_valid)
 
     def _same_inputs(self, hidden: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor) -> bool:
         if self._inputs is None:
@@ -210,10 +210,11 @@ def encode(processor: Any, samples: Sequence[Sample], device: torch.device) -> A
     return processor(images=images, text=prompts(processor, samples), return_tensors="pt", padding=True).to(device)
 
 
-def _generate(
+def generate_chunk(
     model: Any, processor: Any, inputs: Any, chunk: Sequence[Sample], schedule: DropSchedule,
     max_new_tokens: int, keep_logits: bool, prefix: SharedPrefix | None = None,
 ) -> list[SampleResult]:
+    """The greedy answers to one encoded chunk under ``schedule`` (``prefix``: its first stage shared)."""
     with apply_schedule(model, schedule, trace=False, first_stage=prefix) as trace:
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -274,7 +275,7 @@ def run_grid(
         _sync(device)
         start = time.perf_counter()
         try:
-            res = _generate(model, processor, inputs, chunk, schedule, max_new_tokens, keep_logits, prefix)
+            res = generate_chunk(model, processor, inputs, chunk, schedule, max_new_tokens, keep_logits, prefix)
         except _PrefixRecorded:
             res = []
         _sync(device)

@@ -16,7 +16,7 @@ from redundancy.evaluate import prompts
 from redundancy.loading import TEST_SET, load_model
 from redundancy.plots.records import load_maps
 from redundancy.schedule import DropSchedule, PDropSpec, kept_count
-from tests.test_grid import LAYERS, save_tiny_micro
+from tests.helpers import LAYERS, save_tiny_micro
 
 
 @pytest.fixture(scope="module")

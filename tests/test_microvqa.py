@@ -166,7 +166,7 @@ def test_splits_never_share_images() -> None:
 def test_every_scene_hashes_into_its_split() -> None:
     for split in mv.SPLITS:
         for ex in take(CFG, split, 20):
-            assert mv.scene_bucket(ex.objects, CFG.image_size) in mv._BUCKETS[split]
+            assert mv.scene_bucket(ex.objects, CFG.image_size) in mv.BUCKETS[split]
     with pytest.raises(ValueError, match="split"):
         next(mv.generate(CFG, "dev"))
 

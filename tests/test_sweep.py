@@ -20,27 +20,10 @@ from redundancy.loading import load_model
 from redundancy.evaluate import predict
 from redundancy.results import ResultStore, load_results, load_samples
 from redundancy.schedule import DropSchedule
-from tests.test_grid import save_tiny_micro
+from tests.helpers import ROOT, tiny
+from tests.helpers import sweep_config as config
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "redundancy" / "conf" / "sweep"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_micro(tmp_path_factory.mktemp("tiny-micro"))
-
-
-def config(*overrides: str) -> sweep.SweepConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="sweep", overrides=list(overrides))
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-
-
-def tiny(tiny_dir: Path, out: Path, *overrides: str) -> sweep.SweepConfig:
-    """A sweep on the tiny model over 6 shipped test questions, no timing, no progress bars."""
-    return config(f"model.path={tiny_dir}", "model.num_layers=null", "data.limit=6", "batch_size=4",
-                  f"out={out}", "timing.repeats=0", "progress=false", *overrides)
 
 
 @pytest.fixture

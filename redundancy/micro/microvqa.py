@@ -99,7 +99,7 @@ SUBTYPES = {"color": ("color",), "reading": ("reading",), "spatial": ("relation"
             "count": ("count_shape", "count_all")}  # fmt: skip
 ALL_SUBTYPES = tuple(t for ts in SUBTYPES.values() for t in ts)
 SPLITS = ("train", "val", "test")
-_BUCKETS = {"train": range(0, 18), "val": range(18, 19), "test": range(19, 20)}  # of 20 hash buckets
+BUCKETS = {"train": range(0, 18), "val": range(18, 19), "test": range(19, 20)}  # of 20 hash buckets
 
 # 5x7 bitmap font. Left out: A (an article: the normaliser deletes it), and the letters a
 # 5x7 glyph confuses with a digit or each other (B/8, G/6, I/1, O/0, Q, S/5, Z/2, J, V, W).
@@ -693,7 +693,7 @@ def generate(cfg: GenConfig, split: str) -> Iterator[Example]:
             for _ in range(10):  # retry the same objects first: dropping crowded scenes would skew counts
                 if (objects := _place(rng, scene, cfg.image_size)) is not None:
                     break
-            if objects is not None and scene_bucket(objects, cfg.image_size) in _BUCKETS[split]:
+            if objects is not None and scene_bucket(objects, cfg.image_size) in BUCKETS[split]:
                 break
         else:
             raise RuntimeError(f"no {subtype} scene fits; loosen the config (object sizes or counts): {cfg}")
