@@ -6,7 +6,7 @@ accuracy every 50 steps. Run from the repository root, e.g.
     python experiments/binding_probe.py --init probe-bind --steps 400
     python experiments/binding_probe.py --init probe-bind --suffix_sup --nobj 1 --maxobj 6 --minsize 12 --steps 400
 
---nosuffix uses the bare prompt (redundancy.micro.BARE_PROMPT); --mixed trains on half bare,
+--nosuffix uses the bare prompt (redundancy.micro.model.BARE_PROMPT); --mixed trains on half bare,
 half LLaVA prompts (evaluated with the LLaVA prompt); --suffix_sup also supervises the
 answer at the question's last word, "?" and "ASSISTANT" (Stage.suffix_loss); --invert asks
 "what shape is <colour>?"; --qfirst puts the question before the image;
@@ -20,9 +20,9 @@ import time
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy import train as T
-from redundancy.micro import MicroConfig
-from redundancy.microvqa import patch_indices
+from redundancy.data import patch_indices
+from redundancy.micro import train as T
+from redundancy.micro.model import MicroConfig
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--threads", type=int, default=1); ap.add_argument("--steps", type=int, default=800)

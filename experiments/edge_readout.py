@@ -13,8 +13,8 @@ import torch
 from probing import arguments
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy import train as T
-from redundancy.micro import MicroConfig
+from redundancy.micro import train as T
+from redundancy.micro.model import MicroConfig
 
 TARGETS = ["color", "shape", "glyph", "center", "x", "y", "edge_left", "edge_right", "edge_above", "edge_below"]
 

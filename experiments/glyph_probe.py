@@ -10,9 +10,9 @@ images and scored on the other 150. Run from the repository root:
 import numpy as np
 from probing import arguments, load_with_features
 
-from redundancy import train as T
-from redundancy.micro import MicroConfig
-from redundancy.microvqa import PATCH_TARGETS, patch_targets
+from redundancy.micro import train as T
+from redundancy.micro.microvqa import PATCH_TARGETS, patch_targets
+from redundancy.micro.model import MicroConfig
 
 args = arguments(threads=1)
 shape = MicroConfig()

@@ -21,11 +21,11 @@ import torch
 from probing import arguments
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy import train as T
 from redundancy.data import exact_match, load_dataset
 from redundancy.evaluate import predict
-from redundancy.micro import MicroConfig
-from redundancy.microvqa import SHAPES
+from redundancy.micro import train as T
+from redundancy.micro.microvqa import SHAPES
+from redundancy.micro.model import MicroConfig
 
 TEST_SET = "redundancy/assets/microvqa/test"
 

@@ -1,4 +1,4 @@
-"""Training throughput with packed questions (redundancy.packing; experiments/log/micro_llava_training.md,
+"""Training throughput with packed questions (redundancy.micro.packing; experiments/log/micro_llava_training.md,
 session 9): time training steps of the 4-layer micro-LLaVA (random weights, 144 image tokens)
 with k questions per image, and print seconds per step and questions per second. Run from the
 repository root:
@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from redundancy import train as T
-from redundancy.micro import MicroConfig, build_micro
-from redundancy.packing import extra_questions
+from redundancy.micro import train as T
+from redundancy.micro.model import MicroConfig, build_micro
+from redundancy.micro.packing import extra_questions
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--threads", type=int, default=2)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy.microvqa import Example
+from redundancy.micro.microvqa import Example
 
 
 def arguments(threads: int, n: int = 0) -> argparse.Namespace:

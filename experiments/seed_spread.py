@@ -1,6 +1,6 @@
 """The vanilla / PyramidDrop-trained gap over training seeds, from exported model cards.
 
-Each argument is a pair of card directories (``python -m redundancy.checkpoints ... dest=...``
+Each argument is a pair of card directories (``python -m redundancy.micro.export ... dest=...``
 writes ``card.json`` and ``predictions.jsonl``), vanilla first, the PyramidDrop twin trained from
 the same shared stages with the same seed second:
 
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from redundancy.data import exact_match, load_dataset
-from redundancy.checkpoints import TEST_SET
+from redundancy.loading import TEST_SET
 from redundancy.stats import compare, holm
 
 answers = {str(s.question_id): s.answers for s in load_dataset(TEST_SET)}

@@ -2,7 +2,7 @@
 directory: (1) how well a least-squares linear readout recovers each image token's own column
 and row from the projected image features (the language model's input), on held-out tokens,
 against predicting the mean; (2) first-token accuracy on validation scenes of 2-4 objects for
-the training-only side questions (redundancy.packing.side_questions) and for relations, with
+the training-only side questions (redundancy.micro.packing.side_questions) and for relations, with
 the LLaVA and the bare prompt; (3) the same per axis on 400 other scenes (left/right side
 questions, left/right and above/below relations); (4) left/right side questions on scenes of
 1-4 objects, bare prompt, by how far the object's centre lies from the middle. Run from the
@@ -17,10 +17,10 @@ from collections.abc import Callable
 import numpy as np
 from probing import arguments, load_with_features
 
-from redundancy import train as T
-from redundancy.micro import MicroConfig
-from redundancy.microvqa import Example, Question, patch_targets, questions
-from redundancy.packing import side_questions
+from redundancy.micro import train as T
+from redundancy.micro.microvqa import Example, Question, patch_targets, questions
+from redundancy.micro.model import MicroConfig
+from redundancy.micro.packing import side_questions
 
 args = arguments(threads=2)
 shape = MicroConfig()

@@ -18,20 +18,20 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy import train as T
-from redundancy.packing import collate_packed
+from redundancy.micro import train as T
+from redundancy.micro.packing import collate_packed
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
 ap.add_argument("--stage", required=True)
-ap.add_argument("--config", default="train_aux")
+ap.add_argument("--config", default="train")
 ap.add_argument("--steps", type=int, default=12)
 ap.add_argument("--threads", type=int, default=2)
 args = ap.parse_args()
 if args.steps < 3:
     ap.error("--steps must be at least 3 (the first two are not counted)")
 torch.set_num_threads(args.threads)
-with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "redundancy" / "conf" / "train"), version_base=None):
     cfg: T.TrainConfig = OmegaConf.to_object(compose(config_name=args.config))
 si = [s.name for s in cfg.stages].index(args.stage)
 stage, cpu = cfg.stages[si], torch.device("cpu")

@@ -2,7 +2,7 @@
 count_all) on generated validation questions, with the LLaVA prompt (the evaluation's), for
 each model directory: where a family's errors come from (experiments/log/micro_llava_training.md,
 session 13), and on the training-only shape questions about the same images ("What shape is red?",
-"What shape is left?": redundancy.packing.shape_questions, one of each kind drawn per image where
+"What shape is left?": redundancy.micro.packing.shape_questions, one of each kind drawn per image where
 the scene allows it). Run from the repository root:
 
     python experiments/subtype_probe.py redundancy/assets/checkpoints/micro-llava-vanilla --n 1200
@@ -14,10 +14,10 @@ import torch
 from probing import arguments
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy import train as T
-from redundancy.micro import MicroConfig
-from redundancy.microvqa import Question
-from redundancy.packing import shape_questions
+from redundancy.micro import train as T
+from redundancy.micro.microvqa import Question
+from redundancy.micro.model import MicroConfig
+from redundancy.micro.packing import shape_questions
 
 args = arguments(threads=2, n=1200)
 shape = MicroConfig()

@@ -20,28 +20,28 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy import train as T
 from redundancy.engine import apply_schedule
 from redundancy.flops import full_sequence_flops
-from redundancy.micro import build_model, grow
-from redundancy.schedule import DropSchedule
+from redundancy.micro import train as T
+from redundancy.micro.model import build_model, grow
+from redundancy.schedule import DropSchedule, PDropSpec
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
 ap.add_argument("--stage", required=True)
-ap.add_argument("--config", default="train_aux")
+ap.add_argument("--config", default="train")
 ap.add_argument("--steps", type=int, default=10)
 ap.add_argument("--threads", type=int, default=1)
 args = ap.parse_args()
 if args.steps < 3:
     ap.error("--steps must be at least 3 (the first two are not counted)")
 torch.set_num_threads(args.threads)
-with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
+with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "redundancy" / "conf" / "train"), version_base=None):
     cfg: T.TrainConfig = OmegaConf.to_object(compose(config_name=args.config))
 si = [s.name for s in cfg.stages].index(args.stage)
 stage, cpu = cfg.stages[si], torch.device("cpu")
 processor = AutoProcessor.from_pretrained(args.model)
-schedule = DropSchedule.pdrop(layers=tuple(cfg.pdrop_layers), lam=cfg.lam, positions=cfg.pdrop_positions)
+schedule = DropSchedule.from_spec(PDropSpec(positions=cfg.method.positions))
 
 
 def start() -> tuple:

@@ -6,7 +6,7 @@
     python -m redundancy.bench preset=llava-next-7b out=bench.json
 
 ``checkpoint=`` names a shipped checkpoint or a local HF directory (loaded by
-:func:`redundancy.checkpoints.load_model`; its processor builds the prompts from
+:func:`redundancy.loading.load_model`; its processor builds the prompts from
 images of the shipped microvqa test set). Without it, ``preset=`` builds a
 random-initialised model of that shape (timing needs no trained weights).
 
@@ -36,7 +36,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +49,16 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from redundancy.checkpoints import TEST_SET, load_model, resolve, resolve_device
 from redundancy.cli import launch, run_entry
 from redundancy.data import load_dataset
 from redundancy.engine import apply_schedule
-from redundancy.flops import MethodParams, flops_report, schedule_from_config
-from redundancy.micro import PROMPT
+from redundancy.evaluate import prompts
+from redundancy.flops import flops_report
+from redundancy.loading import TEST_SET, load_model, resolve, resolve_device, resolve_dtype
 from redundancy.models.factory import build_model, config_from_dims
 from redundancy.models.llava_next import next_image_layout
 from redundancy.presets import DEFAULT_N_TEXT, PRESETS, ModelDims, get_preset
-from redundancy.schedule import DropSchedule
+from redundancy.schedule import METHOD_SPECS, DropSchedule, check_ratio
 from redundancy.staged import StagePlan, fastv_eager_plan, ideal_plan, staged
 from redundancy.validate import available_memory, check_device, check_threads, check_weights, check_writable
 
@@ -90,14 +90,22 @@ LLAVA15_CPU = replace(MICRO, name="llava-1.5-cpu", hidden=1024, ffn=2048, heads=
 STAND_INS = {"micro": MICRO, "llava-1.5-cpu": LLAVA15_CPU}
 MiB = 2**20
 PEERS = {"fastv_eager": "FastV's official way: layer K-1 in eager attention, its attention matrix read"}
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
-class BenchConfig(MethodParams):
-    """Schema of ``conf/bench.yaml``; see that file for what each key means."""
+class BenchConfig:
+    """Schema of ``conf/bench/bench.yaml``; see that file for what each key means. The bench times
+    several methods in one run, so each method's parameters have their own key here (``K``, ``lam``,
+    ...), not one ``method`` group as the other commands have."""
 
+    layer: int = 16
+    ratio: float = 0.1
+    K: int = 2
+    R: float = 0.5
+    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
+    lam: float = 0.5
+    ranker: str | None = None
+    rank_layer: str | None = None
     checkpoint: str | None = None
     preset: str | None = None  # None: micro (when no checkpoint is given)
     methods: list[str] = field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "drop"])
@@ -120,8 +128,20 @@ ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
 def schedules_for(cfg: BenchConfig) -> dict[str, DropSchedule]:
-    """Each method of ``cfg.methods`` built by :func:`redundancy.flops.schedule_from_config`."""
-    return {method: schedule_from_config(cfg, method) for method in cfg.methods}
+    """Each method of ``cfg.methods`` with ``cfg``'s parameters (:meth:`DropSchedule.from_spec`); every
+    ratio-like key is checked, used or not, so that a typo'd value never passes silently."""
+    for name in ("ratio", "R", "lam"):
+        check_ratio(getattr(cfg, name), name)
+    unknown = [m for m in cfg.methods if m not in METHOD_SPECS]
+    if unknown:
+        raise ValueError(f"method={unknown[0]!r} is unknown; choose one of {list(METHOD_SPECS)}")
+    given = {k: v for k, v in asdict(cfg).items() if k in ("layer", "ratio", "K", "R", "layers", "lam", "ranker", "rank_layer")}
+    specs = {m: METHOD_SPECS[m](**{k: v for k, v in given.items() if k in _fields(METHOD_SPECS[m])}) for m in cfg.methods}
+    return {m: DropSchedule.from_spec(spec) for m, spec in specs.items()}
+
+
+def _fields(spec: type) -> set[str]:
+    return {f.name for f in fields(spec)}
 
 
 def label(schedule: DropSchedule) -> str:
@@ -143,15 +163,6 @@ class Subject:
     inputs: dict[str, torch.Tensor]
     dims: ModelDims  # n_image / n_text of the batch's first row, crops of its image
     weights: str  # "trained" | "random init"
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA, float32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={name!r} is unknown; choose one of {['auto', *_DTYPES]}")
-    return _DTYPES[name]
 
 
 def preset_dims(name: str | None) -> ModelDims:
@@ -213,17 +224,10 @@ def random_inputs(model: Any, n_text: int, batch_size: int, seed: int) -> dict[s
 
 def processor_inputs(processor: Any, batch_size: int) -> dict[str, torch.Tensor]:
     """The first ``batch_size`` questions of the shipped microvqa test set, left-padded by the processor,
-    in the processor's chat template (the LLaVA-1.5 prompt when it has none)."""
+    in the processor's chat template (its family's default when it has none: :mod:`redundancy.prompts`)."""
     samples = load_dataset(TEST_SET)[:batch_size]
-
-    def prompt(question: str) -> str:
-        if getattr(processor, "chat_template", None):
-            content = [{"type": "image"}, {"type": "text", "text": question}]
-            return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        return PROMPT.format(question=question)
-
     images = [Image.open(s.image_path).convert("RGB") for s in samples]
-    batch = processor(images=images, text=[prompt(s.question) for s in samples], return_tensors="pt", padding=True)
+    batch = processor(images=images, text=prompts(processor, samples), return_tensors="pt", padding=True)
     return dict(batch)
 
 
@@ -689,7 +693,7 @@ def run(cfg: BenchConfig) -> str:
     return format_report(setup, results)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="bench")
+@hydra.main(version_base=None, config_path="conf/bench", config_name="bench")
 def main(cfg: DictConfig) -> None:
     run_entry(run, cfg)
 

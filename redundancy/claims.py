@@ -52,7 +52,7 @@ TOP_SHARE = 0.10  # claim 5: attention mass on the top 10% of the image tokens
 # ------------------------------------------------------------------ inputs
 @dataclass
 class Settings:
-    """Which rows each claim reads (``conf/figures.yaml``'s settings of the figures and tables)."""
+    """Which rows each claim reads (``redundancy/conf/figures/figures.yaml``'s settings of the figures and tables)."""
 
     data: str = "microvqa"
     model: str = "micro-llava-vanilla"
@@ -507,7 +507,7 @@ def claim_positional_accuracy(inp: Inputs) -> Outcome:
         return not_run(*absent)
     verdict, named = directional(named)
     return Outcome("; ".join(numbers), str(named[0][1].n), verdict, named, missing=absent,
-                   note="evidence position by redundancy.microvqa.evidence_position (the evidence boxes' rows); "
+                   note="evidence position by redundancy.data.evidence_position (the evidence boxes' rows); "
                         + tally(named))
 
 

@@ -7,7 +7,7 @@
 Two formats are read, told apart by the path:
 
 **Local format** (a directory, or its ``questions.jsonl``), written by
-:mod:`redundancy.microvqa` and the one to convert other data into::
+:mod:`redundancy.micro.microvqa` and the one to convert other data into::
 
     <dir>/
       questions.jsonl      one JSON object per line (UTF-8)
@@ -58,6 +58,15 @@ from pathlib import Path
 from typing import Any
 
 QUESTIONS_FILE = "questions.jsonl"
+
+
+def patch_indices(box: Sequence[int], image_size: int, patch: int) -> list[int]:
+    """Row-major image-token indices of the patches a ``[x, y, size]`` box touches."""
+    x, y, size = box
+    grid = image_size // patch
+    cols = range(x // patch, (x + size - 1) // patch + 1)
+    rows = range(y // patch, (y + size - 1) // patch + 1)
+    return [r * grid + c for r in rows for c in cols]
 
 
 @dataclass(frozen=True)
@@ -264,3 +273,37 @@ def evaluate(
         "per_family": {f: sum(xs) / len(xs) for f, xs in sorted(by_family.items())},
         "missing": missing,
     }
+
+
+# ------------------------------------------------------------------ where a question's evidence lies
+
+EVIDENCE_POSITIONS = ("top", "bottom", "both")
+
+
+def evidence_position(record: Mapping[str, Any], image_size: int) -> str:
+    """Where the evidence of a ``questions.jsonl`` record lies along the image's height.
+
+    Rule: ``"top"`` when every evidence object's box lies wholly in the top half (pixel rows
+    ``[0, image_size / 2)``), ``"bottom"`` when every one lies wholly in the bottom half (rows
+    ``[image_size / 2, image_size)``), else ``"both"``: a box crosses the middle row, the evidence
+    sits in both halves (a relation, most counts), or the question names no object (the whole
+    image). Boxes are ``[x, y, size]`` (rows ``y .. y + size - 1``). The middle falls on a patch
+    boundary for the shipped models (96 px, 8 px patches), so "top" evidence lies in the top
+    half of the image-token rows."""
+    boxes = [record["objects"][i]["box"] for i in record.get("evidence", [])]
+    if not boxes:
+        return "both"
+    middle = image_size / 2
+    if all(y + size <= middle for _, y, size in boxes):
+        return "top"
+    if all(y >= middle for _, y, _ in boxes):
+        return "bottom"
+    return "both"
+
+
+def evidence_positions(directory: str | Path) -> dict[str, str]:
+    """Question id -> :func:`evidence_position` for a written split (``meta.json`` gives the image size)."""
+    image_size = int(json.loads((Path(directory) / "meta.json").read_text(encoding="utf-8"))["config"]["image_size"])
+    lines = (Path(directory) / QUESTIONS_FILE).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {r["question_id"]: evidence_position(r, image_size) for r in records}

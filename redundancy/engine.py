@@ -492,7 +492,7 @@ def _as_method(fn: Callable[..., Any]) -> Callable[..., Any]:
 # -------------------------------------------------------- shared-prefix hook
 class FirstStageRunner(Protocol):
     """Computes the first stage of a prefill (layers ``start..end-1``, every token) in
-    place of ``engine._run_layers``, with the same arguments and result. The grid runner
+    place of ``engine.run_layers``, with the same arguments and result. The grid runner
     (:class:`redundancy.grid.SharedPrefix`) records that stage once per batch and replays it
     for every schedule whose first boundary is ``end``."""
 
@@ -744,7 +744,7 @@ class DropEngine:
         m = src.shape[1]
         return repack(out), lambda states, stage: repack(self._to_full(states, stage, slots, m))
 
-    def _run_layers(
+    def run_layers(
         self,
         hidden: torch.Tensor,
         start: int,
@@ -907,7 +907,7 @@ class DropEngine:
                 hidden, pe = self.first_stage(self, hidden, start, end, valid, pos, cache, probes, all_valid)
             else:
                 with _reusing(adapter.layers[start], reuse):
-                    hidden, pe = self._run_layers(hidden, start, end, valid, pos, cache, probes, all_valid)
+                    hidden, pe = self.run_layers(hidden, start, end, valid, pos, cache, probes, all_valid)
             reuse = None
             if cache is not None:
                 if s == 0 or (sched.positions != "keep" and plan[s - 1].drops):

@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from redundancy.data import Sample
 from redundancy.engine import apply_schedule
+from redundancy.prompts import prompt
 from redundancy.schedule import DropSchedule
 
 
-def prompts(samples: Sequence[Sample]) -> list[str]:
-    from redundancy.micro import PROMPT  # late: micro loads transformers' processors and models
-
-    return [PROMPT.format(question=s.question) for s in samples]
+def prompts(processor: Any, samples: Sequence[Sample]) -> list[str]:
+    """Each sample's prompt in ``processor``'s chat template (its family's default when it has none)."""
+    return [prompt(processor, s.question) for s in samples]
 
 
 def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -59,6 +59,6 @@ def predict(
     with ctx:
         for chunk in tqdm(list(batches(samples, batch_size)), desc="answering", disable=not progress, leave=False):
             images = [Image.open(s.image_path).convert("RGB") for s in chunk]
-            inputs = processor(images=images, text=prompts(chunk), return_tensors="pt", padding=True).to(model.device)
+            inputs = processor(images=images, text=prompts(processor, chunk), return_tensors="pt", padding=True).to(model.device)
             answers += greedy_answers(model, processor, inputs, max_new_tokens)
     return answers

@@ -9,7 +9,7 @@ attention-map artefacts (``<results>/maps/*.npz``, ``python -m redundancy.maps``
 checkpoints' cards. Figures are written as PDF (vector) and PNG (preview), tables as Markdown and CSV.
 What a figure needs but the results lack is listed as ``missing``; a figure with no rows at all is
 ``skipped``. The paper's claims with their verdicts go to ``<results>/claims.md`` (:mod:`redundancy.claims`).
-Settings: ``conf/figures.yaml``.
+Settings: ``redundancy/conf/figures/figures.yaml``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from redundancy import claims
-from redundancy.cli import launch, run_entry
+from redundancy.cli import CONF, launch, run_entry
 from redundancy.plots import curves, images, spatial, tables
 from redundancy.plots.forest import claim_figure
 from redundancy.plots.frames import MissingInput, NothingToDraw
@@ -74,16 +74,13 @@ class FiguresConfig:
 ConfigStore.instance().store(name="figures_schema", node=FiguresConfig)
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
 def config(*overrides: str) -> FiguresConfig:
-    """``conf/figures.yaml`` with ``overrides`` (e.g. ``"results=../results"``), as the typed config;
-    the notebooks read their settings this way (source checkouts only: ``conf/`` sits beside the package)."""
+    """``redundancy/conf/figures/figures.yaml`` with ``overrides`` (e.g. ``"results=../results"``), as the
+    typed config; the notebooks read their settings this way."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF / "figures"), version_base=None):
         cfg = compose(config_name="figures", overrides=list(overrides))
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
@@ -252,7 +249,7 @@ def report_line(out: Output) -> str:
     return "\n".join([text, *(f"    missing: {m}" for m in out.missing)])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="figures")
+@hydra.main(version_base="1.3", config_path="conf/figures", config_name="figures")
 def main(cfg: DictConfig) -> None:
     matplotlib.use("Agg")  # files only, never a window (set here, not on import: notebooks keep their backend)
     run_entry(run, cfg)

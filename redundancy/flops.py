@@ -1,7 +1,7 @@
 """FLOPs accounting for drop schedules (``docs/method.md`` section 7).
 
-    python -m redundancy.flops model=llava-1.5-7b method=pdrop lam=0.5
-    python -m redundancy.flops model=llava-1.5-7b method=fastv K=2 R=0.5
+    python -m redundancy.flops model=llava-1.5-7b method=pdrop method.lam=0.5
+    python -m redundancy.flops model=llava-1.5-7b method=fastv method.K=2 method.R=0.5
     python -m redundancy.flops model=llava-next-7b method=pdrop budget=10   # lam meeting 10 TFLOPs
 
 Conventions (every figure names the one it uses):
@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from dataclasses import dataclass, replace
+from typing import Any, Literal, get_args
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from redundancy.cli import launch, run_entry
 from redundancy.presets import ModelDims, get_preset
-from redundancy.schedule import METHODS, DropSchedule, check_ratio
+from redundancy.schedule import DropSchedule, FastVSpec, MethodSpec, PDropSpec
 
 Convention = Literal["eq4", "fastv"]
 CONVENTIONS: tuple[str, ...] = get_args(Convention)
@@ -329,26 +329,11 @@ def pdrop_lambda_for_budget(
 
 # ----------------------------------------------------------------------- CLI
 @dataclass
-class MethodParams:
-    """The parameters of every method, as the flops and bench entry points take them
-    (:func:`schedule_from_config` builds the one ``method`` names)."""
-
-    layer: int = 16
-    ratio: float = 0.1
-    K: int = 2
-    R: float = 0.5
-    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
-    lam: float = 0.5
-    ranker: str | None = None
-    rank_layer: str | None = None
-
-
-@dataclass
-class FlopsConfig(MethodParams):
-    """Schema of ``conf/flops.yaml``; see that file for what each key means."""
+class FlopsConfig:
+    """Schema of ``conf/flops/flops.yaml``; see that file for what each key means."""
 
     model: str = "llava-1.5-7b"
-    method: str = "pdrop"
+    method: Any = MISSING  # the `method` group (redundancy.schedule.MethodSpec)
     n_query: int = 1
     budget: float | None = None
     convention: str = "eq4"
@@ -357,57 +342,29 @@ class FlopsConfig(MethodParams):
 ConfigStore.instance().store(name="flops_schema", node=FlopsConfig)
 
 
-def schedule_from_config(cfg: MethodParams, method: str) -> DropSchedule:
-    """The :class:`DropSchedule` of ``method`` with ``cfg``'s parameters; ranker/rank_layer
-    ``None`` keep the method's default."""
-    # Check every ratio-like key, used or not, so a typo'd value never passes silently.
-    check_ratio(cfg.ratio, "ratio")
-    check_ratio(cfg.R, "R")
-    check_ratio(cfg.lam, "lam")
-    opts = _rank_opts(cfg)
-    builders: dict[str, Callable[[], DropSchedule]] = {
-        "vanilla": lambda: DropSchedule.vanilla(**opts),
-        "drop": lambda: DropSchedule.drop(layer=cfg.layer, ratio=cfg.ratio, **opts),
-        "fastv": lambda: DropSchedule.fastv(K=cfg.K, R=cfg.R, **opts),
-        "pdrop": lambda: DropSchedule.pdrop(layers=tuple(cfg.layers), lam=cfg.lam, **opts),
-    }
-    if method not in builders:
-        allowed = [m for m in METHODS if m in builders]
-        raise ValueError(f"method={method!r} is unknown; choose one of {allowed}")
-    return builders[method]()
-
-
-def check_layers(cfg: MethodParams, method: str, num_layers: int, model: str) -> None:
-    """The boundary layers ``method`` takes from ``cfg`` lie in [1, L-1] of a ``num_layers``-layer model."""
-    given = {"drop": [("layer", cfg.layer)], "fastv": [("K", cfg.K)], "pdrop": [("layers", k) for k in cfg.layers]}
-    for name, k in given.get(method, []):
-        if not 1 <= k <= num_layers - 1:
-            raise ValueError(f"{name}={k}: boundary {k} is outside the allowed range [1, {num_layers - 1}] for "
-                             f"{model} ({num_layers} layers)")
-
-
-def _rank_opts(cfg: MethodParams) -> dict[str, str | None]:
-    """ranker / rank_layer as given; ``None`` leaves the method's official default."""
-    return {"ranker": cfg.ranker, "rank_layer": cfg.rank_layer}
+def _rank_opts(spec: MethodSpec) -> dict[str, Any]:
+    """The spec's ranking options as the budget solvers take them; ``None`` leaves the method's default."""
+    return {"ranker": spec.ranker, "rank_layer": spec.rank_layer, "positions": spec.positions}
 
 
 def solve_budget(cfg: FlopsConfig, dims: ModelDims) -> tuple[FlopsConfig, str]:
     """``cfg`` with FastV's ``R`` or PyramidDrop's ``lam`` set to meet ``cfg.budget``, and a line saying so."""
     assert cfg.budget is not None
     head = f"budget {cfg.budget} TFLOPs (image part, {dims.name})"
-    if cfg.method in ("fastv", "pdrop"):  # a budget above the cost without dropping constrains nothing
-        whole = image_part_flops(dims, schedule_from_config(replace(cfg, R=0.0, lam=1.0), cfg.method))
+    m = cfg.method
+    if isinstance(m, (FastVSpec, PDropSpec)):  # a budget above the cost without dropping constrains nothing
+        undropped = replace(m, R=0.0) if isinstance(m, FastVSpec) else replace(m, lam=1.0, ratios=None)
+        whole = image_part_flops(dims, DropSchedule.from_spec(undropped))
         if cfg.budget * TERA > whole:
             raise ValueError(f"budget={cfg.budget} TFLOPs is unreachable: it is above the image-part cost without "
                              f"dropping ({whole / TERA:.4f} TFLOPs for {dims.name}); every setting meets it")
-    if cfg.method == "fastv":
-        solved = replace(cfg, R=fastv_ratio_for_budget(dims, cfg.budget, K=cfg.K, **_rank_opts(cfg)))
-        return solved, f"{head} -> FastV K={cfg.K}: R={solved.R:.6f}"
-    if cfg.method == "pdrop":
-        lam = pdrop_lambda_for_budget(dims, cfg.budget, layers=tuple(cfg.layers), **_rank_opts(cfg))
-        solved = replace(cfg, lam=lam)
-        return solved, f"{head} -> PyramidDrop layers={cfg.layers}: lam={lam:.6f}"
-    raise ValueError(f"budget={cfg.budget} applies to method=fastv or method=pdrop, not method={cfg.method!r}")
+    if isinstance(m, FastVSpec):
+        R = fastv_ratio_for_budget(dims, cfg.budget, K=m.K, **_rank_opts(m))
+        return replace(cfg, method=replace(m, R=R)), f"{head} -> FastV K={m.K}: R={R:.6f}"
+    if isinstance(m, PDropSpec):
+        lam = pdrop_lambda_for_budget(dims, cfg.budget, layers=tuple(m.layers), **_rank_opts(m))
+        return replace(cfg, method=replace(m, lam=lam, ratios=None)), f"{head} -> PyramidDrop layers={m.layers}: lam={lam:.6f}"
+    raise ValueError(f"budget={cfg.budget} applies to method=fastv or method=pdrop, not method={m.name!r}")
 
 
 def run(cfg: FlopsConfig) -> str:
@@ -415,19 +372,18 @@ def run(cfg: FlopsConfig) -> str:
     if cfg.convention not in CONVENTIONS:
         raise ValueError(f"convention={cfg.convention!r} is unknown; choose one of {list(CONVENTIONS)}")
     dims = get_preset(cfg.model)
-    check_layers(cfg, cfg.method, dims.num_layers, dims.name)
+    DropSchedule.from_spec(cfg.method, dims.num_layers)  # every value checked before a budget is solved
     lines: list[str] = []
     if cfg.budget is not None:
         cfg, line = solve_budget(cfg, dims)
         lines.append(line)
-    schedule = schedule_from_config(cfg, cfg.method)
-    schedule.validate_for(dims.num_layers)
+    schedule = DropSchedule.from_spec(cfg.method, dims.num_layers)
     report = flops_report(dims, schedule, cfg.n_query, convention=cfg.convention)  # type: ignore[arg-type]
     lines.append(format_report(report, schedule.boundaries))
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="flops")
+@hydra.main(version_base="1.3", config_path="conf/flops", config_name="flops")
 def main(cfg: DictConfig) -> None:
     run_entry(run, cfg)
 

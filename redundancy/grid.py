@@ -141,7 +141,7 @@ class SharedPrefix:
         out, lo = hidden, start
         for cut in [*cuts, end]:
             # Layers run in segments with the same mask and positions: the same ops as one call.
-            out, pe = engine._run_layers(out, lo, cut, valid, position_ids, cache, probes, all_valid)
+            out, pe = engine.run_layers(out, lo, cut, valid, position_ids, cache, probes, all_valid)
             if cut in captures:
                 cap = captures[cut]
                 self._snaps[cut] = _Snapshot(out, cap.query, cap.key, cap.scaling)
@@ -163,7 +163,7 @@ class SharedPrefix:
         if snap is None or cache is None or start != 0 or not self._same_inputs(hidden, valid, position_ids) \
                 or not set(probes) <= {end - 1}:
             self.misses += 1
-            return engine._run_layers(hidden, start, end, valid, position_ids, cache, probes, all_valid)
+            return engine.run_layers(hidden, start, end, valid, position_ids, cache, probes, all_valid)
         for i, (k, v) in enumerate(self._cache[:end]):
             cache.update(k, v, i)
         for probe in probes.get(end - 1, []):
@@ -171,7 +171,7 @@ class SharedPrefix:
             probe(snap.query, snap.key, snap.scaling)
         self.hits += 1
         # Zero layers: the stage's position embeddings, computed as the engine computes them.
-        return engine._run_layers(snap.hidden, end, end, valid, position_ids, cache, {}, all_valid)
+        return engine.run_layers(snap.hidden, end, end, valid, position_ids, cache, {}, all_valid)
 
     def _same_inputs(self, hidden: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor) -> bool:
         if self._inputs is None:
@@ -212,15 +212,16 @@ def encode_images_once(model: Any) -> Iterator[None]:
 def encode(processor: Any, samples: Sequence[Sample], device: torch.device) -> Any:
     """The left-padded model inputs of ``samples`` (as :func:`redundancy.evaluate.predict` makes them)."""
     images = [Image.open(s.image_path).convert("RGB") for s in samples]
-    return processor(images=images, text=prompts(samples), return_tensors="pt", padding=True).to(device)
+    return processor(images=images, text=prompts(processor, samples), return_tensors="pt", padding=True).to(device)
 
 
-def _generate(
+def generate_chunk(
     model: Any, processor: Any, inputs: Any, chunk: Sequence[Sample], schedule: DropSchedule,
     max_new_tokens: int, keep_logits: bool, prefix: SharedPrefix | None = None, spatial: bool = False,
 ) -> list[SampleResult]:
-    """``spatial``: also count where the kept image tokens lie (the engine's trace and the states
-    leaving each ranking layer, read after the prefill; :mod:`redundancy.spatial`)."""
+    """The greedy answers to one encoded chunk under ``schedule`` (``prefix``: its first stage shared);
+    ``spatial``: also count where the kept image tokens lie (the engine's trace and the states leaving
+    each ranking layer, read after the prefill; :mod:`redundancy.spatial`)."""
     with apply_schedule(model, schedule, trace=spatial, first_stage=prefix) as trace, \
             BoundaryStates(model, schedule, enabled=spatial) as states:
         out = model.generate(
@@ -289,7 +290,8 @@ def run_grid(
         _sync(device)
         start = time.perf_counter()
         try:
-            res = _generate(model, processor, inputs, chunk, schedule, max_new_tokens, keep_logits, prefix, spatial)
+            res = generate_chunk(model, processor, inputs, chunk, schedule, max_new_tokens, keep_logits, prefix,
+                                 spatial)
         except _PrefixRecorded:
             res = []
         _sync(device)

@@ -38,10 +38,10 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from redundancy.checkpoints import TEST_SET, load_model, resolve, resolve_device
 from redundancy.cli import launch, run_entry
 from redundancy.data import Sample, load_dataset
 from redundancy.evaluate import batches, prompts
+from redundancy.loading import TEST_SET, load_model, resolve, resolve_device, resolve_dtype
 from redundancy.results import checkpoint_fingerprint
 from redundancy.validate import check_device, check_threads, check_writable
 
@@ -148,7 +148,7 @@ def layer_health(
     bar = tqdm(total=len(chunks) * (depth + 1), desc="layer health", disable=not progress)
     for chunk in chunks:
         images = [Image.open(s.image_path).convert("RGB") for s in chunk]
-        inputs = processor(images=images, text=prompts(chunk), return_tensors="pt", padding=True).to(model.device)
+        inputs = processor(images=images, text=prompts(processor, chunk), return_tensors="pt", padding=True).to(model.device)
         valid = inputs["attention_mask"].bool()
         with residual_norms(model, valid, updates):
             full = model(**inputs, output_attentions=True)
@@ -258,8 +258,9 @@ def run(cfg: HealthConfig) -> str:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     samples = load_dataset(cfg.data or TEST_SET)[: cfg.n]
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    record = health_record(cfg.model, samples, dtype=dtype, device=resolve_device(cfg.device), batch_size=cfg.batch_size)
+    device = resolve_device(cfg.device)
+    record = health_record(cfg.model, samples, dtype=resolve_dtype(cfg.dtype, device), device=device,
+                           batch_size=cfg.batch_size)
     return write_report(record, Path(cfg.out))
 
 
@@ -276,7 +277,7 @@ def write_report(record: dict[str, Any], out: Path) -> str:
     return text
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="health")
+@hydra.main(version_base="1.3", config_path="conf/health", config_name="health")
 def main(cfg: DictConfig) -> None:
     run_entry(run, cfg)
 

@@ -5,7 +5,7 @@
     python -m redundancy.maps questions=[test-000000,test-000004] query=instruction
 
 Per question, two greedy answers: the unmodified model, recording the ranking query's attention
-over the image tokens in every decoder layer, and PyramidDrop (``pdrop_layers``, ``lam``),
+over the image tokens in every decoder layer, and PyramidDrop (``method.layers``, ``method.lam``),
 recording the image tokens kept at each boundary. Written to ``<out>/<model name>.npz``
 (:mod:`redundancy.plots.records`, a few hundred KiB), which ``python -m redundancy.figures`` reads
 without loading a model. Questions: ``questions`` (ids) or the first ``per_family`` of each family.
@@ -28,16 +28,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import redundancy
-from redundancy.checkpoints import git_revision, load_model, resolve, resolve_device
 from redundancy.cli import launch, run_entry
-from redundancy.data import Sample
+from redundancy.data import Sample, patch_indices
 from redundancy.engine import apply_schedule
 from redundancy.evaluate import greedy_answers, prompts
-from redundancy.microvqa import patch_indices
+from redundancy.loading import git_revision, load_model, resolve, resolve_device, resolve_dtype
 from redundancy.plots.records import MapRecord, Question, evidence_share, save_maps
 from redundancy.results import checkpoint_fingerprint
-from redundancy.schedule import DropSchedule
-from redundancy.sweep import DTYPES, DataConfig, load_samples
+from redundancy.schedule import DropSchedule, MethodSpec
+from redundancy.sweep import DataConfig, load_samples
 from redundancy.validate import check_device, check_threads, check_writable
 
 QUERIES = ("last", "instruction")
@@ -55,8 +54,8 @@ class MapsConfig:
     questions: list[str] = field(default_factory=list)  # question ids; empty: the first per_family of each family
     per_family: int = 1
     query: str = "last"  # whose attention is recorded: last (last prompt token) | instruction (their mean)
-    pdrop_layers: list[int] = field(default_factory=lambda: [8, 16, 24])
-    lam: float = 0.5
+    # the `method` group (maps.yaml: pdrop): the run whose kept tokens are recorded
+    method: Any = field(default_factory=MethodSpec)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # a progress bar over the questions (stderr)
 
@@ -119,7 +118,7 @@ def record_question(
 ) -> dict[str, Any]:
     """Both runs of one question: attention per layer (unmodified model) and kept masks (PyramidDrop)."""
     image = Image.open(sample.image_path).convert("RGB")
-    inputs = processor(images=[image], text=prompts([sample]), return_tensors="pt").to(model.device)
+    inputs = processor(images=[image], text=prompts(processor, [sample]), return_tensors="pt").to(model.device)
     layers = list(range(model.config.text_config.num_hidden_layers))
     n = grid * grid
     with apply_schedule(model, DropSchedule.vanilla(ranker=cfg.query), record_attention=layers) as trace:
@@ -150,9 +149,8 @@ def slug(name: str) -> str:
 def run(cfg: MapsConfig) -> str:
     if cfg.query not in QUERIES:
         raise ValueError(f"query={cfg.query!r} is unknown; choose one of {list(QUERIES)}")
-    schedule = DropSchedule.pdrop(cfg.pdrop_layers, cfg.lam)  # checks the schedule before anything loads
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r} is unknown; choose one of {list(DTYPES)}")
+    schedule = DropSchedule.from_spec(cfg.method)  # checks the schedule before anything loads
+    dtype = resolve_dtype(cfg.dtype)  # checked before anything loads
     samples, _ = load_samples(DataConfig(name="maps", path=cfg.data, max_new_tokens=cfg.max_new_tokens))
     chosen = choose(samples, list(cfg.questions), cfg.per_family)
     check_threads(cfg.threads)
@@ -162,7 +160,7 @@ def run(cfg: MapsConfig) -> str:
         torch.set_num_threads(cfg.threads)
     device = str(resolve_device(cfg.device))
     model_dir = resolve(cfg.model)
-    model, processor = load_model(model_dir, dtype=DTYPES[cfg.dtype], device=device, attn_implementation=cfg.attn)
+    model, processor = load_model(model_dir, dtype=dtype, device=device, attn_implementation=cfg.attn)
     grid = image_grid(model)
     schedule.validate_for(model.config.text_config.num_hidden_layers)
     recs = [record_question(model, processor, s, cfg, grid, schedule)
@@ -193,7 +191,7 @@ def summary(record: MapRecord, path: Path) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="maps")
+@hydra.main(version_base="1.3", config_path="conf/maps", config_name="maps")
 def main(cfg: DictConfig) -> None:
     run_entry(run, cfg)
 

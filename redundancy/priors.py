@@ -32,7 +32,6 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -181,14 +180,14 @@ def _benchmark_prior(model: Any, model_dir: Path, layers: tuple[int, ...], count
     questions: read from the cache, else calibrated and cached."""
     processor, examples = _processor(model_dir), calibration_examples(count)
     from redundancy.evaluate import batches as chunks
-    from redundancy.micro import PROMPT
+    from redundancy.prompts import prompt
     from redundancy.results import checkpoint_fingerprint
 
     def encode(chunk: list[Any]) -> dict[str, Any]:
         from PIL import Image
 
-        images = [Image.fromarray(ex.image) for ex in chunk]
-        text = [PROMPT.format(question=ex.question) for ex in chunk]
+        images = [Image.open(ex.image_path).convert("RGB") for ex in chunk]
+        text = [prompt(processor, ex.question) for ex in chunk]
         return processor(images=images, text=text, return_tensors="pt", padding=True).to(model.device)
 
     n_image = int((encode(examples[:1])["input_ids"] == model.config.image_token_id).sum())
@@ -203,13 +202,15 @@ def _benchmark_prior(model: Any, model_dir: Path, layers: tuple[int, ...], count
 
 
 def calibration_examples(count: int) -> list[Any]:
-    """The first ``count`` examples of the micro benchmark's ``val`` split, generated in memory with
-    the settings of the committed test set (:mod:`redundancy.microvqa`; never a test question)."""
-    from redundancy.checkpoints import TEST_SET
-    from redundancy.microvqa import config_from_meta, generate
+    """The first ``count`` questions of the shipped calibration set (the benchmark's ``val`` split,
+    :data:`redundancy.loading.CALIBRATION_SET`; never a test question)."""
+    from redundancy.data import load_dataset
+    from redundancy.loading import CALIBRATION_SET
 
-    gen, _, _ = config_from_meta(TEST_SET)
-    return list(islice(generate(gen, "val"), count))
+    examples = load_dataset(CALIBRATION_SET)
+    if count > len(examples):
+        raise ValueError(f"{IMAGES_ENV}={count}: the calibration set holds {len(examples)} images")
+    return examples[:count]
 
 
 def _processor(model_dir: Path) -> Any:

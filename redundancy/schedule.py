@@ -4,6 +4,7 @@
     DropSchedule.drop(layer=16, ratio=0.1)      # one point of the redundancy study
     DropSchedule.fastv(K=2, R=0.5)              # FastV
     DropSchedule.pdrop(layers=(8, 16, 24), lam=0.5)  # PyramidDrop
+    DropSchedule.from_spec(PDropSpec(lam=0.4), model_depth=32)  # what `method=pdrop method.lam=0.4` means
 
 Conventions (``docs/method.md`` sections 1-4):
 
@@ -87,6 +88,71 @@ def _chosen(opts: dict[str, Any], **official: Any) -> dict[str, Any]:
     """A builder's options: those given over the method's official choices; ``None`` (a config
     left empty) means not given."""
     return {**official, **{k: v for k, v in opts.items() if v is not None}}
+
+
+# ------------------------------------------------------------------ method specs
+@dataclass
+class MethodSpec:
+    """Which method, with its parameters, as every command's ``method`` config group gives it
+    (``method=pdrop method.lam=0.4``); :meth:`DropSchedule.from_spec` turns it into a schedule.
+    ``None`` ranking options keep the method's official choice. Values are scalars, except on the
+    sweep, which expands list values into a grid of scalar specs first."""
+
+    name: str = "vanilla"  # the unmodified model (a ranker only says whose attention a trace records)
+    ranker: Any = None  # null = the method's choice (last); see the module docstring
+    rank_layer: Any = None  # null = the method's choice; stage_last | next
+    positions: Any = None  # null = the method's choice; keep | compact
+    seed: Any = 0  # the seed of a seeded ranker (random)
+
+
+@dataclass
+class DropSpec(MethodSpec):
+    """Single-layer drop (the redundancy study): from ``layer`` on keep ``floor(ratio * N)`` image tokens."""
+
+    name: str = "drop"
+    layer: Any = 16  # 0-indexed: layers 0..layer-1 see every image token
+    ratio: Any = 0.1  # keep ratio in [0, 1]
+
+
+@dataclass
+class FastVSpec(MethodSpec):
+    """FastV: at layer ``K`` drop the fraction ``R`` of the image tokens (keep ratio ``1 - R``)."""
+
+    name: str = "fastv"
+    K: Any = 2
+    R: Any = 0.5
+
+
+@dataclass
+class PDropSpec(MethodSpec):
+    """PyramidDrop: stages split at ``layers``; stage ``s`` keeps ``floor(lam**s * N)`` image tokens
+    (or ``ratios``, one per boundary, when given)."""
+
+    name: str = "pdrop"
+    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
+    lam: Any = 0.5
+    ratios: Any = None
+
+
+METHOD_SPECS: dict[str, type[MethodSpec]] = {"vanilla": MethodSpec, "drop": DropSpec, "fastv": FastVSpec,
+                                             "pdrop": PDropSpec}
+
+
+def _layer(value: Any, name: str, depth: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} is not an integer layer index")
+    high = f"{depth - 1}" if depth else "L-1"
+    if value < 1 or (depth is not None and value > depth - 1):
+        of = f" for a model with {depth} layers" if depth else ""
+        raise ValueError(f"{name}={value}: boundary {value} is outside the allowed range [1, {high}]{of}")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} is not a number in the allowed range [0, 1]")
+    check_ratio(float(value), name)
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -186,6 +252,29 @@ class DropSchedule:
             params = {"layers": list(layers), "ratios": list(ratios)}
         return cls(method="pdrop", boundaries=layers, ratios=tuple(ratios), params=params,
                    **_chosen(opts, ranker="last", rank_layer="next", positions="compact"))
+
+    @classmethod
+    def from_spec(cls, spec: MethodSpec, model_depth: int | None = None) -> DropSchedule:
+        """The schedule ``spec`` names, every value checked (boundaries against ``model_depth``
+        when known): the one place a method config becomes a schedule."""
+        if METHOD_SPECS.get(spec.name) is not type(spec):
+            raise ValueError(f"method.name={spec.name!r} does not match its spec {type(spec).__name__}; "
+                             f"choose one of {list(METHOD_SPECS)}")
+        opts = {"ranker": spec.ranker, "rank_layer": spec.rank_layer, "positions": spec.positions, "seed": spec.seed}
+        if isinstance(spec, DropSpec):
+            schedule = cls.drop(_layer(spec.layer, "layer", model_depth), _number(spec.ratio, "ratio"), **opts)
+        elif isinstance(spec, FastVSpec):
+            schedule = cls.fastv(_layer(spec.K, "K", model_depth), _number(spec.R, "R"), **opts)
+        elif isinstance(spec, PDropSpec):
+            layers = tuple(_layer(k, "layers", model_depth) for k in spec.layers)
+            ratios = None if spec.ratios is None else [_number(r, "ratios") for r in spec.ratios]
+            lam = None if spec.lam is None else _number(spec.lam, "lam")
+            schedule = cls.pdrop(layers, lam, ratios, **opts)
+        else:
+            schedule = cls.vanilla(**opts)
+        if model_depth is not None:
+            schedule.validate_for(model_depth)
+        return schedule
 
     # ------------------------------------------------------------------ queries
     @property

@@ -25,6 +25,7 @@ The whole configuration is checked (ranges, layers against the model's depth rea
 
 # No `from __future__ import annotations`: launchers (submitit) rebuild the config classes in
 # fresh processes, where OmegaConf must read their field types without this module's globals.
+import dataclasses
 import datetime
 import itertools
 import json
@@ -44,24 +45,23 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import redundancy
-from redundancy.checkpoints import TEST_SET, git_revision, load_model, resolve, resolve_device
-from redundancy.cli import CONF, launch, run_entry
+from redundancy.cli import launch, run_entry
 from redundancy.data import Sample, load_dataset, metric_for, score
 from redundancy.data import evaluate as score_predictions
 from redundancy.distributed import Processes, processes
 from redundancy.flops import TERA, full_sequence_flops, image_part_flops
 from redundancy.grid import SampleResult, run_grid, time_prefill
+from redundancy.loading import TEST_SET, git_revision, load_model, resolve, resolve_device, resolve_dtype
 from redundancy.locks import PointLocks
 from redundancy.presets import ModelDims
 from redundancy.results import ResultStore, checkpoint_fingerprint, fingerprint, point_key
-from redundancy.schedule import SEEDED_RANKERS, DropSchedule, check_ratio
+from redundancy.schedule import SEEDED_RANKERS, DropSchedule, DropSpec, MethodSpec
 from redundancy.spatial import question_numbers, summarise
-from redundancy.validate import check_device, check_weights, check_writable
 from redundancy.stats import LEVEL as CI_LEVEL
 from redundancy.stats import confidence_interval
+from redundancy.validate import check_device, check_weights, check_writable
 
 FLOPS_CONVENTION = "eq4: 1 MAC = 1 FLOP; LM layer 4nd^2 + 2n^2d + 3ndm; LM prefill, mean over samples"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STUDY_FOLDER = Path("results")  # the published study (relative to where the command runs): study=true only
 
 
@@ -84,40 +84,6 @@ class DataConfig:
     limit: int | None = None  # evaluate the first `limit` questions only
     prompt_suffix: str = ""  # appended to every question
     max_new_tokens: int = 4
-
-
-@dataclass
-class VanillaMethod:
-    name: str = "vanilla"
-
-
-@dataclass
-class RankedMethod:
-    name: str = MISSING
-    ranker: Any = None  # null = the method's official choice; last | instruction | random | uniform | inverse
-    rank_layer: Any = None  # null = the method's official choice; stage_last | next
-    positions: Any = None  # null = the method's official choice; keep | compact
-
-
-@dataclass
-class DropMethod(RankedMethod):
-    name: str = "drop"
-    layer: Any = 16
-    ratio: Any = 0.1
-
-
-@dataclass
-class FastVMethod(RankedMethod):
-    name: str = "fastv"
-    K: Any = 2
-    R: Any = 0.5
-
-
-@dataclass
-class PDropMethod(RankedMethod):
-    name: str = "pdrop"
-    layers: list[int] = field(default_factory=lambda: [8, 16, 24])
-    lam: Any = 0.5
 
 
 @dataclass
@@ -148,14 +114,9 @@ class SweepConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
 
 
-_METHODS: dict[str, type] = {"vanilla": VanillaMethod, "drop": DropMethod, "fastv": FastVMethod, "pdrop": PDropMethod}
-# `model` and `data` are typed through SweepConfig; each method file starts from its schema. The
-# schemas sit in their own group: a `model` or `method` group in the ConfigStore would turn the
-# `model=` / `method=` keys of the other entry points (flops, train) into group overrides.
-cs = ConfigStore.instance()
-cs.store(name="sweep_schema", node=SweepConfig)
-for _name, _node in _METHODS.items():
-    cs.store(group="sweep_schemas/method", name=_name, node=_node)
+# `model` and `data` are typed through SweepConfig; `method` is the group every command shares
+# (redundancy.schedule.MethodSpec, registered by redundancy.cli).
+ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)
 
 
 # ------------------------------------------------------------------ points
@@ -167,21 +128,12 @@ def _axis(value: Any, name: str) -> list[Any]:
     return values
 
 
-def _layer(value: Any, name: str, num_layers: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} is not an integer layer index")
-    high = f"{num_layers - 1}" if num_layers else "L-1"
-    if value < 1 or (num_layers is not None and value > num_layers - 1):
-        depth = f" for a model with {num_layers} layers" if num_layers else ""
-        raise ValueError(f"{name}={value} is outside the allowed range [1, {high}]{depth}")
-    return value
-
-
-def _ratio(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r} is not a number in the allowed range [0, 1]")
-    check_ratio(float(value), name)
-    return float(value)
+def grid_of(spec: MethodSpec) -> list[MethodSpec]:
+    """The scalar specs of ``spec``: the product of its list-valued fields (PyramidDrop's ``layers``
+    is one value, its boundary list), in the order the fields are declared."""
+    fields = [f.name for f in dataclasses.fields(spec) if f.name not in ("name", "layers", "ratios", "seed")]
+    axes = [_axis(getattr(spec, f), f) for f in fields]
+    return [replace(spec, **dict(zip(fields, combo))) for combo in itertools.product(*axes)]
 
 
 def seed_indices(cfg: SweepConfig) -> list[int]:
@@ -208,35 +160,13 @@ def schedules_from_config(cfg: SweepConfig, num_layers: int | None = None,
     point per seed index, each with the seed :meth:`DropSchedule.seeded` derives from
     ``checkpoint_id`` (the model's fingerprint; before it is known, the seed is the index)."""
     m = cfg.method
-    if not isinstance(m, tuple(_METHODS.values())) or _METHODS.get(m.name) is not type(m):
-        raise ValueError(f"method.name={m.name!r} does not match the method group; choose one of {list(_METHODS)}")
-    if not isinstance(m, DropMethod) and (cfg.layer is not None or cfg.ratio is not None):
+    if not isinstance(m, DropSpec) and (cfg.layer is not None or cfg.ratio is not None):
         raise ValueError(f"layer= and ratio= are shorthands for method=drop; method={m.name} takes its own parameters")
+    if isinstance(m, DropSpec):
+        m = replace(m, layer=cfg.layer if cfg.layer is not None else m.layer,
+                    ratio=cfg.ratio if cfg.ratio is not None else m.ratio)
     indices = seed_indices(cfg)
-    points: list[DropSchedule] = []
-    if isinstance(m, VanillaMethod):
-        points.append(DropSchedule.vanilla())
-    else:
-        opts = [
-            dict(zip(("ranker", "rank_layer", "positions"), combo))  # None: the method's official choice
-            for combo in itertools.product(
-                _axis(m.ranker, "ranker"), _axis(m.rank_layer, "rank_layer"), _axis(m.positions, "positions")
-            )
-        ]
-        for opt in opts:
-            if isinstance(m, DropMethod):
-                layers = _axis(cfg.layer if cfg.layer is not None else m.layer, "layer")
-                ratios = _axis(cfg.ratio if cfg.ratio is not None else m.ratio, "ratio")
-                for k, r in itertools.product(layers, ratios):
-                    points.append(DropSchedule.drop(_layer(k, "layer", num_layers), _ratio(r, "ratio"), **opt))
-            elif isinstance(m, FastVMethod):
-                for k, r in itertools.product(_axis(m.K, "K"), _axis(m.R, "R")):
-                    points.append(DropSchedule.fastv(_layer(k, "K", num_layers), _ratio(r, "R"), **opt))
-            else:
-                assert isinstance(m, PDropMethod)
-                layers = tuple(_layer(k, "layers", num_layers) for k in m.layers)
-                for lam in _axis(m.lam, "lam"):
-                    points.append(DropSchedule.pdrop(layers, _ratio(lam, "lam"), **opt))
+    points = [DropSchedule.from_spec(spec, num_layers) for spec in grid_of(m)]
     points = [p if p.is_vanilla or p.ranker not in SEEDED_RANKERS
               else p.seeded(checkpoint_id, i) if checkpoint_id is not None else replace(p, seed=i)
               for p in points for i in (indices if p.ranker in SEEDED_RANKERS else [0])]
@@ -255,8 +185,10 @@ def label(schedule: DropSchedule) -> str:
 
 # -------------------------------------------------------------------- inputs
 def _check_settings(cfg: SweepConfig) -> None:
-    if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype={cfg.model.dtype!r} is unknown; choose one of {list(DTYPES)}")
+    try:
+        resolve_dtype(cfg.model.dtype)
+    except ValueError as err:
+        raise ValueError(f"model.{err}") from None
     for name, value, low in (("batch_size", cfg.batch_size, 1), ("data.max_new_tokens", cfg.data.max_new_tokens, 1),
                              ("timing.repeats", cfg.timing.repeats, 0), ("timing.warmup", cfg.timing.warmup, 0),
                              ("timing.batch_size", cfg.timing.batch_size, 1), ("threads", cfg.threads, 0)):
@@ -570,7 +502,7 @@ def _load(cfg: SweepConfig, model_dir: Path, launched: torch.device | None = Non
     device = cfg.model.device
     if device == "auto":
         device = str(launched) if launched is not None else str(resolve_device("auto"))
-    model, processor = load_model(model_dir, dtype=DTYPES[cfg.model.dtype], device=device, attn_implementation=cfg.model.attn)
+    model, processor = load_model(model_dir, dtype=resolve_dtype(cfg.model.dtype, device), device=device, attn_implementation=cfg.model.attn)
     return model, processor, torch.device(device)
 
 
@@ -622,7 +554,7 @@ def summary(cfg: SweepConfig, schedules: Sequence[DropSchedule], rows: Sequence[
     return "\n".join([info, *lines, tail])
 
 
-@hydra.main(version_base="1.3", config_path="../conf/sweep", config_name="sweep")
+@hydra.main(version_base="1.3", config_path="conf/sweep", config_name="sweep")
 def main(cfg: DictConfig) -> None:
     require_complete(cfg)
     run_entry(run, cfg)
@@ -638,4 +570,4 @@ def require_complete(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    launch(main, "sweep", CONF / "sweep", check=_check_settings)
+    launch(main, "sweep", check=_check_settings)

@@ -71,7 +71,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos[None] + _rotate_half(x) * sin[None]
 
 
-def _qkv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def qkv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Queries, keys (after rotary) and values of ``layer`` for ``hidden`` ``[n, d]``:
     ``q [heads, n, hd]``, ``k/v [kv_heads, n, hd]``."""
     attn = layer.self_attn
@@ -84,7 +84,7 @@ def _qkv(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
-def _qk_plain(layer, hidden: torch.Tensor):
+def qk_plain(layer, hidden: torch.Tensor):
     """Queries ``[heads, n, hd]`` and keys ``[kv_heads, n, hd]`` of ``layer`` for its input
     ``hidden`` ``[n, d]``, with no rotary embedding (the ``norope`` ranker)."""
     attn = layer.self_attn
@@ -102,10 +102,10 @@ def causal_float_mask(n: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     return mask
 
 
-def _layer_forward(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def layer_forward(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """One decoder layer on ``hidden`` ``[n, d]``; returns the output and the layer's ``q, k``."""
     attn = layer.self_attn
-    q, k, v = _qkv(layer, hidden, cos, sin)
+    q, k, v = qkv(layer, hidden, cos, sin)
     groups = q.shape[0] // k.shape[0]
     k_rep = k.repeat_interleave(groups, dim=0)  # query head h uses key head h // groups
     v_rep = v.repeat_interleave(groups, dim=0)
@@ -118,7 +118,7 @@ def _layer_forward(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return hidden, q, k
 
 
-def _attention_row(q: torch.Tensor, k: torch.Tensor, row: int, scaling: float, excluded=()) -> torch.Tensor:
+def attention_row(q: torch.Tensor, k: torch.Tensor, row: int, scaling: float, excluded=()) -> torch.Tensor:
     """``[n]`` attention of query row ``row`` over every key, mean over heads, float64.
 
     Only keys ``0..row`` are visible (causal), less the slots in ``excluded``; the others get 0.
@@ -157,7 +157,7 @@ def ranking_attention(ranker, q, k, plain_q, plain_k, scaling, rows, image_slots
     sinks = sink_slots(hidden, image_slots) if ranker in ("nosink", "nosink_keep") else []
     att = torch.zeros(k.shape[1], dtype=torch.float64)
     for r in rows:
-        att += _attention_row(q, k, r, scaling, excluded=set(sinks))
+        att += attention_row(q, k, r, scaling, excluded=set(sinks))
     att /= len(rows)
     att[sinks] = 2.0 if ranker == "nosink_keep" else -1.0
     return -att if ranker == "inverse" else att
@@ -295,7 +295,7 @@ def reference_run(
         q_last = k_last = h_in = None
         for li in range(starts[s], starts[s + 1]):
             h_in = hidden
-            hidden, q_last, k_last = _layer_forward(layers[li], hidden, cos, sin)
+            hidden, q_last, k_last = layer_forward(layers[li], hidden, cos, sin)
         if s == len(schedule.boundaries):
             break
 
@@ -315,10 +315,10 @@ def reference_run(
             with torch.no_grad():
                 if schedule.rank_layer == "stage_last":
                     q, k = q_last, k_last
-                    plain_q, plain_k = _qk_plain(rank_layer, h_in)
+                    plain_q, plain_k = qk_plain(rank_layer, h_in)
                 else:  # "next": layer K's input norm and q/k on the states leaving layer K-1
-                    q, k, _ = _qkv(rank_layer, hidden, cos, sin)
-                    plain_q, plain_k = _qk_plain(rank_layer, hidden)
+                    q, k, _ = qkv(rank_layer, hidden, cos, sin)
+                    plain_q, plain_k = qk_plain(rank_layer, hidden)
             image_slots = [slot for slot, p in enumerate(cur) if p in ordinal]
             present_rows = [cur.index(r) for r in rows if r in cur]
             att = ranking_attention(

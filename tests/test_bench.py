@@ -13,10 +13,10 @@ import torch
 
 from redundancy import bench
 from redundancy.flops import flops_report
-from redundancy.micro import MicroConfig, build_micro
+from redundancy.micro.model import MicroConfig, build_micro
+from redundancy.micro.train import vocabulary
 from redundancy.presets import ModelDims
-from redundancy.train import vocabulary
-from tests.conftest import make_batch, tiny_model
+from tests.helpers import make_batch, tiny_model
 
 TINY = dataclasses.replace(bench.MICRO, num_layers=4, hidden=64, ffn=128, heads=4, kv_heads=2,
                            n_image=16, vision_tokens=17, n_text=8)

@@ -212,9 +212,8 @@ def rankers_world(root: Path, *, spatial_counts: bool = True, bottom_wins: bool 
     except the top-evidence ones (``bottom_wins``; else except the bottom-evidence ones), as do ``nosink``,
     ``random`` (5 seeds), ``uniform`` and ``pool``; ``mean``, ``norope`` and vanilla answer all.
     ``spatial_counts=False``: rows and records written before the spatial diagnostics."""
-    from redundancy.checkpoints import TEST_SET
-    from redundancy.data import QUESTIONS_FILE
-    from redundancy.microvqa import evidence_positions
+    from redundancy.data import QUESTIONS_FILE, evidence_positions
+    from redundancy.loading import TEST_SET
     from redundancy.results import ResultStore, fingerprint
     from redundancy.spatial import question_numbers, summarise
 

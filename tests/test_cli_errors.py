@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from redundancy.checkpoints import SHIPPED
+from redundancy.loading import SHIPPED
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_BUILD = not torch.cuda.is_available()
@@ -96,12 +96,13 @@ def _cases(broken: dict[str, str]) -> dict[str, list[tuple[list[str], str]]]:
             *[([f"model.{a}", "out=out"], "CPU build") for a in cuda],
         ],
         "redundancy.flops": [
-            (["ration=0.1"], "did you mean 'ratio'"),
+            (["modle=llava-next-7b"], "did you mean 'model'"),
+            (["method=pdrop", "method.lamm=0.4"], "did you mean 'method.lam'"),
             (["+foo=1"], "unknown key 'foo'"),
-            (["method=nonexistent"], "method='nonexistent' is unknown"),
+            (["method=nonexistent"], "method=nonexistent is unknown"),
             (["method=pdrop", "budget=100"], "budget=100.0 TFLOPs is unreachable"),
             (["method=pdrop", "budget=0.1"], "budget=0.1 TFLOPs is unreachable"),
-            (["method=fastv", "K=0"], "K=0: boundary 0 is outside the allowed range [1, 31]"),
+            (["method=fastv", "method.K=0"], "K=0: boundary 0 is outside the allowed range [1, 31]"),
         ],
         "redundancy.bench": [
             (["threads=-3"], "threads=-3"),
@@ -132,11 +133,11 @@ def _cases(broken: dict[str, str]) -> dict[str, list[tuple[list[str], str]]]:
             (["dpii=3"], "did you mean 'dpi'"),
             ([f"results={f}"], "cannot be written"),
         ],
-        "redundancy.train": [
-            (["lamm=0.3"], "did you mean 'lam'"),
+        "redundancy.micro.train": [
+            (["method=pdrop", "method.lamm=0.3"], "did you mean 'method.lam'"),
             (["threads=-1", "out=run"], "threads=-1"),
             ([f"out={f}/run"], "cannot be written"),
-            (["--config-name", "train_aux", "stages.3.extra=1"], "did you mean 'stages.3.extras'"),
+            (["stages.3.extra=1"], "did you mean 'stages.3.extras'"),
             *[([a, "out=run"], "CPU build") for a in cuda],
         ],
     }
@@ -156,7 +157,7 @@ def _run_cases(module: str, cases: list[tuple[list[str], str]], tmp_path: Path) 
 
 
 @pytest.mark.parametrize("module", ["redundancy.sweep", "redundancy.flops", "redundancy.bench", "redundancy.maps",
-                                    "redundancy.health", "redundancy.figures", "redundancy.train"])
+                                    "redundancy.health", "redundancy.figures", "redundancy.micro.train"])
 def test_bad_input_is_one_line_and_exit_code_2(module: str, broken: dict[str, str], tmp_path: Path) -> None:
     cases = _cases(broken)[module]
     for (args, expected), record in zip(cases, _run_cases(module, cases, tmp_path)):
@@ -169,7 +170,7 @@ def test_bad_input_is_one_line_and_exit_code_2(module: str, broken: dict[str, st
 
 
 @pytest.mark.parametrize(("module", "args", "expected"), [
-    ("redundancy.flops", ["ration=0.1"], "did you mean 'ratio'"),  # caught before Hydra runs
+    ("redundancy.flops", ["modle=llava-next-7b"], "did you mean 'model'"),  # caught before Hydra runs
     ("redundancy.flops", ["method=pdrop", "budget=100"], "unreachable"),  # caught in the command
 ])
 def test_the_process_exits_with_code_2(module: str, args: list[str], expected: str, tmp_path: Path) -> None:
@@ -182,15 +183,14 @@ def test_the_process_exits_with_code_2(module: str, args: list[str], expected: s
 
 def test_valid_multirun_and_group_overrides_pass_the_check(tmp_path: Path) -> None:
     """The check leaves valid commands alone: group choices, multirun sweeps, dict additions, --cfg."""
+    import redundancy.micro.train  # noqa: F401
+    import redundancy.sweep  # noqa: F401  (registers the schemas)
     from redundancy.cli import CONF
     from redundancy.validate import check_command_line
-
-    import redundancy.sweep  # noqa: F401  (registers the schemas)
-    import redundancy.train  # noqa: F401
 
     check_command_line(CONF / "sweep", "sweep", ["-m", "method=fastv", "method.K=2,8", f"out={tmp_path}/s"])
     check_command_line(CONF / "sweep", "sweep", ["experiment=redundancy", "hydra/launcher=slurm",
                                                  "hydra.launcher.partition=gpu"])
-    check_command_line(CONF, "train", ["--config-name", "train_aux", "+stages.3.extras.side=1.0", f"out={tmp_path}/t"])
-    check_command_line(CONF, "train", ["--cfg", "job", "whatever=1"])  # Hydra's own flags: left to Hydra
+    check_command_line(CONF / "train", "train", ["+stages.3.extras.side=1.0", f"out={tmp_path}/t"])
+    check_command_line(CONF / "train", "train", ["--cfg", "job", "whatever=1"])  # Hydra's own flags: left to Hydra
     assert list(tmp_path.iterdir()) == []

@@ -16,8 +16,7 @@ from typing import Any
 
 from redundancy import sweep
 from redundancy.distributed import Processes
-from tests.test_grid import save_tiny_micro
-from tests.test_sweep import ROOT, tiny
+from tests.helpers import ROOT, save_tiny_micro, tiny
 
 TIMING = {"created", "wall_s", "seconds", "prefill_ms", "processes", "threads"}  # may differ between runs
 

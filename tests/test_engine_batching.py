@@ -7,7 +7,7 @@ import torch
 
 from redundancy.engine import apply_schedule
 from redundancy.schedule import DropSchedule
-from tests.conftest import make_batch, select_rows, tiny_model
+from tests.helpers import make_batch, select_rows, tiny_model
 
 CASES = [
     pytest.param("llava", DropSchedule.fastv(K=2, R=0.5), id="llava-fastv"),

@@ -14,10 +14,10 @@ from redundancy.engine import apply_schedule
 from redundancy.schedule import DropSchedule
 
 try:
-    from tests.conftest import engine_generate
+    from tests.helpers import engine_generate
     from tests.reference import make_sample, reference_greedy, reference_run, tiny_model  # noqa: F401
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from conftest import engine_generate
+    from helpers import engine_generate
     from reference import make_sample, reference_greedy, reference_run, tiny_model  # noqa: F401
 
 STEPS = 6

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from redundancy.engine import apply_schedule
 from redundancy.models.factory import build_model, tiny_config
 from redundancy.schedule import DropSchedule, kept_count
-from tests.conftest import n_image_tokens
+from tests.helpers import n_image_tokens
 
 Sample = dict[str, torch.Tensor]
 KEEP_ALL = DropSchedule.drop(layer=2, ratio=1.0, ranker="last", rank_layer="stage_last")

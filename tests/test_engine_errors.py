@@ -7,7 +7,7 @@ import torch
 
 from redundancy.engine import apply_schedule
 from redundancy.schedule import DropSchedule
-from tests.conftest import make_batch, tiny_model
+from tests.helpers import make_batch, tiny_model
 
 
 @pytest.mark.parametrize("ratio", [1.5, -0.1, float("nan")])

@@ -8,7 +8,7 @@ import torch
 from redundancy.engine import apply_schedule
 from redundancy.models.factory import build_model, tiny_config
 from redundancy.schedule import DropSchedule
-from tests.conftest import make_batch, select_rows
+from tests.helpers import make_batch, select_rows
 
 pytestmark = pytest.mark.gpu
 

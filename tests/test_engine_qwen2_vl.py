@@ -28,12 +28,12 @@ from redundancy.models.factory import build_model, tiny_config
 from redundancy.models.qwen2_vl import compact_mrope
 from redundancy.ranking import grid_priority
 from redundancy.schedule import DropSchedule, kept_count
-from tests.conftest import engine_generate
+from tests.helpers import engine_generate
 
 try:
-    from tests.reference import _layer_forward, _qk_plain, _qkv, query_rows, ranking_attention
+    from tests.reference import layer_forward, qk_plain, qkv, query_rows, ranking_attention
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import _layer_forward, _qk_plain, _qkv, query_rows, ranking_attention
+    from reference import layer_forward, qk_plain, qkv, query_rows, ranking_attention
 
 Sample = dict[str, torch.Tensor]
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -183,7 +183,7 @@ def reference_run(model: Any, sample: Sample, schedule: DropSchedule, kept: list
         cos, sin = cos[0], sin[0]
         for li in range(starts[s], starts[s + 1]):
             h_in = hidden
-            hidden, q_last, k_last = _layer_forward(layers[li], hidden, cos, sin)
+            hidden, q_last, k_last = layer_forward(layers[li], hidden, cos, sin)
         if s == len(schedule.boundaries):
             break
         boundary = starts[s + 1]
@@ -196,9 +196,9 @@ def reference_run(model: Any, sample: Sample, schedule: DropSchedule, kept: list
                 if schedule.rank_layer == "stage_last":
                     q, k = q_last, k_last
                 else:
-                    q, k, _ = _qkv(layer, hidden, cos, sin)
+                    q, k, _ = qkv(layer, hidden, cos, sin)
                     h_in = hidden
-                plain_q, plain_k = _qk_plain(layer, h_in)
+                plain_q, plain_k = qk_plain(layer, h_in)
             image_slots = [slot for slot, p in enumerate(cur) if p in ordinal]
             att = ranking_attention(schedule.ranker, q, k, plain_q, plain_k, layer.self_attn.scaling,
                                     [cur.index(r) for r in rows if r in cur], image_slots, hidden)

@@ -27,7 +27,7 @@ import torch
 import redundancy.engine as engine_module
 from redundancy.engine import DropEngine, apply_schedule
 from redundancy.schedule import DropSchedule
-from tests.conftest import engine_generate, make_batch, tiny_model
+from tests.helpers import engine_generate, make_batch, tiny_model
 
 NEXT_TOKENS = 7
 PADDED_NEXT = dict(specs=[(3, 5), (1, 3)], image_hw=[(28, 56), (56, 56)])  # rows of different lengths and counts

@@ -389,17 +389,17 @@ def test_figures_command_says_what_is_missing(tmp_path: Path) -> None:
 
 
 def test_fig4_experiments_meet_the_budgets() -> None:
-    """conf/sweep/experiment/fig4_*.yaml hold the R and lam that redundancy.flops solves for conf/figures.yaml's budgets."""
+    """conf/sweep/experiment/fig4_*.yaml hold the R and lam that redundancy.flops solves for redundancy/conf/figures/figures.yaml's budgets."""
     from transformers import AutoConfig
 
-    from redundancy.checkpoints import resolve
     from redundancy.flops import TERA, fastv_ratio_for_budget, image_part_flops, pdrop_lambda_for_budget
+    from redundancy.loading import resolve
     from redundancy.presets import ModelDims
 
     dims = ModelDims.from_hf_config(AutoConfig.from_pretrained(resolve("micro-llava-vanilla")), n_image=N_IMAGE)
     full = image_part_flops(dims, DropSchedule.vanilla()) / TERA
     budgets = figures.config().budgets
-    fastv, pdrop = (OmegaConf.load(next((ROOT / "conf").rglob(f"experiment/{name}.yaml"))).method
+    fastv, pdrop = (OmegaConf.load(next((ROOT / "redundancy" / "conf").rglob(f"experiment/{name}.yaml"))).method
                     for name in ("fig4_fastv", "fig4_pdrop"))
     assert list(fastv.R) == [fastv_ratio_for_budget(dims, b * full, K=fastv.K) for b in budgets]
     assert list(pdrop.lam) == [pdrop_lambda_for_budget(dims, b * full, layers=pdrop.layers) for b in budgets]

@@ -30,7 +30,7 @@ from redundancy.flops import (
     vision_layer_flops,
 )
 from redundancy.presets import get_preset
-from redundancy.schedule import DropSchedule
+from redundancy.schedule import DropSchedule, FastVSpec
 
 REPO = Path(__file__).resolve().parents[1]
 LLAVA15 = get_preset("llava-1.5-7b")
@@ -189,7 +189,7 @@ def _cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_prints_labelled_numbers_and_writes_nothing(tmp_path: Path) -> None:
-    out = _cli("model=llava-1.5-7b", "method=pdrop", "lam=0.5", cwd=tmp_path)
+    out = _cli("model=llava-1.5-7b", "method=pdrop", "method.lam=0.5", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for label in ("preset", "method", "kept image tokens/stage", "avg image tokens/layer", "image-part TFLOPs",
                   "full-sequence TFLOPs", "ranking overhead", "vision+projector TFLOPs", "convention",
@@ -201,7 +201,7 @@ def test_cli_prints_labelled_numbers_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_cli_bad_ratio_exits_with_one_clear_line(tmp_path: Path) -> None:
-    out = _cli("method=drop", "ratio=1.5", cwd=tmp_path)
+    out = _cli("method=drop", "method.ratio=1.5", cwd=tmp_path)
     assert out.returncode == 2
     assert "1.5" in out.stderr and "[0, 1]" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -211,7 +211,7 @@ def test_cli_bad_ratio_exits_with_one_clear_line(tmp_path: Path) -> None:
 @pytest.fixture()
 def compose_flops():
     def _compose(*overrides: str) -> FlopsConfig:
-        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "redundancy" / "conf" / "flops")):
             cfg = compose(config_name="flops", overrides=list(overrides))
         typed = OmegaConf.to_object(cfg)
         assert isinstance(typed, FlopsConfig)
@@ -221,15 +221,17 @@ def compose_flops():
 
 
 def test_config_composes_and_runs(compose_flops) -> None:
-    cfg = compose_flops("method=fastv", "K=2", "R=0.5")
-    assert (cfg.model, cfg.method, cfg.K, cfg.R, cfg.layers) == ("llava-1.5-7b", "fastv", 2, 0.5, [8, 16, 24])
+    cfg = compose_flops("method=fastv", "method.K=2", "method.R=0.5")
+    assert (cfg.model, cfg.method) == ("llava-1.5-7b", FastVSpec(K=2, R=0.5))
     text = run(cfg)
     assert "576 -> 288" in text and "fastv(K=2, R=0.5" in text
 
 
 def test_config_rejects_typo_keys(compose_flops) -> None:
     with pytest.raises(ConfigCompositionException):
-        compose_flops("lamb=0.3")
+        compose_flops("method.lamb=0.3")
+    with pytest.raises(ConfigCompositionException, match="method/nope"):
+        compose_flops("method=nope")
 
 
 def test_run_budget_reports_the_solved_parameter(compose_flops) -> None:
@@ -241,9 +243,8 @@ def test_run_budget_reports_the_solved_parameter(compose_flops) -> None:
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        (("method=drop", "layer=40"), "boundary 40"),
+        (("method=drop", "method.layer=40"), "boundary 40"),
         (("model=nope",), "model='nope'"),
-        (("method=nope",), "method='nope'"),
         (("method=vanilla", "budget=2"), "budget=2.0"),
         (("method=fastv", "budget=0.01"), "budget=0.01"),
     ],

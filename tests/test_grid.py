@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from redundancy.checkpoints import TEST_SET, load_model
 from redundancy.data import Sample, load_dataset
 from redundancy.evaluate import predict
-from redundancy.grid import SharedPrefix, _generate, encode, run_grid, time_prefill
-from redundancy.micro import MicroConfig, build_micro
+from redundancy.grid import SharedPrefix, encode, generate_chunk, run_grid, time_prefill
+from redundancy.loading import TEST_SET, load_model
 from redundancy.schedule import DropSchedule
-from redundancy.train import vocabulary
-
-LAYERS = 6
-
-
-def save_tiny_micro(path: Path, layers: int = LAYERS, seed: int = 0) -> Path:
-    """A tiny micro-LLaVA (32 px images, 16 image tokens) saved as an HF directory. The
-    residual outputs that build_micro zero-initialises get random weights, so that every
-    layer changes the hidden states and dropping tokens changes the logits."""
-    shape = MicroConfig(layers=layers, hidden=32, heads=4, kv_heads=2, ffn=64, image_size=32, patch=8,
-                        vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)
-    model, processor = build_micro(shape, vocabulary(MicroConfig()), seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
-                w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+from tests.helpers import save_tiny_micro
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +100,11 @@ def test_replay_refuses_other_inputs(micro: tuple[Any, Any], samples: list[Sampl
     prefix = SharedPrefix((3,))
     with torch.no_grad():
         first = encode(processor, samples[:2], device)
-        _generate(model, processor, first, samples[:2], DropSchedule.vanilla(), 4, False, prefix)
+        generate_chunk(model, processor, first, samples[:2], DropSchedule.vanilla(), 4, False, prefix)
         prefix.recording = False
         other = encode(processor, samples[2:4], device)
-        got = _generate(model, processor, other, samples[2:4], schedule, 4, True, prefix)
-        ref = _generate(model, processor, other, samples[2:4], schedule, 4, True)
+        got = generate_chunk(model, processor, other, samples[2:4], schedule, 4, True, prefix)
+        ref = generate_chunk(model, processor, other, samples[2:4], schedule, 4, True)
     assert (prefix.hits, prefix.misses) == (0, 1)
     assert all(torch.equal(a.logits, b.logits) for a, b in zip(got, ref))  # type: ignore[arg-type]
 

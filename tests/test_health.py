@@ -10,9 +10,9 @@ import torch
 
 from redundancy.data import load_dataset
 from redundancy.health import INERT_KL, LayerHealth, inert_layers, layer_health, markdown, skipped
-from redundancy.micro import MicroConfig, build_micro, build_model, grow
-from redundancy.microvqa import GenConfig, write_split
-from redundancy.train import vocabulary
+from redundancy.micro.microvqa import GenConfig, write_split
+from redundancy.micro.model import MicroConfig, build_micro, build_model, grow
+from redundancy.micro.train import vocabulary
 
 SHAPE = MicroConfig(layers=2, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
                     vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)

@@ -32,15 +32,15 @@ from lmms_eval.models import get_model
 from lmms_eval.tasks import TaskManager
 from lmms_eval.utils import load_yaml_config, simple_parse_args_string
 
-from redundancy.checkpoints import SHIPPED, TEST_SET, load_model
 from redundancy.data import evaluate, load_dataset
 from redundancy.engine import apply_schedule
 from redundancy.evaluate import predict
 from redundancy.lmms import MODEL_NAME, TASKS_DIR
 from redundancy.lmms.model import PluginError, RedundancyLlava, schedule_from_args
-from redundancy.micro import MicroConfig, build_micro
+from redundancy.loading import SHIPPED, TEST_SET, load_model
+from redundancy.micro.model import MicroConfig, build_micro
+from redundancy.micro.train import vocabulary
 from redundancy.schedule import DropSchedule
-from redundancy.train import vocabulary
 
 TASK = "redundancy_microvqa"
 SHIPPED_NAME = "micro-llava-vanilla"

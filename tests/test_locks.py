@@ -16,8 +16,7 @@ import pytest
 from redundancy import sweep
 from redundancy.locks import PointLocks
 from redundancy.results import load_results
-from tests.test_sweep import tiny, tiny_dir  # noqa: F401  (the tiny model fixture)
-
+from tests.helpers import tiny
 
 OTHER_PROCESS = """
 import sys, time

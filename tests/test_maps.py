@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from redundancy import maps
-from redundancy.checkpoints import TEST_SET, load_model
 from redundancy.data import Sample, load_dataset
 from redundancy.engine import apply_schedule
 from redundancy.evaluate import prompts
+from redundancy.loading import TEST_SET, load_model
 from redundancy.plots.records import load_maps
-from redundancy.schedule import DropSchedule, kept_count
-from tests.test_grid import LAYERS, save_tiny_micro
+from redundancy.schedule import DropSchedule, PDropSpec, kept_count
+from tests.helpers import LAYERS, save_tiny_micro
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_evidence_tokens_follow_the_boxes() -> None:
 
 def test_record_matches_the_engine(tiny_dir: Path, tmp_path: Path) -> None:
     cfg = maps.MapsConfig(model=str(tiny_dir), out=str(tmp_path), questions=["test-000000", "test-000001"],
-                          pdrop_layers=[2, 4], lam=0.5, threads=1)
+                          method=PDropSpec(layers=[2, 4], lam=0.5), threads=1)
     report = maps.run(cfg)
     (path,) = tmp_path.glob("*.npz")
     assert str(path) in report and path.stat().st_size < 64 * 1024
@@ -69,7 +69,7 @@ def test_record_matches_the_engine(tiny_dir: Path, tmp_path: Path) -> None:
     # The recorded maps are the engine's own record of the unmodified model (stored as float16).
     model, processor = load_model(tiny_dir)
     sample = load_dataset(TEST_SET)[0]
-    inputs = processor(images=[Image.open(sample.image_path).convert("RGB")], text=prompts([sample]),
+    inputs = processor(images=[Image.open(sample.image_path).convert("RGB")], text=prompts(processor, [sample]),
                        return_tensors="pt")
     with torch.no_grad(), apply_schedule(model, DropSchedule.vanilla(), record_attention=[0, 3]) as trace:
         model(**inputs)
@@ -82,4 +82,4 @@ def test_refuses_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="query="):
         maps.run(maps.MapsConfig(query="first", out=str(tmp_path)))
     with pytest.raises(ValueError, match="lam"):
-        maps.run(maps.MapsConfig(lam=2.0, out=str(tmp_path)))
+        maps.run(maps.MapsConfig(method=PDropSpec(lam=2.0), out=str(tmp_path)))

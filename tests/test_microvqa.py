@@ -19,8 +19,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from redundancy import microvqa as mv
 from redundancy.data import load_dataset, normalize_answer
+from redundancy.micro import microvqa as mv
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SET = ROOT / "redundancy" / "assets" / "microvqa" / "test"
@@ -166,7 +166,7 @@ def test_splits_never_share_images() -> None:
 def test_every_scene_hashes_into_its_split() -> None:
     for split in mv.SPLITS:
         for ex in take(CFG, split, 20):
-            assert mv.scene_bucket(ex.objects, CFG.image_size) in mv._BUCKETS[split]
+            assert mv.scene_bucket(ex.objects, CFG.image_size) in mv.BUCKETS[split]
     with pytest.raises(ValueError, match="split"):
         next(mv.generate(CFG, "dev"))
 
@@ -360,7 +360,7 @@ def test_committed_test_set_regenerates(committed: list) -> None:
 
 
 def _compose(overrides: list[str]) -> mv.MicroVQAConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "redundancy" / "conf" / "microvqa"), version_base=None):
         typed = OmegaConf.to_object(compose(config_name="microvqa", overrides=overrides))
     assert isinstance(typed, mv.MicroVQAConfig)
     return typed

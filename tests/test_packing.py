@@ -10,11 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from redundancy.micro import MicroConfig, build_micro
-from redundancy.microvqa import questions
-from redundancy.packing import (EXTRA_EXCLUDED, SHAPE_MARGIN, SIDE, SIDE_MARGIN, collate_packed, extra_questions, packed_loss,
-                                shape_questions, side_questions)
-from redundancy.train import Stage, TrainConfig, check_config, draw, run, step_loss, suffix_length, vocabulary
+from redundancy.micro.microvqa import questions
+from redundancy.micro.model import MicroConfig, build_micro
+from redundancy.micro.packing import (
+    EXTRA_EXCLUDED,
+    SHAPE_MARGIN,
+    SIDE,
+    SIDE_MARGIN,
+    collate_packed,
+    extra_questions,
+    packed_loss,
+    shape_questions,
+    side_questions,
+)
+from redundancy.micro.train import Stage, TrainConfig, check_config, draw, run, step_loss, suffix_length, vocabulary
 
 SHAPE = MicroConfig(layers=3, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
                     vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)

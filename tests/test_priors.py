@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from redundancy import priors
-from redundancy.checkpoints import load_model
 from redundancy.engine import apply_schedule
+from redundancy.loading import load_model
 from redundancy.priors import Prior, calibrate, load_prior, prior_key, save_prior
 from redundancy.results import checkpoint_fingerprint
 from redundancy.schedule import DropSchedule
@@ -71,14 +71,20 @@ def test_made_on_first_use_then_cached(tmp_path: Path, cache: Path, monkeypatch:
 
 
 def test_calibration_images_are_not_test_questions() -> None:
-    """The calibration examples come from the val split: none is a committed test image."""
-    from redundancy.checkpoints import TEST_SET
+    """The calibration examples are the shipped calibration set, the benchmark's val split as its
+    generator makes it: none is a committed test image, and the files are what the generator writes."""
     from redundancy.data import load_dataset
-    from redundancy.microvqa import png_bytes
+    from redundancy.loading import TEST_SET
+    from redundancy.micro.microvqa import config_from_meta, generate, png_bytes
 
-    examples = priors.calibration_examples(8)
+    examples = priors.calibration_examples(64)
     test = {s.image_path.read_bytes() for s in load_dataset(TEST_SET)}
-    assert len(examples) == 8 and not any(png_bytes(ex.image) in test for ex in examples)
+    assert len(examples) == 64 and not any(ex.image_path.read_bytes() in test for ex in examples)
+    gen, _, _ = config_from_meta(TEST_SET)
+    made = [png_bytes(ex.image) for ex, _ in zip(generate(gen, "val"), range(8))]
+    assert [ex.image_path.read_bytes() for ex in examples[:8]] == made
+    with pytest.raises(ValueError, match="holds 64"):
+        priors.calibration_examples(65)
 
 
 def test_a_given_file_wins(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,11 +22,11 @@ from redundancy.schedule import RANKERS, DropSchedule, kept_count
 try:
     from tests.reference import (
         SINK_RATIO,
-        _attention_row,
-        _layer_forward,
-        _qkv,
+        attention_row,
+        layer_forward,
         make_sample,
         merged_inputs_embeds,
+        qkv,
         reference_run,
         tiny_model,
     )
@@ -38,11 +38,11 @@ try:
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     from reference import (
         SINK_RATIO,
-        _attention_row,
-        _layer_forward,
-        _qkv,
+        attention_row,
+        layer_forward,
         make_sample,
         merged_inputs_embeds,
+        qkv,
         reference_run,
         tiny_model,
     )
@@ -298,7 +298,7 @@ def _staged_reference(model, embeds, ids, schedule, rope, choose):
     for s in range(len(starts) - 1):
         cos, sin = rope(cur, s)
         for li in range(starts[s], starts[s + 1]):
-            hidden, q, k = _layer_forward(layers[li], hidden, cos, sin)
+            hidden, q, k = layer_forward(layers[li], hidden, cos, sin)
         if s == len(schedule.boundaries):
             break
         slot = {ordinal[p]: i for i, p in enumerate(cur) if p in ordinal}
@@ -440,7 +440,7 @@ def test_pool_windows_stay_in_their_grid() -> None:
 def test_pool_cached_generation_equals_recomputation(positions: str) -> None:
     """The pooled states enter each stage's cache: decoding with it equals the pooled prefill
     of the prompt and the tokens generated so far (``pool``'s choice ignores the text)."""
-    from tests.conftest import engine_generate
+    from tests.helpers import engine_generate
 
     model = tiny_model("llava", "llama", "sdpa")
     ids, pv, _ = make_sample(model, seed=59, n_images=2)
@@ -486,9 +486,9 @@ def _reference_prior(model, cases, layers) -> dict[int, torch.Tensor]:
         cos, sin = rope(list(range(len(ids))), 0)
         hidden = embeds
         for li, layer in enumerate(model.model.language_model.layers):
-            hidden, q, k = _layer_forward(layer, hidden, cos, sin)
+            hidden, q, k = layer_forward(layer, hidden, cos, sin)
             if li in sums:
-                sums[li] = sums[li] + _attention_row(q, k, len(ids) - 1, layer.self_attn.scaling)[image]
+                sums[li] = sums[li] + attention_row(q, k, len(ids) - 1, layer.self_attn.scaling)[image]
     return {layer: total / len(cases) for layer, total in sums.items()}
 
 
@@ -504,8 +504,8 @@ def _debias_reference(model, case, schedule, prior):
         boundary = schedule.boundaries[s]
         layer = boundary - 1 if schedule.rank_layer == "stage_last" else boundary
         if schedule.rank_layer == "next":
-            q, k, _ = _qkv(layers[boundary], hidden, cos, sin)
-        att = _attention_row(q, k, len(cur) - 1, layers[layer].self_attn.scaling)
+            q, k, _ = qkv(layers[boundary], hidden, cos, sin)
+        att = attention_row(q, k, len(cur) - 1, layers[layer].self_attn.scaling)
         score = {j: float(att[i]) / max(float(prior[layer][j]), 1e-12) for j, i in slot.items()}
         keep = sorted(score, key=lambda j: (-score[j], j))[: kept_count(n, schedule.ratios[s])]
         return keep, hidden, score
@@ -598,9 +598,9 @@ def test_ranking_flops_by_hand() -> None:
 def test_shared_grid_equals_separate_runs(tmp_path, monkeypatch) -> None:
     """The sweep's shared-prefix runner (replayed first stage, images encoded once) gives every
     new ranker what separate runs give (``debias`` calibrating its prior on first use)."""
-    from redundancy.checkpoints import TEST_SET, load_model
     from redundancy.data import load_dataset
     from redundancy.grid import run_grid
+    from redundancy.loading import TEST_SET, load_model
 
     try:
         from tests.test_grid import save_tiny_micro

@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from redundancy.checkpoints import TEST_SET
 from redundancy.data import QUESTIONS_FILE
+from redundancy.loading import TEST_SET
 from redundancy.plots import spatial as plots
 from redundancy.results import fingerprint
 from redundancy.stats import accuracy

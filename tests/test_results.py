@@ -6,8 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 from redundancy.results import (
     ResultStore,
     checkpoint_fingerprint,

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from redundancy.checkpoints import SHIPPED, TEST_SET, load_model
 from redundancy.data import load_dataset, score
 from redundancy.evaluate import predict
+from redundancy.loading import SHIPPED, TEST_SET, load_model
 
 NAMES = ["micro-llava-vanilla", "micro-llava-pdrop"]
 
@@ -40,7 +40,7 @@ def test_shipped_checkpoint_answers_held_out_questions(name: str, monkeypatch: p
 
 
 def test_card_says_what_the_run_trained_and_when_it_misses_the_target() -> None:
-    from redundancy.checkpoints import card_markdown
+    from redundancy.micro.export import card_markdown
 
     card = {"name": "m", "command": "c", "seed": 0, "package_version": "0", "git_revision": "abc",
             "weights": "w", "size_bytes": 2**20, "final_loss": {"final": 0.5}, "train_device": "cpu",
@@ -66,7 +66,7 @@ def test_card_says_what_the_run_trained_and_when_it_misses_the_target() -> None:
 
 
 def test_card_carries_the_layer_health_and_names_inert_layers() -> None:
-    from redundancy.checkpoints import card_markdown
+    from redundancy.micro.export import card_markdown
 
     rows = [{"layer": i, "update": 0.5, "kl": kl, "changed": ch, "entropy": 0.9}
             for i, (kl, ch) in enumerate([(2.0, 0.5), (1e-5, 0.0), (0.01, 0.0), (1e-5, 0.01)])]

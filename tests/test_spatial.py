@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from redundancy import spatial, sweep
-from redundancy.checkpoints import TEST_SET, load_model
 from redundancy.data import load_dataset
 from redundancy.engine import apply_schedule
 from redundancy.grid import encode
+from redundancy.loading import TEST_SET, load_model
 from redundancy.ranking import sink_mask
 from redundancy.results import load_results, load_samples
 from redundancy.schedule import DropSchedule
@@ -122,7 +122,7 @@ def test_bottom_share_and_summaries() -> None:
 
 
 def test_layouts_of_each_family() -> None:
-    from tests.conftest import make_batch, n_image_tokens, tiny_model
+    from tests.helpers import make_batch, n_image_tokens, tiny_model
 
     llava = tiny_model("llava")
     n = n_image_tokens(llava)

@@ -8,7 +8,7 @@ import torch
 from redundancy.engine import apply_schedule
 from redundancy.schedule import DropSchedule
 from redundancy.staged import fastv_eager_plan, ideal_plan, staged
-from tests.conftest import make_batch, tiny_model
+from tests.helpers import make_batch, tiny_model
 
 
 def _greedy(model, inputs, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -16,31 +16,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from redundancy import sweep
-from redundancy.checkpoints import load_model
 from redundancy.evaluate import predict
+from redundancy.loading import load_model
 from redundancy.results import ResultStore, load_results, load_samples
 from redundancy.schedule import DropSchedule
-from tests.test_grid import save_tiny_micro
+from tests.helpers import ROOT, tiny
+from tests.helpers import sweep_config as config
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf" / "sweep"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_micro(tmp_path_factory.mktemp("tiny-micro"))
-
-
-def config(*overrides: str) -> sweep.SweepConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="sweep", overrides=list(overrides))
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-
-
-def tiny(tiny_dir: Path, out: Path, *overrides: str) -> sweep.SweepConfig:
-    """A sweep on the tiny model over 6 shipped test questions, no timing, no progress bars."""
-    return config(f"model.path={tiny_dir}", "model.num_layers=null", "data.limit=6", "batch_size=4",
-                  f"out={out}", "timing.repeats=0", "progress=false", *overrides)
+CONF = ROOT / "redundancy" / "conf" / "sweep"
 
 
 @pytest.fixture
@@ -57,9 +40,9 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["ratio=1.5"], "ratio=1.5 is outside the allowed range [0, 1]"),
         (["ratio=[0.1,-0.5]"], "ratio=-0.5 is outside the allowed range [0, 1]"),
-        (["layer=40"], "layer=40 is outside the allowed range [1, 31] for a model with 32 layers"),
-        (["layer=0"], "layer=0 is outside the allowed range [1, 31]"),
-        (["method=fastv", "method.K=32"], "K=32 is outside the allowed range [1, 31]"),
+        (["layer=40"], "layer=40: boundary 40 is outside the allowed range [1, 31] for a model with 32 layers"),
+        (["layer=0"], "layer=0: boundary 0 is outside the allowed range [1, 31]"),
+        (["method=fastv", "method.K=32"], "K=32: boundary 32 is outside the allowed range [1, 31]"),
         (["method=pdrop", "method.lam=2"], "lam=2.0 is outside the allowed range [0, 1]"),
         (["method.ranker=attention"], "ranker='attention' is unknown; choose one of"),
         (["method=fastv", "layer=8"], "layer= and ratio= are shorthands for method=drop"),
@@ -78,7 +61,7 @@ def test_invalid_override_fails_before_anything_loads(
 
 
 def test_layer_checked_against_the_models_own_depth(tiny_dir: Path, tmp_path: Path, no_model_load: None) -> None:
-    with pytest.raises(ValueError, match=r"layer=6 is outside the allowed range \[1, 5\] for a model with 6 layers"):
+    with pytest.raises(ValueError, match=r"layer=6: boundary 6 is outside the allowed range \[1, 5\] for a model with 6 layers"):
         sweep.run(tiny(tiny_dir, tmp_path, "layer=[2,6]"))
     with pytest.raises(ValueError, match="model.num_layers=32 but .* has 6 layers"):
         sweep.run(tiny(tiny_dir, tmp_path, "model.num_layers=32"))
@@ -349,8 +332,11 @@ def test_submitit_multirun_writes_rows_and_rerun_skips(tiny_dir: Path, tmp_path:
 
 
 def test_sweep_groups_do_not_shadow_other_entry_points() -> None:
-    """A `model`, `method` or `data` config group beside flops.yaml / train.yaml would turn their
-    `model=` / `method=` keys into group overrides; the sweep's groups live in conf/sweep/."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        assert compose(config_name="flops", overrides=["model=llava-next-7b", "method=fastv"]).model == "llava-next-7b"
-        assert compose(config_name="train", overrides=["method=pdrop"]).method == "pdrop"
+    """A `model` or `data` config group beside flops.yaml would turn its `model=` key into a group
+    override; each command's configs live in its own folder (redundancy/conf/<command>/). `method` is
+    the one group every command shares (redundancy.schedule.MethodSpec)."""
+    with initialize_config_dir(config_dir=str(CONF.parent / "flops"), version_base=None):
+        cfg = compose(config_name="flops", overrides=["model=llava-next-7b", "method=fastv"])
+        assert cfg.model == "llava-next-7b" and cfg.method.name == "fastv"
+    with initialize_config_dir(config_dir=str(CONF.parent / "train"), version_base=None):
+        assert compose(config_name="train", overrides=["method=pdrop"]).method.name == "pdrop"

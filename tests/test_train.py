@@ -10,9 +10,12 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from redundancy.micro import MicroConfig, build_micro, build_model, grow, grow_sources, shrink
-from redundancy.microvqa import PATCH_TARGETS
-from redundancy.train import (
+from redundancy.cli import CONF as CONF_ROOT
+from redundancy.loading import SHIPPED
+from redundancy.micro.export import trained_method
+from redundancy.micro.microvqa import PATCH_TARGETS
+from redundancy.micro.model import MicroConfig, build_micro, build_model, grow, grow_sources, shrink
+from redundancy.micro.train import (
     PatchHead,
     Stage,
     TrainConfig,
@@ -26,6 +29,7 @@ from redundancy.train import (
     vision_loss,
     vocabulary,
 )
+from redundancy.schedule import DropSchedule, FastVSpec, MethodSpec, PDropSpec
 
 SHAPE = MicroConfig(layers=4, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
                    vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)
@@ -137,35 +141,59 @@ def test_aux_loss_adds_the_patch_targets_of_the_same_images() -> None:
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_ROOT / "train"  # the shipped recipe (train.yaml) and the configs it builds on
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "conf"  # past probes
 
 
 def _compose(*names: str) -> list[TrainConfig]:
-    """The training configs ``conf/<name>.yaml``, composed as ``python -m redundancy.train
-    --config-name <name>`` does."""
+    """The training configs ``redundancy/conf/train/<name>.yaml`` (or a past probe's
+    ``experiments/conf/<name>.yaml``), composed as ``python -m redundancy.micro.train --config-name <name>``
+    (with ``--config-dir experiments/conf`` for a probe) does."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    out = []
+    for name in names:
+        probe = not (CONF / f"{name}.yaml").exists()
+        overrides = [f"hydra.searchpath=[file://{CONF}]"] if probe else []
+        with initialize_config_dir(config_dir=str(EXPERIMENTS if probe else CONF), version_base=None):
+            out.append(OmegaConf.to_object(compose(config_name=name, overrides=overrides)))
+    return out
+
+
+def test_default_training_config_is_the_shipped_recipe() -> None:
+    """``python -m redundancy.micro.train`` with no --config-name trains the shipped checkpoints' recipe:
+    their cards' stages, auxiliary loss and (``method=pdrop``) PyramidDrop schedule (issue 31)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return [OmegaConf.to_object(compose(config_name=name)) for name in names]
+        default, twin = (OmegaConf.to_object(compose(config_name="train", overrides=o)) for o in ([], ["method=pdrop"]))
+    assert default.method == MethodSpec(positions="keep") and twin.method == PDropSpec(positions="keep")
+    for name, cfg in (("micro-llava-vanilla", default), ("micro-llava-pdrop", twin)):
+        shipped = json.loads((SHIPPED / name / "card.json").read_text())["train_config"]
+        assert [s.name for s in cfg.stages] == [s["name"] for s in shipped["stages"]], name
+        assert cfg.aux_weight == shipped["aux_weight"] > 0 and cfg.aux_targets == shipped["aux_targets"]
+        # the cards predate the method group: the schedule their keys name
+        assert DropSchedule.from_spec(cfg.method) == DropSchedule.from_spec(trained_method(shipped)), name
 
 
 def test_binding_curriculum_config() -> None:
-    """conf/train_bind.yaml: train.yaml's settings, bare-prompt stages before LLaVA-prompt ones,
+    """conf/train/bind.yaml: base.yaml's settings, bare-prompt stages before LLaVA-prompt ones,
     and the last stage (the one that differs between the variants) on the LLaVA prompt."""
-    base, bind = _compose("train", "train_bind")
-    assert isinstance(bind, TrainConfig) and bind.model == base.model and bind.lam == base.lam
+    base, bind = _compose("base", "bind")
+    assert isinstance(bind, TrainConfig) and bind.model == base.model and bind.method == base.method
     prompts = [s.prompt for s in bind.stages if s.kind == "vqa"]
     assert prompts[0] == "bare" and prompts[-1] == "llava" and bind.stages[-1].drop
     assert all(s.prompt == "llava" for s in base.stages)
 
 
 def test_spatial_curriculum_config() -> None:
-    """conf/train_spatial.yaml: train_bind's model and variants; the object-centre targets are
+    """conf/train/spatial.yaml: bind.yaml's model and variants; the object-centre targets are
     learnt before any question, the side questions come before the relations they lead to, and
     both before the reading stages (which must not be what the spatial chain overwrites last)."""
-    bind, spatial = _compose("train_bind", "train_spatial")
-    assert isinstance(spatial, TrainConfig) and spatial.model == bind.model and spatial.lam == bind.lam
+    bind, spatial = _compose("bind", "spatial")
+    assert isinstance(spatial, TrainConfig) and spatial.model == bind.model and spatial.method == bind.method
     names = [s.name for s in spatial.stages]
     first_vqa = next(i for i, s in enumerate(spatial.stages) if s.kind == "vqa")
     assert any({"x", "y"} <= set(s.targets) for s in spatial.stages[:first_vqa])
@@ -177,15 +205,15 @@ def test_spatial_curriculum_config() -> None:
 
 
 def test_aux_curriculum_config() -> None:
-    """conf/train_aux.yaml: train_spatial's model, variants and vision stages, plus the auxiliary
+    """conf/train/train.yaml (the shipped recipe): spatial.yaml's model, variants and vision stages, plus the auxiliary
     loss; the reading stage and the first every-family stages after the spatial chain replay the
     relations that reading would otherwise overwrite; the last stage is still the one the
     variants differ in."""
-    spatial, aux = _compose("train_spatial", "train_aux")
-    assert aux.model == spatial.model and aux.lam == spatial.lam and aux.pdrop_layers == spatial.pdrop_layers
+    spatial, aux = _compose("spatial", "train")
+    assert aux.model == spatial.model and aux.method.name == spatial.method.name == "vanilla"
     assert aux.aux_weight > 0 and spatial.aux_weight == 0
     # the PyramidDrop variant trains with original position ids; the older recipes as they ran
-    assert aux.pdrop_positions == "keep" and spatial.pdrop_positions is None
+    assert aux.method.positions == "keep" and spatial.method.positions is None
     stages = {s.name: s for s in aux.stages}
     for name in ("read", "all", "all2"):  # reading overwrote the relations here (session 13)
         stage = stages[name]
@@ -202,11 +230,12 @@ def test_aux_curriculum_config() -> None:
 
 
 def test_every_training_config_composes() -> None:
-    """Every conf/train*.yaml (the recipe and the recorded experiments) is a valid TrainConfig."""
-    from redundancy.train import check_config
+    """Every training config (the recipe in redundancy/conf/train/, the past probes in experiments/conf/)
+    is a valid TrainConfig."""
+    from redundancy.micro.train import check_config
 
-    names = sorted(p.stem for p in CONF.glob("train*.yaml"))
-    assert {"train", "train_bind", "train_spatial", "train_position", "train_relation"} <= set(names)
+    names = sorted(p.stem for p in [*CONF.glob("*.yaml"), *EXPERIMENTS.glob("train*.yaml")])
+    assert {"base", "bind", "spatial", "train", "train_position", "train_relation", "train_targets"} <= set(names)
     for name, cfg in zip(names, _compose(*names)):
         assert isinstance(cfg, TrainConfig) and cfg.stages, name
         assert all(stage.kind in ("vqa", "vision") for stage in cfg.stages), name
@@ -292,7 +321,8 @@ def test_unknown_growth_fails_before_training(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["vanilla", "pdrop"])
 def test_tiny_training_lowers_the_loss_and_resumes(tmp_path: Path, method: str) -> None:
-    cfg = TrainConfig(method=method, out=str(tmp_path / method), model=SHAPE, pdrop_layers=[1, 2, 3], lam=0.5,
+    spec = PDropSpec(layers=[1, 2, 3], lam=0.5) if method == "pdrop" else MethodSpec()
+    cfg = TrainConfig(method=spec, out=str(tmp_path / method), model=SHAPE,
                       stages=[Stage(name="s", steps=40, layers=4, lr=3e-3, warmup=5, batch_size=16, drop=True, **EASY)],
                       eval_every=20, eval_size=32, save_every=10)
     summary = run(cfg)
@@ -359,7 +389,7 @@ def test_a_stage_with_its_own_auxiliary_targets_gets_its_own_head(tmp_path: Path
 def test_a_stage_shortened_on_resume_keeps_its_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash after the step-10 save; resumed with the stage cut to 10 steps, the stage ends at
     once and still records its final loss (the running mean saved with the checkpoint)."""
-    import redundancy.train as train
+    import redundancy.micro.train as train
 
     calls = {"n": 0}
     real = train.step_loss
@@ -398,9 +428,9 @@ def test_pdrop_training_is_cheaper_per_step(tmp_path: Path) -> None:
 def test_pdrop_training_uses_the_configured_position_policy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, positions: str | None
 ) -> None:
-    """``pdrop_positions`` reaches the schedule the drop stages train under (default: the
+    """``method.positions`` reaches the schedule the drop stages train under (default: the
     official code's ``compact``); the run's config.json records it."""
-    import redundancy.train as train
+    import redundancy.micro.train as train
 
     seen = []
     real = train.apply_schedule
@@ -411,26 +441,26 @@ def test_pdrop_training_uses_the_configured_position_policy(
 
     monkeypatch.setattr(train, "apply_schedule", spy)
     stage = Stage(name="s", steps=1, layers=4, lr=1e-3, warmup=1, batch_size=2, drop=True, **EASY)
-    run(TrainConfig(method="pdrop", out=str(tmp_path), model=SHAPE, pdrop_layers=[1, 2, 3], stages=[stage],
-                    eval_every=100, eval_size=4, pdrop_positions=positions))
+    run(TrainConfig(method=PDropSpec(layers=[1, 2, 3], positions=positions), out=str(tmp_path), model=SHAPE,
+                    stages=[stage], eval_every=100, eval_size=4))
     assert [s.positions for s in seen] == [positions or "compact"]
-    assert json.loads((tmp_path / "config.json").read_text())["pdrop_positions"] == positions
+    assert json.loads((tmp_path / "config.json").read_text())["method"]["positions"] == positions
 
 
 def test_unknown_pdrop_position_policy_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="positions='shifted'"):
-        run(TrainConfig(method="pdrop", out=str(tmp_path), model=SHAPE, pdrop_positions="shifted",
+        run(TrainConfig(method=PDropSpec(layers=[1, 2, 3], positions="shifted"), out=str(tmp_path), model=SHAPE,
                         stages=[Stage(layers=4, drop=True, **EASY)]))
     assert not (tmp_path / "log.jsonl").exists()
 
 
 def test_unknown_method_fails(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="method='fastv'"):
-        run(TrainConfig(method="fastv", out=str(tmp_path), stages=[Stage()]))
+    with pytest.raises(ValueError, match="method='fastv' does not train"):
+        run(TrainConfig(method=FastVSpec(), out=str(tmp_path), stages=[Stage()]))
 
 
 def test_vision_pretraining_stage_learns_colour(tmp_path: Path) -> None:
-    from redundancy.microvqa import patch_targets
+    from redundancy.micro.microvqa import patch_targets
 
     examples = draw(Stage(**EASY), SHAPE, 0, 0, 2)
     targets = patch_targets(examples[0].objects, SHAPE.image_size, SHAPE.patch)
@@ -459,7 +489,7 @@ def test_unknown_stage_kind_fails(tmp_path: Path) -> None:
 
 
 def test_sparse_weight_adds_the_loss_on_glyph_and_centre_patches() -> None:
-    from redundancy.train import PatchHead, vision_batch, vision_loss
+    from redundancy.micro.train import PatchHead, vision_batch, vision_loss
 
     model, processor = build_micro(_micro(2), vocabulary(SHAPE))
     stage = Stage(**{**EASY, "families": {"color": 0.0, "count": 0.0, "reading": 1.0, "spatial": 0.0}})
@@ -482,7 +512,7 @@ def test_sparse_weight_adds_the_loss_on_glyph_and_centre_patches() -> None:
 
 
 def test_position_weight_scales_the_squared_error_of_object_centres() -> None:
-    from redundancy.train import PatchHead, patch_accuracy, vision_batch, vision_loss
+    from redundancy.micro.train import PatchHead, patch_accuracy, vision_batch, vision_loss
 
     model, processor = build_micro(_micro(2), vocabulary(SHAPE))
     batch = vision_batch(processor, draw(Stage(**EASY), SHAPE, 0, 0, 8), SHAPE, ["color", "x", "y"])

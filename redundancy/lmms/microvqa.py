@@ -15,8 +15,8 @@ from typing import Any
 
 from PIL import Image
 
-from redundancy.checkpoints import TEST_SET
 from redundancy.data import exact_match
+from redundancy.loading import TEST_SET
 
 DATA_DIR = TEST_SET  # the yaml's data_files names this directory's questions.jsonl
 

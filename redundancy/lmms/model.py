@@ -7,7 +7,7 @@ Model arguments (``--model_args key=value,...``):
 
 * ``pretrained``: a local HF directory (``LlavaForConditionalGeneration`` or
   ``LlavaNextForConditionalGeneration``) or a shipped checkpoint name, loaded offline by
-  :func:`redundancy.checkpoints.load_model`.
+  :func:`redundancy.loading.load_model`.
 * ``method``: ``vanilla`` (default), ``drop`` (``layer``, ``ratio``), ``fastv`` (``K``, ``R``) or
   ``pdrop`` (``layers``, ``lam`` or ``ratios``; lists written ``layers=[8,16,24]``), with the
   options ``ranker``, ``rank_layer``, ``positions``, ``seed``. What is left out keeps the
@@ -18,8 +18,8 @@ Model arguments (``--model_args key=value,...``):
 
 Answers are greedy whatever the task asks for (the study's decoding); ``max_new_tokens``
 and the stop strings ``until`` come from the task. The prompt is one user turn in the
-checkpoint's chat template (the image placeholders, then the task's text), LLaVA-1.5's
-when the processor has none. The schedule's
+checkpoint's chat template (the image placeholders, then the task's text), its family's
+default when the processor has none (:mod:`redundancy.prompts`). The schedule's
 :meth:`~redundancy.schedule.DropSchedule.record` is logged when the model is built;
 lmms-eval keeps the ``model_args`` string in its results (``config.model_args``) and
 offers no hook for more.
@@ -33,8 +33,8 @@ missing or broken checkpoint), exit code 1 after the traceback when a request fa
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import inspect
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -49,23 +49,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from redundancy.checkpoints import load_model, resolve, resolve_device
 from redundancy.engine import apply_schedule
 from redundancy.evaluate import batches, greedy_answers
 from redundancy.lmms import MODEL_NAME
-from redundancy.micro import CHAT_TEMPLATE
-from redundancy.schedule import DropSchedule
+from redundancy.loading import load_model, resolve, resolve_device, resolve_dtype
+from redundancy.prompts import render
+from redundancy.schedule import METHOD_SPECS, DropSchedule
 from redundancy.validate import check_device, check_weights
 
 IMAGE = "<image>"
-BUILDERS: dict[str, Callable[..., DropSchedule]] = {
-    "vanilla": DropSchedule.vanilla,
-    "drop": DropSchedule.drop,
-    "fastv": DropSchedule.fastv,
-    "pdrop": DropSchedule.pdrop,
-}
-OPTIONS = ("ranker", "rank_layer", "positions", "seed")
-DTYPES = ("float32", "bfloat16", "float16")
 USAGE, FAILED = 2, 1  # exit codes: bad model arguments or checkpoint | a request failed
 
 
@@ -95,18 +87,20 @@ def _request_error(err: Exception, what: str) -> PluginError:
 
 
 def schedule_from_args(method: str = "vanilla", **args: Any) -> DropSchedule:
-    """The schedule that lmms-eval model arguments name: ``method``, its builder's own
-    parameters and the ranking options; lists may arrive as strings (``"[8,16,24]"``)."""
-    if method not in BUILDERS:
-        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(BUILDERS)}")
-    builder = BUILDERS[method]
-    params = [p for p in inspect.signature(builder).parameters if p != "opts"]
-    unknown = sorted(set(args) - set(params) - set(OPTIONS))
+    """The schedule that lmms-eval model arguments name: ``method`` and the fields of its
+    :class:`~redundancy.schedule.MethodSpec` (``lam=0.5``: the plugin's arguments are flat, lmms-eval's
+    ``key=value`` list); lists may arrive as strings (``"[8,16,24]"``)."""
+    if method not in METHOD_SPECS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {sorted(METHOD_SPECS)}")
+    spec = METHOD_SPECS[method]
+    params = [f.name for f in dataclasses.fields(spec) if f.name != "name"]
+    unknown = sorted(set(args) - set(params))
     if unknown:
-        close = [c for u in unknown for c in difflib.get_close_matches(u, [*params, *OPTIONS], n=1)]
+        close = [c for u in unknown for c in difflib.get_close_matches(u, params, n=1)]
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"method={method} takes {params + list(OPTIONS)}; unknown argument(s) {unknown}{hint}")
-    return builder(**{k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in args.items()})
+        raise ValueError(f"method={method} takes {params}; unknown argument(s) {unknown}{hint}")
+    values = {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in args.items()}
+    return DropSchedule.from_spec(spec(**values))
 
 
 def cut(text: str, until: Sequence[str]) -> str:
@@ -144,9 +138,7 @@ class RedundancyLlava(lmms):
         self.schedule = schedule_from_args(method, **method_args)
         device = device or str(resolve_device("auto"))
         check_device(device)
-        dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+        torch_dtype = resolve_dtype(dtype or "auto", device)
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r}: give a number >= 1 (no automatic batch size)")
         self.batch_size_per_gpu = int(batch_size)
@@ -155,11 +147,9 @@ class RedundancyLlava(lmms):
         config = AutoConfig.from_pretrained(path)  # the depth, before any weights load
         self.schedule.validate_for(config.get_text_config().num_hidden_layers)
         self.model, self.processor = load_model(
-            path, dtype=getattr(torch, dtype), device=device, attn_implementation=attn_implementation
+            path, dtype=torch_dtype, device=device, attn_implementation=attn_implementation
         )
         self.processor.tokenizer.padding_side = "left"  # batched generation
-        if self.processor.chat_template is None:
-            self.processor.chat_template = CHAT_TEMPLATE  # LLaVA-1.5's conversation format
         self._warned_sampling = False
         logger.info(f"redundancy schedule: {json.dumps(self.schedule.record())}")
 
@@ -180,8 +170,7 @@ class RedundancyLlava(lmms):
                     content.append({"type": "text", "text": piece.strip()})
         else:
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return render(self.processor, content)  # its chat template, else its family's default
 
     def _images(self, doc_to_visual: Callable, doc_id: int, task: str, split: str) -> list[Image.Image]:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []

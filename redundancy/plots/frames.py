@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from redundancy.schedule import DropSchedule
+from redundancy.schedule import METHOD_SPECS, DropSchedule
 from redundancy.stats import confidence_interval
 
 OVERALL = "overall"
@@ -39,11 +39,11 @@ def note_missing(message: str) -> None:
 
 
 def official_options(method: str) -> dict[str, str]:
-    """The method's own choice of ranking layer and position policy (:class:`DropSchedule` builders)."""
-    builders = {"drop": lambda: DropSchedule.drop(1, 1.0), "fastv": DropSchedule.fastv, "pdrop": DropSchedule.pdrop}
-    if method not in builders:
-        raise ValueError(f"method={method!r} has no ranking options; choose one of {list(builders)}")
-    s = builders[method]()
+    """The method's own choice of ranking layer and position policy (its default spec's schedule)."""
+    ranked = [m for m in METHOD_SPECS if m != "vanilla"]
+    if method not in ranked:
+        raise ValueError(f"method={method!r} has no ranking options; choose one of {ranked}")
+    s = DropSchedule.from_spec(METHOD_SPECS[method]())
     return {"rank_layer": s.rank_layer, "positions": s.positions}
 
 

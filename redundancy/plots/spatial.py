@@ -1,6 +1,6 @@
 """The rankers study's figures: where each ranker's kept image tokens lie (heatmaps over the image grid,
 from the rows' ``spatial`` counts, :mod:`redundancy.spatial`) and its accuracy at equal FLOPs; and the
-accuracy of a point split by where its questions' evidence lies (:func:`redundancy.microvqa.evidence_position`).
+accuracy of a point split by where its questions' evidence lies (:func:`redundancy.data.evidence_position`).
 
     rows, samples = load_results("results/sweep"), load_samples("results/sweep")
     kept_heatmap_figure(rows, model="micro-llava-vanilla", layer=2, ratio=0.1)
@@ -31,9 +31,8 @@ RANKERS = ("last", "instruction", "mean", "norope", "debias", "nosink", "nosink_
 def test_set_positions(rows: pd.DataFrame) -> dict[str, str] | None:
     """Question id -> evidence position of the shipped microvqa test set, when ``rows`` were evaluated on
     it (their ``data_id`` is its fingerprint); None otherwise (another benchmark has no boxes)."""
-    from redundancy.checkpoints import TEST_SET
-    from redundancy.data import QUESTIONS_FILE
-    from redundancy.microvqa import evidence_positions
+    from redundancy.data import QUESTIONS_FILE, evidence_positions
+    from redundancy.loading import TEST_SET
     from redundancy.results import fingerprint
 
     if rows.empty or "data_id" not in rows or fingerprint([TEST_SET / QUESTIONS_FILE]) not in set(rows["data_id"]):

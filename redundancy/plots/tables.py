@@ -156,7 +156,7 @@ def load_card(name_or_dir: str | Path) -> dict[str, Any]:
     """``card.json`` of a checkpoint directory, or of a shipped checkpoint by name."""
     path = Path(name_or_dir) / "card.json"
     if not path.is_file():
-        from redundancy.checkpoints import SHIPPED  # late: it imports torch, which nothing else here needs
+        from redundancy.loading import SHIPPED  # late: it imports torch, which nothing else here needs
 
         path = SHIPPED / str(name_or_dir) / "card.json"
     if not path.is_file():
