@@ -62,7 +62,7 @@ import shutil
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,7 @@ SUBTYPES = {"color": ("color",), "reading": ("reading",), "spatial": ("relation"
             "count": ("count_shape", "count_all")}  # fmt: skip
 ALL_SUBTYPES = tuple(t for ts in SUBTYPES.values() for t in ts)
 SPLITS = ("train", "val", "test")
-BUCKETS = {"train": range(0, 18), "val": range(18, 19), "test": range(19, 20)}  # of 20 hash buckets
+BUCKETS = {"train": range(18), "val": range(18, 19), "test": range(19, 20)}  # of 20 hash buckets
 
 # 5x7 bitmap font. Left out: A (an article: the normaliser deletes it), and the letters a
 # 5x7 glyph confuses with a digit or each other (B/8, G/6, I/1, O/0, Q, S/5, Z/2, J, V, W).
@@ -246,7 +246,7 @@ class Obj:
         return {"shape": self.shape, "color": self.color, "glyph": self.glyph, "box": [self.x, self.y, self.size]}
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_mask(shape: str, size: int) -> np.ndarray:
     """Boolean ``[size, size]`` mask of a shape filling its box, sampled at pixel centres."""
     v, u = (np.mgrid[0:size, 0:size] + 0.5) / size - 0.5  # [size, size] each, in (-0.5, 0.5)
@@ -262,7 +262,7 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     return mask
 
 
-@lru_cache(maxsize=None)
+@cache
 def glyph_bitmap(glyph: str) -> np.ndarray:
     """Boolean ``[14, 10]`` bitmap of a glyph (the 5x7 font at 2x)."""
     rows = np.array([[c == "1" for c in row] for row in _FONT[glyph].split()])  # [7, 5]
@@ -277,7 +277,7 @@ def _glyph_origin(shape: str, size: int) -> tuple[int, int]:
     return int(np.floor(cy - GLYPH_H / 2 + 0.5)), int(np.floor(size / 2 - GLYPH_W / 2 + 0.5))
 
 
-@lru_cache(maxsize=None)
+@cache
 def glyph_fits(shape: str, size: int) -> bool:
     """Whether a glyph, plus a 1-px rim of object colour, lies inside the shape."""
     r, c = _glyph_origin(shape, size)
@@ -286,7 +286,7 @@ def glyph_fits(shape: str, size: int) -> bool:
     return bool(shape_mask(shape, size)[r - 1 : r + GLYPH_H + 1, c - 1 : c + GLYPH_W + 1].all())
 
 
-@lru_cache(maxsize=None)
+@cache
 def glyph_min_size(shape: str) -> int | None:
     """Smallest box side from which on a glyph always fits the shape (None: never below 64 px)."""
     fits = [glyph_fits(shape, s) for s in range(64)]
