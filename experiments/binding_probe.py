@@ -66,7 +66,18 @@ if a.qk != 1.0:
             layer.self_attn.k_proj.weight.mul_(a.qk)
 shape = MicroConfig()
 fam = {f: (1.0 if f in a.fam.split(",") else 0.0) for f in ("color", "reading", "spatial", "count")}
-st = T.Stage(name="b", steps=a.steps, layers=4, lr=a.lr, warmup=50, vision_lr_scale=0.1, min_objects=a.nobj, max_objects=a.maxobj or a.nobj, min_size=a.minsize, families=fam)
+st = T.Stage(
+    name="b",
+    steps=a.steps,
+    layers=4,
+    lr=a.lr,
+    warmup=50,
+    vision_lr_scale=0.1,
+    min_objects=a.nobj,
+    max_objects=a.maxobj or a.nobj,
+    min_size=a.minsize,
+    families=fam,
+)
 val = T.draw(st, shape, 0, 0, 256, split="val")
 if a.invert:
     val = inv(val)
@@ -92,7 +103,15 @@ for step in range(a.steps):
         target = torch.zeros(ids.shape[0], ids.shape[1])
         for b, e in enumerate(ex):
             imgpos = (ids[b] == img_id).nonzero().flatten()
-            pats = sorted({p for k in e.evidence for p in patch_indices((e.objects[k].x, e.objects[k].y, e.objects[k].size), shape.image_size, shape.patch)})
+            pats = sorted(
+                {
+                    p
+                    for k in e.evidence
+                    for p in patch_indices(
+                        (e.objects[k].x, e.objects[k].y, e.objects[k].size), shape.image_size, shape.patch
+                    )
+                }
+            )
             target[b, imgpos[pats]] = 1.0 / len(pats)
         # mass on evidence patches, mean over heads: maximise log of summed attention on evidence
         mass = (A * (target > 0)[:, None]).sum(-1).mean(1)
@@ -107,7 +126,14 @@ for step in range(a.steps):
         if a.save:
             model.save_pretrained(a.save)
             proc.save_pretrained(a.save)
-        print(step + 1, round(loss.item(), 3), round(aux.item(), 3), {k: round(v, 3) for k, v in acc.items()}, round(time.time() - t0), flush=True)
+        print(
+            step + 1,
+            round(loss.item(), 3),
+            round(aux.item(), 3),
+            {k: round(v, 3) for k, v in acc.items()},
+            round(time.time() - t0),
+            flush=True,
+        )
 if a.save:
     model.save_pretrained(a.save)
     proc.save_pretrained(a.save)

@@ -44,7 +44,7 @@ for vanilla_dir, pdrop_dir in pairs:
 comparisons = holm(comparisons)
 print("| seed | vanilla % | PyramidDrop-trained % | vanilla - PyramidDrop (95% CI), test | n |")
 print("|---|---|---|---|---|")
-for (sv, sp, nv, np_), c in zip(seeds, comparisons):
+for (sv, _sp, nv, np_), c in zip(seeds, comparisons):
     print(f"| {sv} ({nv} / {np_}) | {100 * c.a:.1f} | {100 * c.b:.1f} | {c.text()} | {c.n} |")
 gaps = [100 * c.diff for c in comparisons]
 spread = f" +- {statistics.stdev(gaps):.1f} (sd)" if len(gaps) > 1 else ""

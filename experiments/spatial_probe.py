@@ -39,7 +39,9 @@ def ask(objects: tuple[int, int], n: int, pools: Callable[[Example], dict[str, l
             out.setdefault(name, [])
             if pool:
                 q = pool[int(rng.integers(len(pool)))]
-                out[name].append(dataclasses.replace(e, question=q.question, answer=q.answer, family=name, evidence=q.evidence))
+                out[name].append(
+                    dataclasses.replace(e, question=q.question, answer=q.answer, family=name, evidence=q.evidence)
+                )
     return out
 
 
@@ -59,10 +61,14 @@ def _off_middle(e: Example) -> str:
 
 
 asked = ask((2, 4), 300, lambda e: {"side": side_questions(e.objects, shape.image_size), "relation": _relations(e)})
-axis = ask((2, 4), 400, lambda e: {"left/right side": _left_right_side(e), "left/right relation": _relations(e, "left or right"),
+axis = ask((2, 4), 400, lambda e: {"left/right side": _left_right_side(e),
+                                   "left/right relation": _relations(e, "left or right"),
                                    "above/below relation": _relations(e, "above or below")})
 # one left/right side question per scene of 1-4 objects, labelled with its distance bin
-far = [dataclasses.replace(e, family=_off_middle(e)) for e in ask((1, 4), 400, lambda e: {"side": _left_right_side(e)})["side"]]
+far = [
+    dataclasses.replace(e, family=_off_middle(e))
+    for e in ask((1, 4), 400, lambda e: {"side": _left_right_side(e)})["side"]
+]
 
 
 for path in args.models:
@@ -81,4 +87,7 @@ for path in args.models:
         print(f"  {name} ({len(items)} questions): LLaVA prompt {acc['llava']:.3f}, bare prompt {acc['bare']:.3f}")
     acc = T.first_token_accuracy(model, processor, far, prompt="bare")
     bins = ", ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "overall")
-    print(f"  left/right side, 1-4 objects, bare prompt ({len(far)} questions): {acc['overall']:.3f} ({bins} off the middle)")
+    print(
+        f"  left/right side, 1-4 objects, bare prompt ({len(far)} questions): "
+        f"{acc['overall']:.3f} ({bins} off the middle)"
+    )

@@ -36,7 +36,8 @@ args = ap.parse_args()
 if args.steps < 3:
     ap.error("--steps must be at least 3 (the first two are not counted)")
 torch.set_num_threads(args.threads)
-with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "redundancy" / "conf" / "train"), version_base=None):
+TRAIN_CONF = Path(__file__).resolve().parents[1] / "redundancy" / "conf" / "train"
+with initialize_config_dir(config_dir=str(TRAIN_CONF), version_base=None):
     cfg: T.TrainConfig = OmegaConf.to_object(compose(config_name=args.config))
 si = [s.name for s in cfg.stages].index(args.stage)
 stage, cpu = cfg.stages[si], torch.device("cpu")

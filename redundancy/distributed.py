@@ -68,4 +68,6 @@ def processes() -> Processes:
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes != world:
         raise RuntimeError(f"WORLD_SIZE={world} but accelerate sees {state.num_processes} process(es)")
-    return Processes(rank=state.process_index, world=state.num_processes, device=torch.device(state.device), state=state)
+    return Processes(
+        rank=state.process_index, world=state.num_processes, device=torch.device(state.device), state=state
+    )

@@ -59,6 +59,7 @@ def predict(
     with ctx:
         for chunk in tqdm(list(batches(samples, batch_size)), desc="answering", disable=not progress, leave=False):
             images = [Image.open(s.image_path).convert("RGB") for s in chunk]
-            inputs = processor(images=images, text=prompts(processor, chunk), return_tensors="pt", padding=True).to(model.device)
+            inputs = processor(images=images, text=prompts(processor, chunk), return_tensors="pt", padding=True)
+            inputs = inputs.to(model.device)
             answers += greedy_answers(model, processor, inputs, max_new_tokens)
     return answers

@@ -98,7 +98,9 @@ def residual_norms(model: Any, valid: torch.Tensor, sink: list[list[torch.Tensor
 
         return hook
 
-    handles = [layer.register_forward_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(decoder_layers(model))]
+    handles = [
+        layer.register_forward_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(decoder_layers(model))
+    ]
     try:
         yield
     finally:
@@ -148,7 +150,8 @@ def layer_health(
     bar = tqdm(total=len(chunks) * (depth + 1), desc="layer health", disable=not progress)
     for chunk in chunks:
         images = [Image.open(s.image_path).convert("RGB") for s in chunk]
-        inputs = processor(images=images, text=prompts(processor, chunk), return_tensors="pt", padding=True).to(model.device)
+        inputs = processor(images=images, text=prompts(processor, chunk), return_tensors="pt", padding=True)
+        inputs = inputs.to(model.device)
         valid = inputs["attention_mask"].bool()
         with residual_norms(model, valid, updates):
             full = model(**inputs, output_attentions=True)

@@ -92,8 +92,12 @@ def git_revision() -> str:
     ``unknown`` outside a git checkout (an installed wheel)."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", *_NOT_CODE], cwd=here.parent).returncode != 0
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here
+        )
+        dirty = (
+            subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", *_NOT_CODE], cwd=here.parent).returncode != 0
+        )
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -22,13 +22,15 @@ from typing import Any
 # parts in order, assistant turns with text parts) and, with ``add_generation_prompt``, the assistant's cue.
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}"
     "{% endfor %} {% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 LLAVA_NEXT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}[INST] "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}"
     "{% endfor %} [/INST]{% else %} {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
     "{% endif %}{% endfor %}"
 )

@@ -230,7 +230,8 @@ def pool_windows(cells: torch.Tensor, priority: torch.Tensor, counts: Sequence[i
     selection, ties to the earlier token); every token present (the ``counts[s-1]`` lowest,
     all at the first boundary) joins the window of its nearest kept token: the one in the same
     grid at the smallest squared distance on it, ties to the earlier kept token; a grid with no
-    kept token joins the kept token nearest in the sequence (ties: the earlier). Each window is thus a cell of a Voronoi partition of the grid: on a ``2h x 2w``
+    kept token joins the kept token nearest in the sequence (ties: the earlier). Each window is thus
+    a cell of a Voronoi partition of the grid: on a ``2h x 2w``
     grid keeping a quarter, the ``2 x 2`` blocks of average pooling, the kept token at the top left.
 
     Args:
@@ -264,7 +265,9 @@ def pool_windows(cells: torch.Tensor, priority: torch.Tensor, counts: Sequence[i
     return out
 
 
-def pool_states(hidden: torch.Tensor, window: torch.Tensor, ordinal: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def pool_states(
+    hidden: torch.Tensor, window: torch.Tensor, ordinal: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
     """``hidden`` ``[batch, n, d]`` with each kept image token's state replaced by the mean (in
     float32 at least) of the states of the tokens in its window (the ``pool`` baseline).
 

@@ -68,7 +68,9 @@ def fingerprint(paths: Iterable[str | Path]) -> str:
 def checkpoint_fingerprint(model_dir: str | Path) -> str:
     """:func:`fingerprint` of a HF model directory's config and weight files."""
     root = Path(model_dir)
-    files = [p for p in root.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin"))]
+    files = [
+        p for p in root.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    ]
     if not files:
         raise ValueError(f"{root} holds no config.json or weight files")
     return fingerprint(files)
@@ -154,7 +156,11 @@ class ResultStore:
 
     def rows(self) -> list[dict[str, Any]]:
         folder = self.root / "points"
-        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+        return (
+            [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+            if folder.is_dir()
+            else []
+        )
 
 
 def load_results(root: str | Path) -> pd.DataFrame:

@@ -213,7 +213,8 @@ def check_destination(cfg: SweepConfig) -> None:
     ``outputs/`` (the default ``out``)."""
     if published(cfg.out) and not cfg.study:
         raise ValueError(f"out={cfg.out} is inside the published study ({STUDY_FOLDER}/), which only the study "
-                         f"commands write (experiment=..., study=true); trial sweeps write to outputs/sweep (the default)")
+                         "commands write (experiment=..., study=true); "
+                         "trial sweeps write to outputs/sweep (the default)")
     if cfg.study and cfg.data.limit is not None:
         raise ValueError(f"study=true evaluates every question; data.limit={cfg.data.limit} makes a trial run "
                          "(leave study=false: it writes to outputs/sweep)")
@@ -243,7 +244,9 @@ def dataset_file(data: DataConfig) -> tuple[Path, Path | None]:
         found = sorted(path.glob("*.json"))
         if len(found) != 1:
             names = [p.name for p in found]
-            raise ValueError(f"data.path={data.path}: expected questions.jsonl or one TextVQA .json file, found {names}")
+            raise ValueError(
+                f"data.path={data.path}: expected questions.jsonl or one TextVQA .json file, found {names}"
+            )
         path = found[0]
     if not path.is_file():
         raise ValueError(f"data.path={data.path} does not exist")
@@ -441,7 +444,8 @@ def run(cfg: SweepConfig) -> str:
     locks.release()
     if not procs.is_main:
         mine = procs.shard(samples, cfg.batch_size)
-        return f"process {procs.rank} of {procs.world}: {len(mine)} of {len(samples)} questions per point (rows: process 0)"
+        return (f"process {procs.rank} of {procs.world}: {len(mine)} of {len(samples)} questions per point "
+                "(rows: process 0)")
     rows = [store.row(k) if store.done(k) else {} for k in keys]
     status = ["new" if i in pending else "other sweep" if i in busy else "done before" for i in range(len(keys))]
     return summary(cfg, schedules, rows, status, stats, time.perf_counter() - started)
@@ -502,7 +506,9 @@ def _load(cfg: SweepConfig, model_dir: Path, launched: torch.device | None = Non
     device = cfg.model.device
     if device == "auto":
         device = str(launched) if launched is not None else str(resolve_device("auto"))
-    model, processor = load_model(model_dir, dtype=resolve_dtype(cfg.model.dtype, device), device=device, attn_implementation=cfg.model.attn)
+    model, processor = load_model(
+        model_dir, dtype=resolve_dtype(cfg.model.dtype, device), device=device, attn_implementation=cfg.model.attn
+    )
     return model, processor, torch.device(device)
 
 
@@ -513,7 +519,8 @@ def _provenance(cfg: SweepConfig, device: torch.device, procs: Processes) -> dic
         "dtype": cfg.model.dtype, "attn": cfg.model.attn, "threads": torch.get_num_threads(),
         "version": redundancy.__version__, "git": git_revision(), "torch": torch.__version__,
         "transformers": package_version("transformers"),
-        "machine": platform.machine(), "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "machine": platform.machine(),
+        "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
 
 

@@ -87,7 +87,10 @@ def make_batch(
 def select_rows(batch: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
     """Row ``row`` of a batch, with its left padding removed."""
     keep = batch["attention_mask"][row].bool()
-    out = {"input_ids": batch["input_ids"][row : row + 1, keep], "attention_mask": batch["attention_mask"][row : row + 1, keep]}
+    out = {
+        "input_ids": batch["input_ids"][row : row + 1, keep],
+        "attention_mask": batch["attention_mask"][row : row + 1, keep],
+    }
     out["pixel_values"] = batch["pixel_values"][row : row + 1]
     if "image_sizes" in batch:
         out["image_sizes"] = batch["image_sizes"][row : row + 1]

@@ -442,7 +442,8 @@ _MODELS: dict = {}
 
 
 def tiny_model(
-    family: str = "llava", text: str = "llama", impl: str = "sdpa", dtype=torch.float64, seed: int = 0, kv_heads: int = 2
+    family: str = "llava", text: str = "llama", impl: str = "sdpa", dtype=torch.float64, seed: int = 0,
+    kv_heads: int = 2,
 ):
     """A cached tiny random model (4 layers, hidden 64, 4 heads / ``kv_heads`` key heads)
     in eval mode. Tests that train or change weights should build their own."""

@@ -127,7 +127,9 @@ def test_every_claim_gets_the_verdict_its_data_were_built_for(world: dict[str, A
     }
     assert {k: o.verdict for k, o in got.items()} == expected
     assert got[1].n == "600" or got[1].n == str(N)
-    assert "table5_inference model=" in got[7].missing[0] and got[7].missing[0].endswith("model=" + world["settings"].trained[1] + ")")
+    assert "table5_inference model=" in got[7].missing[0] and got[7].missing[0].endswith(
+        "model=" + world["settings"].trained[1] + ")"
+    )
 
 
 def test_a_reversed_effect_flips_the_verdict(world: dict[str, Any]) -> None:
@@ -198,7 +200,9 @@ def test_detects_column_is_the_range_of_the_comparisons_detectable_differences()
 
     a, b = np.r_[np.ones(60), np.zeros(540)], np.zeros(600)
     one, two = compare(a, b), compare(a[:300], b[:300])
-    assert claims.detects(claims.Outcome("x", "600", claims.INCONCLUSIVE, [("one", one)])) == f"{100 * one.detectable:.1f}"
+    assert (
+        claims.detects(claims.Outcome("x", "600", claims.INCONCLUSIVE, [("one", one)])) == f"{100 * one.detectable:.1f}"
+    )
     both = claims.detects(claims.Outcome("x", "600", claims.INCONCLUSIVE, [("one", one), ("two", two)]))
     assert both == f"{100 * one.detectable:.1f}-{100 * two.detectable:.1f}" and two.detectable > one.detectable
     assert claims.detects(claims.missing("rows")) == "-"

@@ -31,7 +31,11 @@ def test_shard_takes_every_worlds_batch() -> None:
 def _launch(out: Path, model: Path, cwd: Path) -> str:
     overrides = [f"model.path={model}", "model.num_layers=null", "data.limit=8", "batch_size=4", f"out={out}",
                  "timing.repeats=0", "progress=false", "threads=1", "layer=2", "ratio=[0.25,0.5]", "reference=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "redundancy.sweep", *overrides]
     done = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
@@ -46,7 +50,8 @@ def _files(out: Path) -> dict[str, Any]:
         row = {k: v for k, v in json.loads(p.read_text()).items() if k not in TIMING}
         row["config"] = {**row["config"], "out": None}
         rows[p.stem] = row
-    samples = {p.stem: [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in p.read_text().splitlines()]
+    samples = {p.stem: [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+                        for line in p.read_text().splitlines()]
                for p in sorted((out / "samples").glob("*.jsonl"))}
     return {"rows": rows, "samples": samples}
 

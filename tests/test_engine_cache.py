@@ -70,7 +70,8 @@ def check_generation(model, schedule, samples):
         assert new[row].tolist() == tokens, f"row {row}: generated tokens differ"
         for step in range(STEPS):
             torch.testing.assert_close(
-                logits[step, row], ref_logits[step], atol=ATOL, rtol=0, msg=lambda m, s=step: f"row {row} step {s}: {m}"
+                logits[step, row], ref_logits[step], atol=ATOL, rtol=0,
+                msg=lambda m, r=row, s=step: f"row {r} step {s}: {m}",
             )
 
     # Dropped tokens never enter later caches: a stage's layers cache exactly the
@@ -81,7 +82,9 @@ def check_generation(model, schedule, samples):
         expect = ids.shape[1] if s == 0 else max(lengths[s] for lengths in stage_lengths)
         for li in range(starts[s], starts[s + 1]):
             got = cache.layers[li].keys.shape[-2]
-            assert got == expect + STEPS - 1, f"layer {li} (stage {s}): cache holds {got} tokens, expected {expect} + {STEPS - 1}"
+            assert got == expect + STEPS - 1, (
+                f"layer {li} (stage {s}): cache holds {got} tokens, expected {expect} + {STEPS - 1}"
+            )
     return [layer.keys.shape[-2] for layer in cache.layers], pads
 
 
@@ -126,7 +129,10 @@ def test_stage_last_compact_with_instruction_ranker():
     """A non-default combination: layer K-1 ranking by the instruction tokens, renumbered positions."""
     model = tiny_model("llava_next", "mistral", "sdpa")
     schedule = DropSchedule.pdrop(layers=(1, 3), ratios=(0.5, 0.2), ranker="instruction", rank_layer="stage_last")
-    samples = [make_sample(model, seed=51, image_hw=(56, 28), before=2, after=5), make_sample(model, seed=52, before=3, after=3)]
+    samples = [
+        make_sample(model, seed=51, image_hw=(56, 28), before=2, after=5),
+        make_sample(model, seed=52, before=3, after=3),
+    ]
     check_generation(model, schedule, samples)
 
 

@@ -16,7 +16,8 @@ SCHEDULES = [
     pytest.param(DropSchedule.drop(layer=2, ratio=1.0), id="drop-r1"),
     pytest.param(DropSchedule.fastv(K=1, R=0.0), id="fastv-R0"),
     pytest.param(DropSchedule.pdrop(layers=(1, 2, 3), lam=1.0), id="pdrop-lam1-next-compact"),
-    pytest.param(DropSchedule.pdrop(layers=(1, 3), lam=1.0, rank_layer="stage_last", positions="keep"), id="pdrop-lam1-keep"),
+    pytest.param(DropSchedule.pdrop(layers=(1, 3), lam=1.0, rank_layer="stage_last", positions="keep"),
+                 id="pdrop-lam1-keep"),
 ]
 
 

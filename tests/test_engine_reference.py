@@ -93,7 +93,8 @@ CASES = [
     # eager kernels
     ("eager-fastv", "llava", "llama", "eager", FASTV),
     ("eager-pdrop", "llava_next", "mistral", "eager", DropSchedule.pdrop(**PDROP)),
-    ("eager-pdrop-sl", "llava", "qwen2", "eager", DropSchedule.pdrop(**PDROP, rank_layer="stage_last", positions="keep")),
+    ("eager-pdrop-sl", "llava", "qwen2", "eager",
+     DropSchedule.pdrop(**PDROP, rank_layer="stage_last", positions="keep")),
     ("eager-instruction", "llava_next", "qwen2", "eager", DropSchedule.pdrop(**PDROP, ranker="instruction")),
 ]
 
@@ -125,7 +126,11 @@ def test_head_layouts(schedule, family, text, kv_heads):
     compare(family, text, "sdpa", schedule, kv_heads=kv_heads, seed=13 + kv_heads)
 
 
-@pytest.mark.parametrize("schedule", [FASTV, DropSchedule.pdrop(**PDROP), DropSchedule.pdrop(**PDROP, ranker="instruction")], ids=["fastv", "pdrop", "pdrop-instr"])
+@pytest.mark.parametrize(
+    "schedule",
+    [FASTV, DropSchedule.pdrop(**PDROP), DropSchedule.pdrop(**PDROP, ranker="instruction")],
+    ids=["fastv", "pdrop", "pdrop-instr"],
+)
 def test_two_images_in_one_prompt(schedule):
     """Image-token indices run over both images of a sample (32 tokens)."""
     ref = compare("llava", "qwen2", "sdpa", schedule, n_images=2, seed=11)
@@ -173,7 +178,8 @@ def test_left_padded_batch_prefill():
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # what generate() passes
     pv = torch.cat([a[1], b[1]])
     sizes = torch.cat([a[2], b[2]])
-    for schedule in (FASTV, DropSchedule.pdrop(**PDROP), DropSchedule.pdrop(**PDROP, rank_layer="stage_last", positions="keep")):
+    stage_last = DropSchedule.pdrop(**PDROP, rank_layer="stage_last", positions="keep")
+    for schedule in (FASTV, DropSchedule.pdrop(**PDROP), stage_last):
         logits, trace = run_engine(model, ids, pv, sizes, schedule, attention_mask=mask, position_ids=position_ids)
         counts = []
         for row, (sample, pad) in enumerate(zip((a, b), pads)):
@@ -240,7 +246,8 @@ def test_exact_ties_go_to_the_earlier_token(schedule):
     for row, (s, pad) in enumerate(zip((a, b), pads)):
         ids[row, pad:], mask[row, pad:] = s[0][0], 1
     logits, trace = run_engine(
-        model, ids, torch.cat([a[1], b[1]]), None, schedule, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+        model, ids, torch.cat([a[1], b[1]]), None, schedule,
+        attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
     )
     for row, ref in enumerate(refs):
         check_row(logits, trace, row, ref, schedule, ATOL["sdpa"], pad=pads[row])

@@ -54,9 +54,11 @@ def grads(module):
 
 CASES = [
     ("llava", "llama", DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5), [(0, 4)]),
-    ("llava", "qwen2", DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5, rank_layer="stage_last", positions="keep"), [(0, 3), (3, 4)]),
+    ("llava", "qwen2", DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5, rank_layer="stage_last", positions="keep"),
+     [(0, 3), (3, 4)]),
     ("llava_next", "mistral", DropSchedule.pdrop(layers=(1, 2, 3), lam=0.5), [(0, 3), (2, 2)]),
-    ("llava_next", "llama", DropSchedule.pdrop(layers=(1, 3), ratios=(0.5, 0.2), ranker="instruction"), [(0, 3), (3, 3)]),
+    ("llava_next", "llama", DropSchedule.pdrop(layers=(1, 3), ratios=(0.5, 0.2), ranker="instruction"),
+     [(0, 3), (3, 3)]),
 ]
 
 
@@ -109,7 +111,9 @@ def test_training_loss_and_gradients_match_reference(family, text, schedule, spa
     assert vision and any(engine_grads[n].abs().sum() > 0 for n in vision)
     assert set(engine_grads) == set(ref_grads)
     for name in engine_grads:
-        torch.testing.assert_close(engine_grads[name], ref_grads[name], atol=1e-9, rtol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            engine_grads[name], ref_grads[name], atol=1e-9, rtol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_hf_loss_backward_reaches_the_encoder():

@@ -98,7 +98,9 @@ def make_store(root: Path, vanilla: str, pdrop: str, *, control: bool = True) ->
     for lam in (0.4, 0.5, 0.6):
         add_point(store, vanilla, DropSchedule.pdrop(lam=lam), 0.5 + 0.4 * lam)
         for seed in range(SEEDS if control else 0):  # Fig. 4's random control
-            add_point(store, vanilla, DropSchedule.pdrop(lam=lam, ranker="random").seeded("ckpt", seed), 0.4 + 0.05 * seed)
+            add_point(
+                store, vanilla, DropSchedule.pdrop(lam=lam, ranker="random").seeded("ckpt", seed), 0.4 + 0.05 * seed
+            )
     add_point(store, vanilla, DropSchedule.fastv(R=0.5, positions="compact"), 0.5)  # Fig. 4's other position policy
     add_point(store, vanilla, DropSchedule.drop(8, 0.5, positions="compact"), 0.0)  # a variant: never drawn
     return root
@@ -212,7 +214,9 @@ def test_flops_tradeoff_figure(world: dict[str, Any]) -> None:
     assert len(control.get_xdata()) == 3 and control.get_ydata()[0] == pytest.approx(100 * (0.45 - 0.1))
     (other,) = [line for line in ax.get_lines() if line.get_linestyle() == "-."]  # FastV with compact positions
     assert len(other.get_xdata()) == 1
-    budgets = [line for line in ax.get_lines() if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]]
+    budgets = [
+        line for line in ax.get_lines() if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]
+    ]
     assert sorted(line.get_xdata()[0] for line in budgets) == pytest.approx([0.3, 0.5])  # x in GFLOPs, vanilla = 1
 
 
@@ -372,7 +376,9 @@ def test_figures_command_rebuilds_everything(world: dict[str, Any]) -> None:
         assert (root / "figures" / f"{name}.pdf").is_file() and (root / "figures" / f"{name}.png").is_file(), report
     for name in ("table5_inference", "table4_lambda", "table_training"):
         assert (root / "tables" / f"{name}.md").is_file() and (root / "tables" / f"{name}.csv").is_file(), report
-    assert f"claims: {root / 'claims'}.{{md}}" in report and "| 11 | Training cost |" in (root / "claims.md").read_text()
+    assert (
+        f"claims: {root / 'claims'}.{{md}}" in report and "| 11 | Training cost |" in (root / "claims.md").read_text()
+    )
     blocks = re.split(r"\n(?! )", report)  # one per output: its line and its indented `missing` lines
     others = [b for b in blocks if not b.startswith("fig_rankers")]
     assert not any("skipped" in b or "missing" in b for b in others)
@@ -389,7 +395,8 @@ def test_figures_command_says_what_is_missing(tmp_path: Path) -> None:
 
 
 def test_fig4_experiments_meet_the_budgets() -> None:
-    """conf/sweep/experiment/fig4_*.yaml hold the R and lam that redundancy.flops solves for redundancy/conf/figures/figures.yaml's budgets."""
+    """conf/sweep/experiment/fig4_*.yaml hold the R and lam that redundancy.flops solves for
+    redundancy/conf/figures/figures.yaml's budgets."""
     from transformers import AutoConfig
 
     from redundancy.flops import TERA, fastv_ratio_for_budget, image_part_flops, pdrop_lambda_for_budget

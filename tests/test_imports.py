@@ -67,7 +67,9 @@ def test_no_module_reaches_for_another_modules_private_names() -> None:
     for path, tree in trees.items():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("redundancy", "tests"):
-                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+                found += [
+                    f"{path.name}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")
+                ]
                 if node.module.endswith("conftest"):
                     found.append(f"{path.name}: from {node.module} import ...")
             elif (isinstance(node, ast.Attribute) and node.attr in everywhere - private[path]

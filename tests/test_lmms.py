@@ -101,7 +101,9 @@ def test_entry_point_registers_the_model() -> None:
 def test_model_args_build_the_schedules_of_the_builders() -> None:
     for args, schedule in METHODS.values():
         assert schedule_from_args(**simple_parse_args_string(args)) == schedule  # as lmms-eval parses them
-    assert schedule_from_args("pdrop", ratios="[0.5,0.2]", layers="[4,12]") == DropSchedule.pdrop(layers=(4, 12), ratios=(0.5, 0.2))
+    assert schedule_from_args("pdrop", ratios="[0.5,0.2]", layers="[4,12]") == DropSchedule.pdrop(
+        layers=(4, 12), ratios=(0.5, 0.2)
+    )
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['lam'\]"):
         schedule_from_args("fastv", lam=0.5)  # a misplaced key is an error, not a silent default
     with pytest.raises(ValueError, match="method='pyramid' is unknown"):

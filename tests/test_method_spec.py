@@ -51,7 +51,9 @@ def test_same_method_overrides_give_the_same_schedule_on_every_command(method: s
 
 def test_the_schedule_follows_the_override() -> None:
     """Not a constant: the overrides reach the schedule (a test of the test above)."""
-    low, high = (DropSchedule.from_spec(typed("flops", ["method=pdrop", f"method.lam={lam}"]).method) for lam in (0.3, 0.6))
+    low, high = (
+        DropSchedule.from_spec(typed("flops", ["method=pdrop", f"method.lam={lam}"]).method) for lam in (0.3, 0.6)
+    )
     assert low.ratios[0] == 0.3 and high.ratios[0] == 0.6
 
 

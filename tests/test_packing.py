@@ -125,15 +125,24 @@ def test_side_questions_name_one_object_clearly_off_the_middle() -> None:
             seen.add(q.answer)
         more = extra_questions(e, 6, {"spatial": 1.0, SIDE: 1.0}, 96, np.random.default_rng(1))
         assert all(q.family in ("spatial", SIDE) for q in more)
-        left_right = extra_questions(e, 6, {"spatial": 1.0, SIDE: 1.0}, 96, np.random.default_rng(1), "(?i)left or right")
+        left_right = extra_questions(
+            e, 6, {"spatial": 1.0, SIDE: 1.0}, 96, np.random.default_rng(1), "(?i)left or right"
+        )
         candidates = [q for q in questions(e.objects, 96) + side_questions(e.objects, 96)
-                      if q.family in ("spatial", SIDE) and "left or right" in q.question.lower() and q.question != e.question]
+                      if q.family in ("spatial", SIDE) and "left or right" in q.question.lower()
+                      and q.question != e.question]
         assert len(left_right) == min(6, len(candidates)) and set(left_right) <= set(candidates)
     assert seen == {"left", "right", "above", "below"}
 
 
 def test_shape_questions_read_the_named_object_and_end_every_neighbour_question() -> None:
-    examples = draw(Stage(families={"spatial": 1.0}, subtypes={"relation": 0.0, "neighbor": 1.0}), dataclasses.replace(SHAPE, image_size=96), 0, 0, 60)
+    examples = draw(
+        Stage(families={"spatial": 1.0}, subtypes={"relation": 0.0, "neighbor": 1.0}),
+        dataclasses.replace(SHAPE, image_size=96),
+        0,
+        0,
+        60,
+    )
     kinds, neighbours = set(), 0
     for e in examples:
         made = shape_questions(e.objects, 96)
@@ -150,7 +159,11 @@ def test_shape_questions_read_the_named_object_and_end_every_neighbour_question(
                 rest = sorted(along(p) for j, p in enumerate(e.objects) if j != i)
                 assert not rest or rest[0] - along(o) >= SHAPE_MARGIN
             kinds.add(q.subtype)
-        edge = {q.question.removeprefix("What shape is ").removesuffix("?"): q.answer for q in made if q.subtype == "shape_edge"}
+        edge = {
+            q.question.removeprefix("What shape is ").removesuffix("?"): q.answer
+            for q in made
+            if q.subtype == "shape_edge"
+        }
         for q in questions(e.objects, 96):
             if q.subtype == "neighbor":  # its answer is the first object from its side (the benchmark's rule)
                 direction = q.question.split(" the ")[0].removeprefix("What shape is ").removesuffix(" of")
@@ -180,4 +193,6 @@ def test_packed_stage_trains_and_is_checked(tmp_path: Path) -> None:
                          (dict(questions=1, extras_match="^Left"), "questions > 1")):
         with pytest.raises(ValueError, match=message):
             check_config(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, **bad)]))
-    check_config(dataclasses.replace(cfg, stages=[dataclasses.replace(stage, extras={SIDE: 1.0}, extras_match="^Left")]))
+    check_config(
+        dataclasses.replace(cfg, stages=[dataclasses.replace(stage, extras={SIDE: 1.0}, extras_match="^Left")])
+    )

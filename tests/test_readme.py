@@ -46,6 +46,11 @@ def test_every_documented_module_command_exists(guide: Path) -> None:
 @pytest.mark.parametrize("guide", GUIDES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_documented_repository_path_exists(guide: Path) -> None:
     text = guide.read_text()
-    paths = set(re.findall(r"`((?:redundancy|conf|docs|results|experiments|tools|notebooks|tests)/[\w./-]+\.(?:py|md|yaml|ipynb))`", text))
+    paths = set(
+        re.findall(
+            r"`((?:redundancy|conf|docs|results|experiments|tools|notebooks|tests)/[\w./-]+\.(?:py|md|yaml|ipynb))`",
+            text,
+        )
+    )
     missing = sorted(p for p in paths if not (ROOT / p).exists() and not (guide.parent / p).exists())
     assert not missing, f"{guide.name} names files that do not exist: {missing}"

@@ -9,7 +9,8 @@ from redundancy.schedule import DropSchedule, kept_count
 
 @pytest.mark.parametrize(
     ("n", "r", "expected"),
-    [(576, 0.0, 0), (576, 0.1, 57), (576, 0.5, 288), (576, 1.0, 576), (100, 0.29, 29), (2880, 0.125, 360), (7, 0.99, 6)],
+    [(576, 0.0, 0), (576, 0.1, 57), (576, 0.5, 288), (576, 1.0, 576), (100, 0.29, 29), (2880, 0.125, 360),
+     (7, 0.99, 6)],
 )
 def test_kept_count_is_floor(n: int, r: float, expected: int) -> None:
     assert kept_count(n, r) == expected

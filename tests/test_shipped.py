@@ -57,7 +57,8 @@ def test_card_says_what_the_run_trained_and_when_it_misses_the_target() -> None:
     # A PyramidDrop run says where it dropped and with which position policy (compact unless set).
     card["train_config"] = {"method": "pdrop", "pdrop_layers": [8, 16, 24], "lam": 0.5,
                             "stages": [{"name": "a", "drop": False}, {"name": "final", "drop": True}]}
-    assert "PyramidDrop in the `final` stage(s): layers [8, 16, 24], lambda 0.5, positions compact" in card_markdown(card)
+    expected = "PyramidDrop in the `final` stage(s): layers [8, 16, 24], lambda 0.5, positions compact"
+    assert expected in card_markdown(card)
     card["test_accuracy"]["accuracy"] = 0.88  # below 90%: the twin's own target is named
     assert "within 3 points of its vanilla model" in card_markdown(card)
     card["test_accuracy"]["accuracy"] = 0.95

@@ -90,7 +90,9 @@ def test_row_counts_equal_the_trace_and_sinks_an_independent_count(
         # The replayed first stage (shared prefix) and the layers run one point at a time count alike.
         assert separate.loc[row["key"], "spatial"] == part
     assert found_sinks > 0  # the sink count was exercised
-    assert found_sinks < sum(r["spatial"]["boundaries"][0]["tokens"] for _, r in rows.iterrows() if r["method"] != "vanilla")
+    assert found_sinks < sum(
+        r["spatial"]["boundaries"][0]["tokens"] for _, r in rows.iterrows() if r["method"] != "vanilla"
+    )
     samples = load_samples(tmp_path / "shared")
     assert "spatial" not in samples.columns  # per-question counts stay out of the committed records
     for _, row in rows[rows["method"] != "vanilla"].iterrows():  # what they keep sums to the row's counts

@@ -61,7 +61,8 @@ def test_invalid_override_fails_before_anything_loads(
 
 
 def test_layer_checked_against_the_models_own_depth(tiny_dir: Path, tmp_path: Path, no_model_load: None) -> None:
-    with pytest.raises(ValueError, match=r"layer=6: boundary 6 is outside the allowed range \[1, 5\] for a model with 6 layers"):
+    message = r"layer=6: boundary 6 is outside the allowed range \[1, 5\] for a model with 6 layers"
+    with pytest.raises(ValueError, match=message):
         sweep.run(tiny(tiny_dir, tmp_path, "layer=[2,6]"))
     with pytest.raises(ValueError, match="model.num_layers=32 but .* has 6 layers"):
         sweep.run(tiny(tiny_dir, tmp_path, "model.num_layers=32"))
@@ -78,8 +79,8 @@ def test_unknown_method_or_key_fails_at_composition() -> None:
 
 def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "redundancy.sweep", f"out={tmp_path}", "ratio=1.5"],
-                          check=False, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=120)
+                          check=False, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: ratio=1.5 is outside the allowed range [0, 1]"
 
@@ -148,7 +149,9 @@ def test_rerun_skips_points_already_done(tiny_dir: Path, tmp_path: Path, monkeyp
     assert "2 new, 5 done before" in text and len(load_results(tmp_path)) == 7
 
 
-def test_crash_loses_at_most_the_batch_in_flight(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_loses_at_most_the_batch_in_flight(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A crash after the first batch of a 2-batch sweep: the rerun answers only the second batch."""
     grid = ("layer=[2,4]", "ratio=0.5")
     appended: list[int] = []
@@ -233,7 +236,9 @@ def test_every_experiment_expands(experiment: str) -> None:
 def test_redundancy_experiment_is_the_study_grid() -> None:
     points = sweep.schedules_from_config(config("experiment=redundancy"), 32, checkpoint_id="c")
     drops = [p for p in points if p.method == "drop"]
-    by_ranker = {r: [p for p in drops if p.ranker == r] for r in ("last", "instruction", "uniform", "inverse", "random")}
+    by_ranker = {
+        r: [p for p in drops if p.ranker == r] for r in ("last", "instruction", "uniform", "inverse", "random")
+    }
     assert all(len(by_ranker[r]) == 40 for r in ("last", "instruction", "uniform", "inverse"))
     assert len(by_ranker["random"]) == 40 * 5 and len({p.seed for p in by_ranker["random"]}) == 200
     assert {p.boundaries[0] for p in drops} == {2, 8, 16, 24} and 0.1 in {p.ratios[0] for p in drops}
@@ -318,7 +323,8 @@ def test_submitit_multirun_writes_rows_and_rerun_skips(tiny_dir: Path, tmp_path:
             "timing.repeats=0", "progress=false", "threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "redundancy.sweep", "-m", "hydra/launcher=submitit_local", *args, "layer=1,2", "ratio=0.5"],
+        [sys.executable, "-m", "redundancy.sweep", "-m", "hydra/launcher=submitit_local", *args,
+         "layer=1,2", "ratio=0.5"],
         check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

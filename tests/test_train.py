@@ -33,7 +33,9 @@ from redundancy.schedule import DropSchedule, FastVSpec, MethodSpec, PDropSpec
 
 SHAPE = MicroConfig(layers=4, hidden=32, heads=2, kv_heads=2, ffn=64, image_size=48, patch=8,
                    vision_layers=1, vision_hidden=32, vision_heads=2, vision_ffn=64)
-EASY = dict(max_objects=2, min_size=16, max_size=24, families={"color": 1.0, "count": 1.0, "reading": 0.0, "spatial": 0.0})
+EASY = dict(
+    max_objects=2, min_size=16, max_size=24, families={"color": 1.0, "count": 1.0, "reading": 0.0, "spatial": 0.0}
+)
 
 
 def _micro(layers: int) -> MicroConfig:

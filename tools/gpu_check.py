@@ -89,7 +89,8 @@ def equivalence(dims: Any, device: torch.device) -> list[dict[str, Any]]:
             with apply_schedule(model, pdrop) as t_impl:
                 model(**batch)
         overlaps = [len(set(a.tolist()) & set(b.tolist())) / max(1, len(a))
-                    for r_ref, r_impl in zip(t_ref.boundaries, t_impl.boundaries) for a, b in zip(r_ref.kept, r_impl.kept)]
+                    for r_ref, r_impl in zip(t_ref.boundaries, t_impl.boundaries)
+                    for a, b in zip(r_ref.kept, r_impl.kept)]
         exact = all(torch.equal(a, b) for r_ref, r_impl in zip(t_ref.boundaries, t_impl.boundaries)
                     for a, b in zip(r_ref.kept, r_impl.kept))
         keep1 = float((out - ref)[real].abs().max())
@@ -106,7 +107,9 @@ def run_benches(device: torch.device, tiny: bool, out_dir: Path, stamp: str, wit
                 ) -> tuple[list[str], list[str]]:
     """The bench at each shape (and kernel); returns the report sections and the skipped ones."""
     sections, skipped = [], []
-    impls = ["sdpa"] + (["flash_attention_2"] if device.type == "cuda" and importlib.util.find_spec("flash_attn") else [])
+    impls = ["sdpa"] + (
+        ["flash_attention_2"] if device.type == "cuda" and importlib.util.find_spec("flash_attn") else []
+    )
     for preset, batch in BENCHES:
         for impl in impls if (preset, batch) == BENCHES[0] else impls[:1]:
             name = f"{preset} batch {batch} {impl}"
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> Path:
         "| kernel | dtype | keep-1 max logit diff (tol.) | kept = eager | min kept overlap | pass |",
         "|---|---|---|---|---|---|",
         *(f"| {r['impl']} | {r['dtype']} | {r['keep1_max_logit_diff']:.2e} ({r['keep1_tolerance']:.0e}) | "
-          f"{r['kept_equal_to_eager']} | {r['min_kept_overlap']:.3f} | {'yes' if r['passed'] else 'NO'} |" for r in checks),
+          f"{r['kept_equal_to_eager']} | {r['min_kept_overlap']:.3f} | {'yes' if r['passed'] else 'NO'} |"
+          for r in checks),
         "",
         "## Bench (random weights; medians of interleaved rounds)",
         "",

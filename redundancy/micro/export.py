@@ -77,7 +77,9 @@ def export(
     state = json.loads((source / "trainer_state.json").read_text())
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
     config = {k: portable(v) if k in ("out", "init_from") else v for k, v in config.items()}
-    summary = json.loads((run_dir / "train_summary.json").read_text()) if (run_dir / "train_summary.json").exists() else {}
+    summary = (
+        json.loads((run_dir / "train_summary.json").read_text()) if (run_dir / "train_summary.json").exists() else {}
+    )
     card = {
         "name": name,
         "command": command,
@@ -145,7 +147,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     if isinstance(spec, PDropSpec):  # the schedule redundancy.micro.train built from this config
         drop_stages = [s["name"] for s in train.get("stages", []) if s.get("drop")]
         schedule = DropSchedule.from_spec(spec)
-        method = (f"- method: PyramidDrop in the `{'`, `'.join(drop_stages)}` stage(s): layers {list(schedule.boundaries)}, "
+        method = (f"- method: PyramidDrop in the `{'`, `'.join(drop_stages)}` stage(s): "
+                  f"layers {list(schedule.boundaries)}, "
                   f"lambda {spec.lam}, positions {schedule.positions}, ranker {schedule.ranker}, "
                   f"rank layer {schedule.rank_layer}\n")
     fams = "\n".join(f"| {f} | {100 * a:.1f} |" for f, a in acc["per_family"].items())
@@ -189,7 +192,8 @@ Training wall time per stage ({card['train_device']}, {card['train_threads']} th
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     if set(args) - {"run", "name", "command", "dest", "keep_weights", "health"} or not {"run", "name"} <= set(args):
-        sys.exit("usage: python -m redundancy.micro.export run=<run dir> name=<shipped name> [command=<training command>] "
+        sys.exit("usage: python -m redundancy.micro.export run=<run dir> name=<shipped name> "
+                 "[command=<training command>] "
                  "[dest=<folder> keep_weights=false health=false]")
     card = export(args["run"], args["name"], args.get("command", ""), dest=args.get("dest"),
                   keep_weights=args.get("keep_weights", "true").lower() != "false",

@@ -517,7 +517,8 @@ class _SceneSampler:
 
     def scene(self, rng: np.random.Generator, subtype: str, answer: Any) -> _Scene:
         build = {"color": self._color, "reading": self._reading, "relation": self._relation,
-                 "neighbor": self._neighbor, "count_shape": self._count_shape, "count_all": self._count_all}  # fmt: skip
+                 "neighbor": self._neighbor, "count_shape": self._count_shape,
+                 "count_all": self._count_all}  # fmt: skip
         return build[subtype](rng, answer)
 
     def _color(self, rng: np.random.Generator, color: str) -> _Scene:
@@ -650,11 +651,15 @@ def questions(objects: Sequence[Obj], image_size: int) -> list[Question]:
         if len(owners) == 1:
             out.append(Question("color", "color", f"What color is the {shape}?", objects[owners[0]].color, owners))
         if owners:
-            out.append(Question("count", "count_shape", f"How many {PLURAL[shape]} are there?", str(len(owners)), owners))
+            out.append(
+                Question("count", "count_shape", f"How many {PLURAL[shape]} are there?", str(len(owners)), owners)
+            )
     for i in named:
         o = objects[i]
         if o.glyph is not None:
-            out.append(Question("reading", "reading", f"What is written on the {o.color} {o.shape}?", o.glyph.lower(), (i,)))
+            out.append(
+                Question("reading", "reading", f"What is written on the {o.color} {o.shape}?", o.glyph.lower(), (i,))
+            )
     where = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
     for direction in DIRECTIONS:
         frame = [unorient(o, direction, image_size) for o in objects]

@@ -149,7 +149,8 @@ def collate_packed(
     index = 0
     for r, (example, more) in enumerate(zip(examples, extras)):
         row: list[int] = []
-        for j, (question, answer) in enumerate([(example.question, example.answer)] + [(q.question, q.answer) for q in more]):
+        pairs = [(example.question, example.answer)] + [(q.question, q.answer) for q in more]
+        for j, (question, answer) in enumerate(pairs):
             kind = prompt if prompt != "mixed" else ("bare" if index % 2 == 0 else "llava")
             index += 1
             ids = _ids(processor, f"{format_prompt(question, kind)} {answer} </s>", n_image)
@@ -193,7 +194,9 @@ def packed_loss(model: Any, batch: dict[str, Any], suffix_positions: int = 0) ->
     end = torch.tensor([s.start + s.length for s in segments], device=ids.device)  # one past </s>
     answer = ids[rows, end - 2]
     # the answering position (end - 3) predicts the answer, the answer's position predicts </s>
-    main = torch.cat([logp[rows, end - 3].gather(-1, answer[:, None]), logp[rows, end - 2].gather(-1, ids[rows, end - 1][:, None])])
+    main = torch.cat(
+        [logp[rows, end - 3].gather(-1, answer[:, None]), logp[rows, end - 2].gather(-1, ids[rows, end - 1][:, None])]
+    )
     loss = -main.mean()
     llava = torch.tensor([s.llava for s in segments], device=ids.device)
     if suffix_positions and bool(llava.any()):

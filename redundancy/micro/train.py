@@ -258,7 +258,9 @@ class PatchHead(torch.nn.Module):
     projected image features, one per target (vision pretraining only; not part of the
     shipped model)."""
 
-    def __init__(self, hidden: int, targets: list[str], sparse_weight: float = 0.0, position_weight: float = 1.0) -> None:
+    def __init__(
+        self, hidden: int, targets: list[str], sparse_weight: float = 0.0, position_weight: float = 1.0
+    ) -> None:
         super().__init__()
         check_targets(targets)
         self.targets = list(targets)
@@ -324,7 +326,9 @@ def patch_loss(head: PatchHead, logits: list[torch.Tensor], targets: torch.Tenso
     loss = ce(logits[0].flatten(0, 1), targets[:, 0].flatten())
     for i, (name, lg) in enumerate(zip(head.targets[1:], logits[1:]), start=1):
         if name in REGRESSION_TARGETS:
-            loss = loss + head.position_weight * torch.nn.functional.mse_loss(lg[fg][:, 0], _position(targets[:, i][fg], side))
+            loss = loss + head.position_weight * torch.nn.functional.mse_loss(
+                lg[fg][:, 0], _position(targets[:, i][fg], side)
+            )
             continue
         loss = loss + ce(lg[fg], targets[:, i][fg])
         on = targets[:, i] > 0
@@ -540,7 +544,8 @@ def check_config(cfg: TrainConfig) -> None:
         unknown = set(stage.families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"stage {stage.name!r}: families {sorted(unknown)} are unknown; choose from {FAMILIES} "
-                             f"(the training-only {sorted(TRAINING_ONLY)} questions are extras: weigh them in `extras`)")
+                             f"(the training-only {sorted(TRAINING_ONLY)} questions are extras: "
+                             "weigh them in `extras`)")
         if set(stage.extras) - {*FAMILIES, *TRAINING_ONLY}:
             raise ValueError(f"stage {stage.name!r}: extras {sorted(stage.extras)} must be among "
                              f"{[*FAMILIES, *TRAINING_ONLY]}")
@@ -608,7 +613,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device).train()
     val = draw(cfg.stages[-1], shape, cfg.seed, 0, cfg.eval_size, split="val")
     log_file = (out / "log.jsonl").open("a")
-    aux = None  # the auxiliary head (TrainConfig.aux_weight), made at the first vqa stage and wherever the targets change
+    # the auxiliary head (TrainConfig.aux_weight), made at the first vqa stage and wherever the targets change
+    aux = None
     source = last if (last / "trainer_state.json").exists() else Path(cfg.init_from) if cfg.init_from else None
 
     for si in range(progress["stage"], len(cfg.stages)):
@@ -639,7 +645,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         use_drop = stage.drop and not schedule.is_vanilla
         ctx = apply_schedule(model, schedule, trace=False) if use_drop else contextlib.nullcontext()
         wall = progress["wall_s"].get(stage.name, 0.0)
-        bar = tqdm(range(start_step, stage.steps), desc=f"{stage.name} ({stage.layers}L{', pdrop' if use_drop else ''})",
+        bar = tqdm(range(start_step, stage.steps),
+                   desc=f"{stage.name} ({stage.layers}L{', pdrop' if use_drop else ''})",
                    initial=start_step, total=stage.steps, disable=not cfg.progress)
         loss_ema = progress.get("loss_ema") if resumed else None  # a stage resumed at its end keeps its loss
         with ctx:

@@ -50,7 +50,11 @@ STUDY_LAYERS = (2, 8, 16, 24)
 
 def checkpoints(rows: pd.DataFrame) -> str:
     """The checkpoints a figure describes, each with its content fingerprint: ``name (1a2b3c4d5e6f7a8b)``."""
-    pairs = rows[["model", "checkpoint_id"]].drop_duplicates() if "checkpoint_id" in rows else rows[["model"]].drop_duplicates()
+    pairs = (
+        rows[["model", "checkpoint_id"]].drop_duplicates()
+        if "checkpoint_id" in rows
+        else rows[["model"]].drop_duplicates()
+    )
     return ", ".join(f"{r.model} ({r.checkpoint_id})" if "checkpoint_id" in rows else str(r.model)
                      for r in pairs.itertuples())
 

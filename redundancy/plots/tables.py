@@ -69,7 +69,11 @@ def paired_columns(rows: pd.DataFrame, samples: pd.DataFrame | None) -> pd.DataF
     others = rows[rows["method"] != "vanilla"]
     tests = holm([compare(scores(k), ref) for k in others["key"]])
     for index, c in zip(others.index, tests):
-        out.loc[index, names] = [f"{100 * c.diff:+.1f}", f"[{100 * c.low:+.1f}, {100 * c.high:+.1f}]", f"{c.p_holm:.2g}"]
+        out.loc[index, names] = [
+            f"{100 * c.diff:+.1f}",
+            f"[{100 * c.low:+.1f}, {100 * c.high:+.1f}]",
+            f"{c.p_holm:.2g}",
+        ]
     return out.fillna("-")
 
 
