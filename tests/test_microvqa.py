@@ -19,7 +19,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from redundancy.data import load_dataset, normalize_answer
+from redundancy.data import evidence_position, evidence_positions, load_dataset, normalize_answer, patch_indices
 from redundancy.micro import microvqa as mv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,10 +307,10 @@ def test_edge_targets_mark_the_answer_of_every_neighbour_question(train_examples
 
 
 def test_patch_indices() -> None:
-    assert mv.patch_indices([0, 0, 4], 96, 4) == [0]
-    assert mv.patch_indices([4, 4, 8], 96, 4) == [25, 26, 49, 50]
-    assert mv.patch_indices([5, 0, 4], 96, 4) == [1, 2]  # straddles two patches
-    assert len(mv.patch_indices([0, 0, 96], 96, 4)) == 576
+    assert patch_indices([0, 0, 4], 96, 4) == [0]
+    assert patch_indices([4, 4, 8], 96, 4) == [25, 26, 49, 50]
+    assert patch_indices([5, 0, 4], 96, 4) == [1, 2]  # straddles two patches
+    assert len(patch_indices([0, 0, 96], 96, 4)) == 576
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,15 +406,15 @@ def question(*boxes: list[int], evidence: list[int] | None = None) -> dict:
     ],
 )
 def test_evidence_position_rule(record: dict, position: str) -> None:
-    assert mv.evidence_position(record, 96) == position
+    assert evidence_position(record, 96) == position
 
 
 def test_evidence_positions_of_the_committed_test_set() -> None:
-    positions = mv.evidence_positions(TEST_SET)
+    positions = evidence_positions(TEST_SET)
     records = [json.loads(line) for line in (TEST_SET / "questions.jsonl").read_text().splitlines()]
     assert list(positions) == [r["question_id"] for r in records]
     counts = Counter(positions.values())
     assert set(counts) == set(mv.EVIDENCE_POSITIONS) and min(counts.values()) >= 100
     for r in records:  # every top question's evidence patches lie in the top rows of the 12 x 12 token grid
         if positions[r["question_id"]] == "top":
-            assert all(i // 12 < 6 for j in r["evidence"] for i in mv.patch_indices(r["objects"][j]["box"], 96, 8))
+            assert all(i // 12 < 6 for j in r["evidence"] for i in patch_indices(r["objects"][j]["box"], 96, 8))
