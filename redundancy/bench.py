@@ -1,7 +1,7 @@
 """Prefill and decode latency, memory, KV cache and ranking overhead of the drop engine.
 
     python -m redundancy.bench checkpoint=<shipped name or HF dir> threads=1  # trained weights, CPU
-    python -m redundancy.bench                                     # random-init micro shape (32 layers, 576 image tokens)
+    python -m redundancy.bench                                     # random-init micro (32 layers, 576 image tokens)
     python -m redundancy.bench preset=llava-1.5-7b                 # on a GPU: published shape, bfloat16
     python -m redundancy.bench preset=llava-next-7b out=bench.json
 
@@ -55,7 +55,7 @@ from redundancy.engine import apply_schedule
 from redundancy.evaluate import prompts
 from redundancy.flops import flops_report
 from redundancy.loading import TEST_SET, load_model, resolve, resolve_device, resolve_dtype
-from redundancy.models.factory import build_model, config_from_dims
+from redundancy.models.factory import Family, build_model, config_from_dims
 from redundancy.models.llava_next import next_image_layout
 from redundancy.presets import DEFAULT_N_TEXT, PRESETS, ModelDims, get_preset
 from redundancy.schedule import METHOD_SPECS, DropSchedule, check_ratio
@@ -135,8 +135,14 @@ def schedules_for(cfg: BenchConfig) -> dict[str, DropSchedule]:
     unknown = [m for m in cfg.methods if m not in METHOD_SPECS]
     if unknown:
         raise ValueError(f"method={unknown[0]!r} is unknown; choose one of {list(METHOD_SPECS)}")
-    given = {k: v for k, v in asdict(cfg).items() if k in ("layer", "ratio", "K", "R", "layers", "lam", "ranker", "rank_layer")}
-    specs = {m: METHOD_SPECS[m](**{k: v for k, v in given.items() if k in _fields(METHOD_SPECS[m])}) for m in cfg.methods}
+    given = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k in ("layer", "ratio", "K", "R", "layers", "lam", "ranker", "rank_layer")
+    }
+    specs = {
+        m: METHOD_SPECS[m](**{k: v for k, v in given.items() if k in _fields(METHOD_SPECS[m])}) for m in cfg.methods
+    }
     return {m: DropSchedule.from_spec(spec) for m, spec in specs.items()}
 
 
@@ -179,14 +185,18 @@ def load_subject(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> 
     """A trained model (``cfg.checkpoint``) with processor inputs, or a random-init ``cfg.preset``."""
     if cfg.checkpoint is not None:
         if cfg.checkpoint in STAND_INS or cfg.checkpoint in PRESETS:
-            raise ValueError(f"checkpoint={cfg.checkpoint!r} is a preset shape: use preset={cfg.checkpoint} (random init)")
+            raise ValueError(
+                f"checkpoint={cfg.checkpoint!r} is a preset shape: use preset={cfg.checkpoint} (random init)"
+            )
         model, processor = load_model(cfg.checkpoint, dtype=dtype, device=device, attn_implementation=cfg.attn)
         inputs, weights, name = processor_inputs(processor, cfg.batch_size), "trained", cfg.checkpoint
     else:
         dims = preset_dims(cfg.preset)
-        family = "llava_next" if "next" in (cfg.preset or "") else "llava"
+        family: Family = "llava_next" if "next" in (cfg.preset or "") else "llava"
         with torch.device(device):  # initialise on the device: a 7B model in seconds, not minutes
-            model = build_model(config_from_dims(dims, family), attn_implementation=cfg.attn, dtype=dtype, seed=cfg.seed)
+            model = build_model(
+                config_from_dims(dims, family), attn_implementation=cfg.attn, dtype=dtype, seed=cfg.seed
+            )
         inputs, weights, name = random_inputs(model, dims.n_text, cfg.batch_size, cfg.seed), "random init", dims.name
     inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
     ids = inputs["input_ids"]
@@ -316,7 +326,9 @@ def variants(subject: Subject, schedules: dict[str, DropSchedule], cfg: BenchCon
     plans: dict[str, StagePlan] = {}
     try:
         if cfg.ideal:
-            plans.update({name + IDEAL: ideal_plan(model, inputs, s) for name, s in schedules.items() if not s.is_vanilla})
+            plans.update(
+                {name + IDEAL: ideal_plan(model, inputs, s) for name, s in schedules.items() if not s.is_vanilla}
+            )
         plans.update({peer: fastv_eager_plan(model, inputs, cfg.K, cfg.R) for peer in cfg.peers})
     except ValueError as err:  # a left-padded batch (a checkpoint's prompts at batch > 1)
         return out, f"ideal and peers not run: {err}"
@@ -593,7 +605,9 @@ def check(cfg: BenchConfig) -> None:
         dims = preset_dims(cfg.preset)
     else:
         if cfg.checkpoint in STAND_INS or cfg.checkpoint in PRESETS:
-            raise ValueError(f"checkpoint={cfg.checkpoint!r} is a preset shape: use preset={cfg.checkpoint} (random init)")
+            raise ValueError(
+                f"checkpoint={cfg.checkpoint!r} is a preset shape: use preset={cfg.checkpoint} (random init)"
+            )
         model_dir = resolve(cfg.checkpoint)
         check_weights(model_dir)
         questions = len(load_dataset(TEST_SET))

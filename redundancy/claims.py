@@ -139,7 +139,9 @@ def missing(*what: str) -> Outcome:
     return Outcome("-", "-", MISSING, missing=list(what))
 
 
-def directional(named: Sequence[tuple[str, Comparison]], alpha: float = ALPHA) -> tuple[str, list[tuple[str, Comparison]]]:
+def directional(
+    named: Sequence[tuple[str, Comparison]], alpha: float = ALPHA
+) -> tuple[str, list[tuple[str, Comparison]]]:
     """Verdict of a claim that every comparison (``a - b``, claimed ``> 0``) holds, Holm across them."""
     adjusted = holm([c for _, c in named])
     out = [(name, c) for (name, _), c in zip(named, adjusted)]
@@ -274,7 +276,8 @@ def claim_attention(inp: Inputs) -> Outcome:
               compare_differences(stats[deep, "top"][ok] - stats[shallow, "top"][ok]))]
     verdict, named = directional(named)
     mean = {key: float(v[ok].mean()) for key, v in stats.items()}
-    number = (f"entropy {mean[shallow, 'entropy']:.2f} (layer {shallow}) vs {mean[deep, 'entropy']:.2f} (layer {deep}); "
+    number = (f"entropy {mean[shallow, 'entropy']:.2f} (layer {shallow}) "
+              f"vs {mean[deep, 'entropy']:.2f} (layer {deep}); "
               f"top-10% mass {mean[shallow, 'top']:.2f} vs {mean[deep, 'top']:.2f}")
     return Outcome(number, f"{int(ok.sum())} questions", verdict, named,
                    note="normalised entropy of the image attention; the recorded questions of the maps artefact")
@@ -403,7 +406,8 @@ def claim_training_cost(inp: Inputs) -> Outcome:
     time_ratio = walls[1] / walls[0]
     flops_ratio = float(pdrop["full_tflops"]) / float(van["full_tflops"])
     verdict = REPRODUCED if abs(time_ratio - flops_ratio) <= TIME_TOLERANCE else REVERSED
-    return Outcome(f"{'+'.join(differ)}: {time_ratio:.2f} of vanilla's time; full-sequence FLOPs ratio {flops_ratio:.2f}",
+    return Outcome(f"{'+'.join(differ)}: {time_ratio:.2f} of vanilla's time; "
+                   f"full-sequence FLOPs ratio {flops_ratio:.2f}",
                    "1 run each", verdict,
                    note=f"no interval (one timed run per model): verdict by a tolerance of {TIME_TOLERANCE:.2f}")
 
@@ -472,7 +476,9 @@ def claim_positional_tokens(inp: Inputs) -> Outcome:
     named, numbers = [], []
     for name, last, norope in pairs:
         a, b = kept_share(inp, last, "kept_bottom"), kept_share(inp, norope, "kept_bottom")
-        named.append((f"{name}: bottom share, last minus norope", compare_differences((a - b.reindex(a.index)).to_numpy())))
+        named.append(
+            (f"{name}: bottom share, last minus norope", compare_differences((a - b.reindex(a.index)).to_numpy()))
+        )
         named.append((f"{name}: bottom share of last minus 0.5", compare_differences((a - 0.5).to_numpy())))
         numbers.append(f"{name}: last {a.mean():.2f}, norope {b.mean():.2f}")
     verdict, named = directional(named)
@@ -557,8 +563,8 @@ def claim_fastv_definition(inp: Inputs) -> Outcome:
     pairs, absent = study_pairs(inp, "mean", "last")
     if not pairs:
         return not_run(*absent)
-    named = holm([compare(per_question(inp, a), per_question(inp, b)) for _, a, b in pairs])
-    named = [(f"{name}: mean minus last", c) for (name, _, _), c in zip(pairs, named)]
+    compared = holm([compare(per_question(inp, a), per_question(inp, b)) for _, a, b in pairs])
+    named = [(f"{name}: mean minus last", c) for (name, _, _), c in zip(pairs, compared)]
     if any(c.direction() != 0 for _, c in named):
         verdict = REPRODUCED
     elif all(-EQUIVALENCE_MARGIN <= c.low and c.high <= EQUIVALENCE_MARGIN for _, c in named):

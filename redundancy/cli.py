@@ -61,6 +61,7 @@ def _config_keys(folder: Path, name: str) -> tuple[bool, set[str]]:
     if not path.is_file():
         return False, set()
     config = OmegaConf.load(path)
+    assert isinstance(config, DictConfig), f"{path}: a command's config is a mapping"
     has_method, keys = False, {str(k) for k in config.keys()}
     for entry in config.get("defaults") or []:
         if isinstance(entry, DictConfig):

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from redundancy.models import FamilyAdapter, adapter_for
+from redundancy.models import FamilyAdapter, HFModule, adapter_for
 from redundancy.priors import PRIOR_FLOOR, Prior, ranking_layers, resolve_prior
 from redundancy.ranking import (
     pack_priorities,
@@ -83,7 +83,7 @@ _DEFERRED_RANKERS = ("norope", *_SINK_RANKERS)
 
 
 def _probing_attention(
-    module: nn.Module,
+    module: HFModule,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -330,7 +330,7 @@ class _DecodeMasks:
 class _DecodeState:
     cache: Cache
     stages: list[_Stage]
-    offsets: torch.Tensor  # [groups, batch] long: stage position ids minus the original ones
+    offsets: torch.Tensor | None  # [groups, batch] long: stage position ids minus the original ones (None: kept)
     masks: _DecodeMasks
     next_position: int  # HF's default position for the next token (first layer's cache length)
 
@@ -368,7 +368,9 @@ def _plan_layouts(
     width, all_valid = length, all(v == length for v in n_valid)
     plan = []
     for ratio in ratios:
-        counts = [p if u or not dropping else min(p, kept_count(n, ratio)) for n, p, u in zip(n_image, present, untouched)]
+        counts = [
+            p if u or not dropping else min(p, kept_count(n, ratio)) for n, p, u in zip(n_image, present, untouched)
+        ]
         drops = counts != present
         if drops:
             rows = [r - p + c for r, p, c in zip(rows, present, counts)]
@@ -396,7 +398,7 @@ class _LayerInputs:
 
 
 @contextlib.contextmanager
-def _reusing(layer: nn.Module, inputs: _LayerInputs | None) -> Iterator[None]:
+def _reusing(layer: HFModule, inputs: _LayerInputs | None) -> Iterator[None]:
     """Layer K run right after ranking with its own modules: its input norm and key
     projection return the rows the ranking already computed instead of computing them
     again (both act row by row, so the numbers are the same)."""
@@ -429,7 +431,9 @@ def _substitute(module: nn.Module, given: torch.Tensor, result: torch.Tensor) ->
             module.forward = own
 
 
-def _to_ordinals(values: torch.Tensor, ordinal: torch.Tensor, present: torch.Tensor, n_image: list[int]) -> list[torch.Tensor]:
+def _to_ordinals(
+    values: torch.Tensor, ordinal: torch.Tensor, present: torch.Tensor, n_image: list[int]
+) -> list[torch.Tensor]:
     """Per row, ``values`` ``[batch, n]`` placed at the original image-token index
     (NaN where the token is not present)."""
     b, _ = values.shape
@@ -610,7 +614,7 @@ class DropEngine:
         )
 
     def _encode_scoring(
-        self, encode: Callable[..., Any], pixel_values: torch.Tensor, args: tuple, kwargs: dict
+        self, encode: Callable[..., Any], pixel_values: torch.Tensor | None, args: tuple, kwargs: dict
     ) -> Any:
         """``encode(*args, **kwargs)`` while a hook hands the ``vision_cls`` layer's input to the
         score; features encoded before without it (the grid runner encodes a batch's images once)
@@ -625,6 +629,7 @@ class DropEngine:
         finally:
             hook.remove()
         if not inputs:
+            assert pixel_values is not None, "vision_cls: features encoded before, without their pixel_values"
             inputs.append(self.adapter.cls_layer_input(pixel_values))
         self._pending.setdefault("vision_cls", []).extend(self.adapter.cls_scores(h) for h in inputs)
         return out
@@ -672,12 +677,14 @@ class DropEngine:
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=lm.config)
         if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
-            raise ValueError(f"only DynamicCache is supported (stage caches differ in length), got {type(past_key_values).__name__}")
+            raise ValueError(
+                f"only DynamicCache is supported (stage caches differ in length), got {type(past_key_values).__name__}"
+            )
         cache = past_key_values if use_cache else None
         if cache is not None and cache.get_seq_length() > 0:
             hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache)
             return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
-        b, length, _ = inputs_embeds.shape
+        b, length, _width = inputs_embeds.shape  # `_` is the **kwargs catch-all here
         dev = inputs_embeds.device
         pos = self.adapter.positions(position_ids, b, length, 0, dev)  # [components, batch, n]
         # HF reads restarting sequence positions as packed sequences only without a padding
@@ -892,7 +899,9 @@ class DropEngine:
         for s in range(len(starts) - 1):
             start, end = starts[s], starts[s + 1]
             probes: dict[int, list[_QueryProbe]] = {}
-            recorders = {li: _QueryProbe(*rank_rows) for li in self.record_layers if start <= li < end} if rank_rows else {}
+            recorders = (
+                {li: _QueryProbe(*rank_rows) for li in self.record_layers if start <= li < end} if rank_rows else {}
+            )
             for li, probe in recorders.items():
                 probes.setdefault(li, []).append(probe)
             scorer = None
@@ -901,6 +910,7 @@ class DropEngine:
                 deferred = sched.ranker in _DEFERRED_RANKERS
                 scorer = None if deferred else recorders.get(end - 1)
                 if scorer is None:
+                    assert rank_rows is not None  # made wherever the schedule drops
                     scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch, keep_inputs=deferred)
                     probes.setdefault(end - 1, []).append(scorer)
             if s == 0 and self.first_stage is not None:  # shared-prefix hook (redundancy.grid)
@@ -1039,6 +1049,7 @@ class DropEngine:
             else:
                 assert rank_rows is not None
                 if scorer is not None:
+                    assert scorer.inputs is not None  # the branch above took the probe without inputs
                     q, k, scaling = scorer.inputs
                 else:  # rank_layer == "next": layer K's norm and q/k on the states leaving layer K-1
                     proj = self.adapter.ranking_qk(boundary, hidden, pe, rank_rows[0])

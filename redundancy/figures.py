@@ -14,11 +14,13 @@ Settings: ``redundancy/conf/figures/figures.yaml``.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import matplotlib
@@ -121,8 +123,8 @@ def trained_models(cfg: FiguresConfig) -> dict[str, str]:
 
 def result_figures(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None) -> dict[str, Draw]:
     """The figures drawn from result rows, by file name."""
-    one = {"model": cfg.model, "data": cfg.data, "ranker": cfg.ranker}
-    study = {"ratio": cfg.rankers_ratio, "data": cfg.data, "rankers": cfg.rankers}
+    one: dict[str, Any] = {"model": cfg.model, "data": cfg.data, "ranker": cfg.ranker}
+    study: dict[str, Any] = {"ratio": cfg.rankers_ratio, "data": cfg.data, "rankers": cfg.rankers}
     kept = {f"fig_rankers_kept_layer{k}": lambda k=k: spatial.kept_heatmap_figure(rows, cfg.model, k, **study)
             for k in cfg.layers}
     return {
@@ -165,12 +167,14 @@ def page_rows(record: MapRecord, rows: int) -> list[int]:
 def map_figures(cfg: FiguresConfig, tag: str, record: MapRecord) -> dict[str, Draw]:
     """The figures drawn from one attention-map artefact (``<tag>.npz``), by file name."""
     out: dict[str, Draw] = {
-        f"fig1b_attention_{tag}": lambda: images.attention_figure(record, cfg.map_layers, page_rows(record, cfg.map_rows)),
+        f"fig1b_attention_{tag}": lambda: images.attention_figure(
+            record, cfg.map_layers, page_rows(record, cfg.map_rows)
+        ),
         f"fig5_retained_{tag}": lambda: images.retained_figure(record, page_rows(record, cfg.map_rows)),
     }
     if cfg.every_layer:
         for q, item in enumerate(record.questions):
-            out[f"fig1b_layers_{tag}_{item.question_id}"] = lambda q=q: images.attention_layers_figure(record, q)
+            out[f"fig1b_layers_{tag}_{item.question_id}"] = functools.partial(images.attention_layers_figure, record, q)
     return out
 
 
@@ -196,9 +200,9 @@ def claims_of(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | No
 
 def claim_figures(table: list[claims.Row]) -> dict[str, Callable[[], Figure]]:
     """One figure per claim with comparisons, ``claim_<#>`` (:func:`redundancy.plots.forest.claim_figure`)."""
-    return {f"claim_{row.claim.number:02d}": lambda row=row: claim_figure(
-        row.claim.number, row.claim.statement, row.outcome.verdict, row.outcome.n, row.outcome.comparisons,
-        row.outcome.margin) for row in table if row.outcome.comparisons}
+    return {f"claim_{row.claim.number:02d}": functools.partial(
+        claim_figure, row.claim.number, row.claim.statement, row.outcome.verdict, row.outcome.n,
+        row.outcome.comparisons, row.outcome.margin) for row in table if row.outcome.comparisons}
 
 
 def write_claims_of(cfg: FiguresConfig, rows: pd.DataFrame, samples: pd.DataFrame | None,
@@ -224,14 +228,19 @@ def run(cfg: FiguresConfig) -> str:
     draws.update(claim_figures(table))
     for tag, record in records.items():
         draws.update(map_figures(cfg, tag, record))
-    jobs: dict[str, Job] = {
-        name: lambda name=name, draw=draw: save_figure(draw(), name, cfg.figures, cfg.formats, cfg.dpi)
-        for name, draw in draws.items()
-    }
-    jobs.update({name: lambda name=name, make=make: tables.write_table(make(), name, cfg.tables)
-                 for name, make in result_tables(cfg, rows, samples).items()})
+
+    def saving(name: str, draw: Draw) -> Job:
+        return lambda: save_figure(draw(), name, cfg.figures, cfg.formats, cfg.dpi)
+
+    def writing(name: str, make: Callable[[], tables.Table]) -> Job:
+        return lambda: tables.write_table(make(), name, cfg.tables)
+
+    jobs = {name: saving(name, draw) for name, draw in draws.items()}
+    jobs.update({name: writing(name, make) for name, make in result_tables(cfg, rows, samples).items()})
     jobs["claims"] = lambda: [claims.write_claims(claim_inputs, cfg.claims, cfg.store, table)]
-    outputs = [build(name, job) for name, job in tqdm(jobs.items(), desc="figures", unit="file", disable=not cfg.progress)]
+    outputs = [
+        build(name, job) for name, job in tqdm(jobs.items(), desc="figures", unit="file", disable=not cfg.progress)
+    ]
     if not records:
         outputs.append(Output("fig1b / fig5", skipped=f"no attention-map artefacts in {cfg.maps}; "
                               "run: python -m redundancy.maps"))

@@ -285,7 +285,7 @@ def _check_budget(budget_tflops: float, lowest: int, highest: int, what: str) ->
     return budget
 
 
-def fastv_ratio_for_budget(dims: ModelDims, budget_tflops: float, K: int = 2, **schedule_opts: object) -> float:
+def fastv_ratio_for_budget(dims: ModelDims, budget_tflops: float, K: int = 2, **schedule_opts: Any) -> float:
     """FastV's drop fraction ``R`` (layer ``K`` fixed) with image-part cost <= ``budget_tflops``.
 
     Kept counts are floored, so the cost is a step function of ``R``; the answer
@@ -304,7 +304,7 @@ def fastv_ratio_for_budget(dims: ModelDims, budget_tflops: float, K: int = 2, **
 
 
 def pdrop_lambda_for_budget(
-    dims: ModelDims, budget_tflops: float, layers: Sequence[int] = (8, 16, 24), **opts: object
+    dims: ModelDims, budget_tflops: float, layers: Sequence[int] = (8, 16, 24), **opts: Any
 ) -> float:
     """PyramidDrop's ``lam`` (``layers`` fixed) with image-part cost <= ``budget_tflops``.
 
@@ -363,7 +363,8 @@ def solve_budget(cfg: FlopsConfig, dims: ModelDims) -> tuple[FlopsConfig, str]:
         return replace(cfg, method=replace(m, R=R)), f"{head} -> FastV K={m.K}: R={R:.6f}"
     if isinstance(m, PDropSpec):
         lam = pdrop_lambda_for_budget(dims, cfg.budget, layers=tuple(m.layers), **_rank_opts(m))
-        return replace(cfg, method=replace(m, lam=lam, ratios=None)), f"{head} -> PyramidDrop layers={m.layers}: lam={lam:.6f}"
+        note = f"{head} -> PyramidDrop layers={m.layers}: lam={lam:.6f}"
+        return replace(cfg, method=replace(m, lam=lam, ratios=None)), note
     raise ValueError(f"budget={cfg.budget} applies to method=fastv or method=pdrop, not method={m.name!r}")
 
 

@@ -197,8 +197,8 @@ class DropSchedule:
                 raise ValueError(f"boundaries must be strictly increasing, got {list(self.boundaries)}")
         for r in self.ratios:
             check_ratio(r)
-        for a, b in zip(self.ratios, self.ratios[1:]):
-            if b > a:
+        for earlier, later in zip(self.ratios, self.ratios[1:]):
+            if later > earlier:
                 raise ValueError(
                     f"ratios must not increase from stage to stage (dropped tokens do not come back), "
                     f"got {list(self.ratios)}"

@@ -95,7 +95,7 @@ def _next_image(height: int, width: int, cfg: Any) -> tuple[list[str], np.ndarra
 
     size, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
     (g, _), (h, w1) = next_image_layout(height, width, size, patch, cfg.image_grid_pinpoints)
-    best_h, best_w = select_best_resolution([height, width], cfg.image_grid_pinpoints)
+    best_h, best_w = select_best_resolution((height, width), cfg.image_grid_pinpoints)
     full_h, full_w = best_h // size * g, best_w // size * g
     w = w1 - 1
     top, left = (full_h - h) // 2, (full_w - w) // 2  # what unpadding cut from each side
@@ -106,7 +106,9 @@ def _next_image(height: int, width: int, cfg: Any) -> tuple[list[str], np.ndarra
     return names, np.concatenate([np.arange(g * g), np.arange(h * w1)]), crops
 
 
-def _pack(n_image: Sequence[int], images: Sequence[tuple[list[str], np.ndarray, np.ndarray | None]]) -> list[ImageLayout]:
+def _pack(
+    n_image: Sequence[int], images: Sequence[tuple[list[str], np.ndarray, np.ndarray | None]]
+) -> list[ImageLayout]:
     """Per row, its images' layouts in batch order (a row whose count does not match: a sequence)."""
     out, it = [], iter(images)
     for n in n_image:
@@ -122,7 +124,8 @@ def _pack(n_image: Sequence[int], images: Sequence[tuple[list[str], np.ndarray, 
         if len(names) != n or not cells:
             out.append(_sequence(n))
             continue
-        crop = None if any(c is None for c in crops) else np.concatenate(crops)
+        present = [c for c in crops if c is not None]
+        crop = np.concatenate(present) if len(present) == len(crops) else None
         out.append(ImageLayout(names, np.concatenate(cells), crop))
     return out
 
@@ -238,8 +241,9 @@ def question_diagnostics(
         for b, record in enumerate(records):
             kept = record.kept[i].numpy().astype(np.int64)
             counts = _count(layout, kept)
-            if sinks[b] is not None:
-                found = sinks[b][i]
+            sink = sinks[b]
+            if sink is not None:
+                found = sink[i]
                 counts["sinks"] = int(np.isin(kept, found).sum())
                 counts["sinks_present"] = int(len(found))
             entry["boundaries"].append(counts)
@@ -262,12 +266,13 @@ def _add(total: Any, part: Any) -> Any:
 def summarise(questions: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
     """The row's ``spatial`` field: the per-question counts summed, grids as ``H x W`` arrays with their
     row and column sums (``rows``, ``cols``); None unless every question was counted."""
-    if not questions or any(q is None for q in questions):
+    counted = [q for q in questions if q is not None]
+    if not questions or len(counted) < len(questions):
         return None
-    first = questions[0]
-    layers = list(first["layers"])
-    image, boundaries = None, [None] * len(layers)
-    for q in questions:
+    layers = list(counted[0]["layers"])
+    image: Any = None
+    boundaries: list[Any] = [None] * len(layers)
+    for q in counted:
         if list(q["layers"]) != layers:
             return None
         image = _add(image, q["image"])

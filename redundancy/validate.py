@@ -103,7 +103,8 @@ def _command_line_problem(config_dir: Path, config_name: str, argv: list[str],
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         loader = GlobalHydra.instance().config_loader()
-        groups = [o for o in overrides if loader.repository.group_exists(o.key_or_group)]
+        # repository: on hydra's ConfigLoaderImpl, the loader it always returns, not on the abstract ConfigLoader
+        groups = [o for o in overrides if loader.repository.group_exists(o.key_or_group)]  # type: ignore[attr-defined]
         values = [o for o in overrides if o not in groups]
         swept = next((o for o in values if o.is_sweep_override()), None)
         if swept is not None and not args.multirun:
@@ -202,7 +203,7 @@ def _keys(cfg: Any, prefix: str = "") -> list[str]:
     out = []
     items = cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else enumerate(cfg)
     for k, _ in items:
-        key = f"{prefix}{k}"
+        key = prefix + str(k)
         out.append(key)
         child = cfg._get_node(k)
         if isinstance(child, (DictConfig, ListConfig)) and not child._is_missing() and not child._is_none():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from redundancy.models.base import FamilyAdapter
+from redundancy.models.base import FamilyAdapter, HFModule
 from redundancy.models.llava import LlavaAdapter
 from redundancy.models.llava_next import LlavaNextAdapter
 from redundancy.models.qwen2_vl import Qwen2VLAdapter
@@ -22,4 +22,4 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
     raise ValueError(f"model_type={model_type!r} is not supported; supported families: {known}")
 
 
-__all__ = ["ADAPTERS", "FamilyAdapter", "LlavaAdapter", "LlavaNextAdapter", "Qwen2VLAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "FamilyAdapter", "HFModule", "LlavaAdapter", "LlavaNextAdapter", "Qwen2VLAdapter", "adapter_for"]

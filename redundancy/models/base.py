@@ -29,6 +29,9 @@ from torch import nn
 from redundancy.ranking import Grid, grid_cells, grid_priorities
 
 PositionEmbeddings = tuple[torch.Tensor, torch.Tensor]
+HFModule = Any
+"""An HF module of a supported family: its sub-modules and config fields are family-specific, and
+torch's stubs type every ``nn.Module`` attribute as ``Tensor | Module``, so the adapters read them untyped."""
 
 
 class RankingProjections(NamedTuple):
@@ -56,19 +59,19 @@ class FamilyAdapter:
     :meth:`image_grids`)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model: HFModule = model
 
     # ------------------------------------------------------------ module paths
     @property
-    def multimodal(self) -> nn.Module:
+    def multimodal(self) -> HFModule:
         return self.model.model
 
     @property
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> HFModule:
         return self.multimodal.language_model
 
     @property
-    def layers(self) -> nn.ModuleList:
+    def layers(self) -> HFModule:
         return self.language_model.layers
 
     @property
@@ -172,7 +175,7 @@ class FamilyAdapter:
         return eager_attention_forward
 
     # ------------------------------------------------------ vision_cls score
-    def cls_layer(self) -> nn.Module:
+    def cls_layer(self) -> HFModule:
         """The vision-tower layer whose [CLS] attention ranks for ``vision_cls``; families
         without a [CLS] token whose patches map one to one onto image tokens raise."""
         raise ValueError(

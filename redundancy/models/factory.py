@@ -28,8 +28,9 @@ from transformers import (
 
 from redundancy.presets import ModelDims
 
-Family = Literal["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
-QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+QwenVLFamily = Literal["qwen2_vl", "qwen2_5_vl"]
+Family = Literal["llava", "llava_next", QwenVLFamily]
+QWEN_VL_FAMILIES: tuple[QwenVLFamily, ...] = ("qwen2_vl", "qwen2_5_vl")
 TextBackbone = Literal["llama", "mistral", "qwen2"]
 
 _CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -69,7 +70,8 @@ def tiny_config(
     dims = ModelDims(
         name="tiny", num_layers=layers, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, vocab=vocab,
         n_image=side * side, n_text=16, vision_layers=2, vision_hidden=32, vision_ffn=64, vision_heads=2,
-        vision_tokens=side * side + 1, vision_patch=patch_size, vision_crops=1, projector_in=32, projector_hidden=hidden,
+        vision_tokens=side * side + 1, vision_patch=patch_size, vision_crops=1, projector_in=32,
+        projector_hidden=hidden,
     )
     return config_from_dims(dims, family, text=text, **overrides)
 
@@ -118,7 +120,7 @@ def config_from_dims(
 
 
 def tiny_qwen_vl_config(
-    family: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl",
+    family: QwenVLFamily = "qwen2_vl",
     *,
     layers: int = 4,
     hidden: int = 64,
@@ -151,7 +153,7 @@ def tiny_qwen_vl_config(
         "depth": 2, "num_heads": 2, "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2,
         "in_channels": 3,
     }
-    ids = {
+    ids: dict[str, Any] = {
         "image_token_id": vocab - 1, "video_token_id": vocab - 2,
         "vision_start_token_id": vocab - 3, "vision_end_token_id": vocab - 4,
     }

@@ -17,9 +17,8 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
-from redundancy.models.base import FamilyAdapter
+from redundancy.models.base import FamilyAdapter, HFModule
 from redundancy.ranking import Grid, cls_attention
 
 
@@ -27,7 +26,7 @@ class LlavaAdapter(FamilyAdapter):
     family = "llava"
     model_types = ("llava",)
 
-    def cls_layer(self) -> nn.Module:
+    def cls_layer(self) -> HFModule:
         """The CLIP layer whose output LLaVA feeds the LLM (``vision_feature_layer``: the
         tower's last layer for the micro models, the second-to-last for LLaVA-1.5). Needs the
         ``default`` feature selection (the [CLS] token is not an image token) and one feature layer."""
@@ -43,7 +42,7 @@ class LlavaAdapter(FamilyAdapter):
         return layers[feature % (len(layers) + 1) - 1]  # hidden_states[j] is the output of layer j - 1
 
     @property
-    def _vision_layers(self) -> nn.ModuleList:
+    def _vision_layers(self) -> HFModule:
         tower = self.multimodal.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers  # older transformers nest the encoder
 

@@ -31,7 +31,7 @@ def next_image_layout(
     from transformers.image_processing_utils import select_best_resolution  # heavy: loaded on first use
 
     g = image_size // patch_size
-    best_h, best_w = select_best_resolution([height, width], pinpoints)
+    best_h, best_w = select_best_resolution((height, width), pinpoints)
     cur_h, cur_w = best_h // image_size * g, best_w // image_size * g
     if width / height > cur_w / cur_h:
         new_h = int(round(height * (cur_w / width), 7))

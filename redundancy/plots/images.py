@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 
 from redundancy.plots.frames import NothingToDraw, note_missing
 from redundancy.plots.records import MapRecord, evidence_share
@@ -34,7 +35,9 @@ EMPTY_MAP = "no attention on\nthe image (sum 0)"
 # ------------------------------------------------------------------ drawing pieces
 def spaced(fig: Figure) -> Figure:
     """Room between rows of image panels, so that a caption never touches the next row's title."""
-    fig.get_layout_engine().set(h_pad=6 / 72, hspace=0.04)
+    engine = fig.get_layout_engine()
+    assert isinstance(engine, ConstrainedLayoutEngine)  # every figure here is made constrained (style.new_figure)
+    engine.set(h_pad=6 / 72, hspace=0.04)
     return fig
 
 

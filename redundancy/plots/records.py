@@ -97,7 +97,8 @@ def save_maps(record: MapRecord, path: str | Path) -> Path:
         "layers": record.layers, "schedule": record.schedule, "provenance": record.provenance,
         "questions": [asdict(q) for q in record.questions],
     }
-    arrays = {f"image_{i}": np.asarray(img, np.uint8) for i, img in enumerate(record.images)}
+    # Any: numpy's stubs read `**arrays` as savez_compressed's own keywords (allow_pickle: bool)
+    arrays: dict[str, Any] = {f"image_{i}": np.asarray(img, np.uint8) for i, img in enumerate(record.images)}
     buf = io.BytesIO()
     np.savez_compressed(
         buf, meta=np.array(json.dumps(meta)), attention=record.attention.astype(np.float16),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ParamSpec
+from typing import Any, ParamSpec
 
 import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.typing import RcKeyType
 
 FORMATS = ("pdf", "png")
 PAGE_WIDTH = 7.0  # inches: a two-column paper's text width; every figure is drawn at most this wide
@@ -18,7 +19,7 @@ COLUMN_WIDTH = 3.4  # inches: one column
 MIN_FONT = 7  # points at the figure's printed size (figures are drawn at the size they print)
 REFERENCE = "0.25"  # the vanilla reference line and band
 BAND_ALPHA = 0.15
-RC = {
+RC: dict[RcKeyType, Any] = {
     "pdf.fonttype": 42,  # TrueType text in the PDF (editable, searchable)
     "axes.spines.top": False,
     "axes.spines.right": False,
@@ -68,7 +69,7 @@ def pair_palette() -> list[str]:
 
 def new_figure(
     rows: int, cols: int, panel: tuple[float, float] | None = None, width: float = PAGE_WIDTH,
-    aspect: float = 0.8, extra: float = 0.6, **kw: object,
+    aspect: float = 0.8, extra: float = 0.6, **kw: Any,
 ) -> tuple[Figure, np.ndarray]:
     """A figure of ``rows x cols`` panels (a 2-D array of axes), constrained layout, no pyplot state;
     ``width`` inches wide (the page by default), panels ``aspect`` as high as wide, or ``panel``
@@ -85,7 +86,7 @@ def new_figure(
     return fig, axes
 
 
-def panel_grid(panels: int, cols: int = 3, aspect: float = 0.8, **kw: object) -> tuple[Figure, list[Axes], Axes | None]:
+def panel_grid(panels: int, cols: int = 3, aspect: float = 0.8, **kw: Any) -> tuple[Figure, list[Axes], Axes | None]:
     """``panels`` panels on a page-wide grid of ``cols`` columns (never a one-row strip); returns the
     figure, the panels' axes and the first unused slot (for the legend; further ones stay blank) or
     ``None`` when the panels fill the grid."""
