@@ -92,14 +92,17 @@ def test_rankers_are_selectable_and_recorded() -> None:
 def test_every_entry_point_takes_the_name(ranker: str) -> None:
     """The sweep's method config, the lmms-eval model arguments and the FLOPs / bench config
     build a schedule with the ranker; a misspelt name lists it among the choices."""
-    from redundancy.flops import FlopsConfig, schedule_from_config
+    from redundancy.bench import BenchConfig, schedules_for
+    from redundancy.flops import FlopsConfig
     from redundancy.lmms.model import schedule_from_args
-    from redundancy.sweep import DropMethod, SweepConfig, schedules_from_config
+    from redundancy.schedule import DropSpec, FastVSpec
+    from redundancy.sweep import SweepConfig, schedules_from_config
 
-    sweep = SweepConfig(method=DropMethod(ranker=[ranker, "last"], layer=2, ratio=0.5), reference=False)
+    sweep = SweepConfig(method=DropSpec(ranker=[ranker, "last"], layer=2, ratio=0.5), reference=False)
     assert [p.ranker for p in schedules_from_config(sweep, 4)] == [ranker, "last"]
     assert schedule_from_args("pdrop", layers="[1,2]", lam=0.5, ranker=ranker).ranker == ranker
-    assert schedule_from_config(FlopsConfig(method="fastv", ranker=ranker), "fastv").ranker == ranker
+    assert DropSchedule.from_spec(FlopsConfig(method=FastVSpec(ranker=ranker)).method).ranker == ranker
+    assert schedules_for(BenchConfig(methods=["fastv"], ranker=ranker))["fastv"].ranker == ranker
     with pytest.raises(ValueError, match=ranker):
         DropSchedule.drop(layer=2, ratio=0.5, ranker=ranker[:-1])
 
