@@ -19,7 +19,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from redundancy.data import evidence_position, evidence_positions, load_dataset, normalize_answer, patch_indices
+from redundancy.data import (
+    EVIDENCE_POSITIONS,
+    evidence_position,
+    evidence_positions,
+    load_dataset,
+    normalize_answer,
+    patch_indices,
+)
 from redundancy.micro import microvqa as mv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,7 +421,7 @@ def test_evidence_positions_of_the_committed_test_set() -> None:
     records = [json.loads(line) for line in (TEST_SET / "questions.jsonl").read_text().splitlines()]
     assert list(positions) == [r["question_id"] for r in records]
     counts = Counter(positions.values())
-    assert set(counts) == set(mv.EVIDENCE_POSITIONS) and min(counts.values()) >= 100
+    assert set(counts) == set(EVIDENCE_POSITIONS) and min(counts.values()) >= 100
     for r in records:  # every top question's evidence patches lie in the top rows of the 12 x 12 token grid
         if positions[r["question_id"]] == "top":
             assert all(i // 12 < 6 for j in r["evidence"] for i in patch_indices(r["objects"][j]["box"], 96, 8))
