@@ -29,7 +29,8 @@ def test_forest_plot_draws_each_difference_with_its_interval() -> None:
                      and line.get_marker() == "o")
     assert centres == pytest.approx(sorted(100 * c.diff for _, c in comps))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["tie", "a loses", "a wins"]
-    assert "Claim 2" in ax.get_title(loc="left") and "n = 600" in ax.get_title(loc="left")
+    title = fig.get_suptitle()
+    assert "Claim 2" in title and "n = 600" in title
     assert fig.get_size_inches()[0] <= 7.0
 
 

@@ -56,7 +56,8 @@ def claim_figure(
     ax.set_ylim(-0.7, rows - 0.3)
     ax.set_xlabel("difference, points (95% paired-bootstrap interval)")
     title = textwrap.fill(f"Claim {number}: {statement}", 95)
-    ax.set_title(f"{title}\nverdict: {verdict}; n = {n}", loc="left")
+    # a figure title from the left edge: long comparison labels push the axes right, not the title
+    fig.suptitle(f"{title}\nverdict: {verdict}; n = {n}", x=0.01, ha="left", fontsize=MIN_FONT + 1)
     handles = [Line2D([], [], color=AS_CLAIMED, marker="o", linestyle="", label="as claimed"),
                Line2D([], [], color=AGAINST, marker="o", linestyle="", label="against the claim"),
                Line2D([], [], color=NOT_SEPARATED, marker="o", linestyle="", label="not separated at this n")]
