@@ -209,7 +209,7 @@ def test_detects_column_is_the_range_of_the_comparisons_detectable_differences()
 
 
 # ---------------------------------------------------------------- the critiques (the rankers study)
-def rankers_world(root: Path, *, spatial_counts: bool = True, bottom_wins: bool = True) -> Path:
+def rankers_world(root: Path, *, spatial_counts: bool = True, bottom_wins: bool = True, sinks: int = 2) -> Path:
     """A rankers-study store on the shipped test set's 600 questions (its evidence positions) for both
     shipped models at layers 2 and 16, r=0.1, built so each critique's verdict is known: ``last`` keeps
     12 of its 14 tokens in the bottom half (``norope`` 7), one of them a sink; it answers every question
@@ -233,7 +233,8 @@ def rankers_world(root: Path, *, spatial_counts: bool = True, bottom_wins: bool 
         grid[144 - low:] = 1  # the last cells: bottom rows
         grid[: 14 - low] = 1
         return {"image": {"grids": {"12x12": [1] * 144}, "tokens": 144}, "layers": [2],
-                "boundaries": [{"grids": {"12x12": grid.tolist()}, "tokens": 14, "sinks": 1, "sinks_present": 2}]}
+                "boundaries": [{"grids": {"12x12": grid.tolist()}, "tokens": 14, "sinks": min(1, sinks),
+                                "sinks_present": sinks}]}
 
     def add(model: str, schedule: DropSchedule, right: np.ndarray) -> None:
         key = f"{model}-{schedule.method}-{schedule.ranker}-{len(store.rows())}"
@@ -303,3 +304,11 @@ def test_critiques_on_rows_written_before_the_spatial_counts(tmp_path: Path) -> 
     assert got[12].verdict == MISSING and "written before the spatial diagnostics" in got[12].missing[0]
     assert got[13].verdict == REPRODUCED and got[14].verdict == REPRODUCED  # accuracy needs no counts
     assert "sinks not counted" in got[14].number
+
+
+def test_sinks_claim_is_not_testable_without_sinks(tmp_path: Path) -> None:
+    """No image token passes the sink rule: nosink ranks as last, so "removing the sinks barely
+    changes the answer" holds vacuously; the verdict says the claim is not testable on these models
+    (with sinks present, the same answers give "reproduced": test_critiques_get_the_verdicts_their_data_were_built_for)."""
+    got = outcomes(rankers_inputs(rankers_world(tmp_path / "store", sinks=0)))
+    assert got[14].verdict == claims.UNTESTABLE and "no image token" in got[14].note
