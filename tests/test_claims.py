@@ -309,6 +309,7 @@ def test_critiques_on_rows_written_before_the_spatial_counts(tmp_path: Path) -> 
 def test_sinks_claim_is_not_testable_without_sinks(tmp_path: Path) -> None:
     """No image token passes the sink rule: nosink ranks as last, so "removing the sinks barely
     changes the answer" holds vacuously; the verdict says the claim is not testable on these models
-    (with sinks present, the same answers give "reproduced": test_critiques_get_the_verdicts_their_data_were_built_for)."""
+    (with sinks present, the same answers give "reproduced":
+    test_critiques_get_the_verdicts_their_data_were_built_for)."""
     got = outcomes(rankers_inputs(rankers_world(tmp_path / "store", sinks=0)))
     assert got[14].verdict == claims.UNTESTABLE and "no image token" in got[14].note
