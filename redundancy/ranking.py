@@ -13,8 +13,9 @@ Several query rows (instruction mode, training) are averaged with weights.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -178,27 +179,34 @@ def sequence_priority(n: int) -> torch.Tensor:
     return torch.from_numpy(ranks.astype(np.float32) / max(n, 1))
 
 
+T = TypeVar("T")
 Grid = tuple[int, int]
 """``(height, width)`` of one token grid (an image, a crop, a frame) in raster order."""
 
 
-def row_grids(n_image: Sequence[int], images: Sequence[Sequence[Grid]]) -> list[list[Grid] | None]:
-    """Per row, the grids of the images it holds, in order: ``images`` lists each image's grids
-    (crops, frames) in batch order, images packed row after row; ``None`` for a row whose token
-    count does not match (its grid is unknown)."""
-    out: list[list[Grid] | None] = []
+def pack_rows(n_image: Sequence[int], images: Sequence[Sequence[T]], size: Callable[[T], int]) -> list[list[T] | None]:
+    """Per row, the parts (grids, crops, frames) of the images it holds, in order: ``images`` lists
+    each image's parts in batch order, images packed row after row, ``size(part)`` tokens each;
+    ``None`` for a row whose token count does not match."""
+    out: list[list[T] | None] = []
     it = iter(images)
     for n in n_image:
-        grids: list[Grid] = []
+        parts: list[T] = []
         total = 0
         while total < n:
             image = next(it, None)
             if image is None:
                 break
-            grids += list(image)
-            total += sum(h * w for h, w in image)
-        out.append(grids if grids and total == n else None)
+            parts += list(image)
+            total += sum(size(p) for p in image)
+        out.append(parts if parts and total == n else None)
     return out
+
+
+def row_grids(n_image: Sequence[int], images: Sequence[Sequence[Grid]]) -> list[list[Grid] | None]:
+    """Per row, the grids of the images it holds (:func:`pack_rows`); ``None`` for a row whose
+    token count does not match (its grid is unknown)."""
+    return pack_rows(n_image, images, lambda g: g[0] * g[1])
 
 
 def grid_priorities(grids: Sequence[Grid] | None, n: int) -> torch.Tensor:
@@ -293,19 +301,7 @@ def pool_states(
 
 
 def pack_priorities(n_image: Sequence[int], images: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-    """Per row, the priorities of the images it holds, concatenated: ``images`` lists each
-    image's token groups (crops, frames) in batch order, images packed row after row. A row
+    """Per row, the priorities of the images it holds, concatenated (:func:`pack_rows`); a row
     whose token count does not match falls back to :func:`sequence_priority`."""
-    out: list[torch.Tensor] = []
-    it = iter(images)
-    for n in n_image:
-        parts: list[torch.Tensor] = []
-        total = 0
-        while total < n:
-            image = next(it, None)
-            if image is None:
-                break
-            parts += list(image)
-            total += sum(len(p) for p in image)
-        out.append(torch.cat(parts) if parts and total == n else sequence_priority(n))
-    return out
+    return [torch.cat(parts) if parts else sequence_priority(n)
+            for parts, n in zip(pack_rows(n_image, images, len), n_image)]

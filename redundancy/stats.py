@@ -21,6 +21,7 @@ percentile intervals of a paired bootstrap over questions (seeded, :data:`RESAMP
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -236,12 +237,16 @@ def detectable_difference(d: Scores, alpha: float = ALPHA, power: float = POWER)
     if len(x) < 2:
         return math.nan
     sd = float(x.std(ddof=1))
-    if sd == 0:
-        return 0.0
+    return 0.0 if sd == 0 else _detectable_effect(len(x), alpha, power) * sd
+
+
+@functools.cache
+def _detectable_effect(n: int, alpha: float, power: float) -> float:
+    """The standardised effect a two-sided one-sample t-test detects at ``n``: it depends on ``n``,
+    ``alpha`` and ``power`` only, so every comparison on the same questions solves it once."""
     from statsmodels.stats.power import TTestPower
 
-    effect = TTestPower().solve_power(nobs=len(x), alpha=alpha, power=power, alternative="two-sided")
-    return float(effect) * sd
+    return float(TTestPower().solve_power(nobs=n, alpha=alpha, power=power, alternative="two-sided"))
 
 
 def compare_groups(d1: Scores, d2: Scores, level: float = LEVEL, resamples: int = RESAMPLES,

@@ -12,13 +12,8 @@ import torch
 
 from redundancy.engine import apply_schedule
 from redundancy.schedule import DropSchedule
-
-try:
-    from tests.helpers import engine_generate
-    from tests.reference import make_sample, reference_greedy, reference_run, tiny_model  # noqa: F401
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from helpers import engine_generate
-    from reference import make_sample, reference_greedy, reference_run, tiny_model  # noqa: F401
+from tests.helpers import engine_generate
+from tests.reference import make_sample, reference_greedy, reference_run, tiny_model  # noqa: F401
 
 STEPS = 6
 ATOL = 1e-8  # float64 SDPA

@@ -29,11 +29,7 @@ from redundancy.models.qwen2_vl import compact_mrope
 from redundancy.ranking import grid_priority
 from redundancy.schedule import DropSchedule, kept_count
 from tests.helpers import engine_generate
-
-try:
-    from tests.reference import layer_forward, qk_plain, qkv, query_rows, ranking_attention
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import layer_forward, qk_plain, qkv, query_rows, ranking_attention
+from tests.reference import layer_forward, qk_plain, qkv, query_rows, ranking_attention
 
 Sample = dict[str, torch.Tensor]
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]

@@ -14,11 +14,7 @@ import torch
 
 from redundancy.engine import apply_schedule
 from redundancy.schedule import DropSchedule
-
-try:
-    from tests.reference import make_sample, reference_forward, reference_run, tiny_model  # noqa: F401
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import make_sample, reference_forward, reference_run, tiny_model  # noqa: F401
+from tests.reference import make_sample, reference_forward, reference_run, tiny_model  # noqa: F401
 
 ATOL = {"sdpa": 1e-8, "eager": 1e-6}
 # The tiny models have 4 query heads over 2 key heads (GQA) unless a test says otherwise.

@@ -13,11 +13,7 @@ import torch.nn.functional as F
 from redundancy.engine import apply_schedule
 from redundancy.models.factory import build_model, tiny_config
 from redundancy.schedule import DropSchedule
-
-try:
-    from tests.reference import make_sample, reference_loss  # noqa: F401
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import make_sample, reference_loss  # noqa: F401
+from tests.reference import make_sample, reference_loss  # noqa: F401
 
 IGNORE = -100
 

@@ -18,39 +18,21 @@ from redundancy.presets import get_preset
 from redundancy.priors import Prior, calibrate, ranking_layers
 from redundancy.ranking import SINK_NORM_RATIO, grid_cells, grid_priority, pool_windows
 from redundancy.schedule import RANKERS, DropSchedule, kept_count
-
-try:
-    from tests.reference import (
-        SINK_RATIO,
-        attention_row,
-        layer_forward,
-        make_sample,
-        merged_inputs_embeds,
-        qkv,
-        reference_run,
-        tiny_model,
-    )
-    from tests.test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
-    from tests.test_engine_qwen2_vl import make_sample as qwen_sample
-    from tests.test_engine_qwen2_vl import reference_run as qwen_reference
-    from tests.test_engine_reference import ATOL, check_row, compare, run_engine
-    from tests.test_engine_training import with_answers
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from reference import (
-        SINK_RATIO,
-        attention_row,
-        layer_forward,
-        make_sample,
-        merged_inputs_embeds,
-        qkv,
-        reference_run,
-        tiny_model,
-    )
-    from test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
-    from test_engine_qwen2_vl import make_sample as qwen_sample
-    from test_engine_qwen2_vl import reference_run as qwen_reference
-    from test_engine_reference import ATOL, check_row, compare, run_engine
-    from test_engine_training import with_answers
+from tests.reference import (
+    SINK_RATIO,
+    attention_row,
+    layer_forward,
+    make_sample,
+    merged_inputs_embeds,
+    qkv,
+    reference_run,
+    tiny_model,
+)
+from tests.test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
+from tests.test_engine_qwen2_vl import make_sample as qwen_sample
+from tests.test_engine_qwen2_vl import reference_run as qwen_reference
+from tests.test_engine_reference import ATOL, check_row, compare, run_engine
+from tests.test_engine_training import with_answers
 
 NEW = ("mean", "norope", "nosink", "nosink_keep")  # attention rankers; vision_cls is tested on its own
 PDROP = dict(layers=(1, 2, 3), lam=0.5)
