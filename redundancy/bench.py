@@ -16,7 +16,11 @@ prompt pass with the KV cache, last-token logits, as ``generate`` does) and then
 (``warmup`` rounds, then ``repeats`` timed rounds) so that drift on a shared
 machine hits them alike; medians are reported. On CUDA the clock is CUDA events.
 Peak memory, the ranking time (scores + top-k, timed by the engine) and the
-keep-ratio-1 check come from separate, untimed runs. The FLOPs-predicted speedup
+keep-ratio-1 check come from separate, untimed runs. With ``rank_layer="next"`` the
+ranking computes layer K's input norm and key projection of every token, and layer K
+takes the kept tokens' rows instead of computing them: the report's ranking time is
+what ranking adds (the timed work minus that reused part, timed by computing it once
+more); the JSON keeps both (``ranking_gross_ms``, ``reused_ms``). The FLOPs-predicted speedup
 comes from :mod:`redundancy.flops` (paper convention, 1 MAC = 1 FLOP).
 
 Beside each method the same rounds time its *ideal* (``ideal=true``): the unmodified HF
@@ -353,16 +357,31 @@ def time_rounds(subject: Subject, variants: dict[str, Variant], cfg: BenchConfig
     return runs
 
 
-def ranking_seconds(subject: Subject, schedule: DropSchedule, runs: int) -> float:
-    """Median time the engine spends ranking in one prefill (profiled, synchronised runs)."""
+@dataclass(frozen=True)
+class RankingTime:
+    """Medians over profiled prefills: the ranking work as timed (``gross``) and the part of it
+    that layer K uses instead of computing it (``reused``: its input norm and key projection of
+    the kept tokens, ``rank_layer="next"``); ``added`` is what ranking adds to the prefill."""
+
+    gross: float
+    reused: float
+
+    @property
+    def added(self) -> float:
+        return self.gross - self.reused
+
+
+def ranking_seconds(subject: Subject, schedule: DropSchedule, runs: int) -> RankingTime:
+    """The time the engine spends ranking in one prefill (profiled, synchronised runs)."""
     if schedule.is_vanilla:
-        return 0.0
-    seconds = []
+        return RankingTime(0.0, 0.0)
+    gross, reused = [], []
     with installed(subject.model, schedule, profile=True) as trace:
         for _ in range(runs):
             prefill(subject.model, subject.inputs)
-            seconds.append(trace.ranking_seconds)
-    return statistics.median(seconds)
+            gross.append(trace.ranking_seconds)
+            reused.append(trace.reused_seconds)
+    return RankingTime(statistics.median(gross), statistics.median(reused))
 
 
 def peak_bytes(subject: Subject, install: Variant, new_tokens: int) -> int | None:
@@ -456,8 +475,10 @@ class MethodResult:
     decode_tokens_per_s: float | None
     predicted_speedup: float  # prefill FLOPs (LM full sequence + ranking + vision) vanilla / method
     predicted_speedup_lm: float  # LM full-sequence FLOPs vanilla / method (flops.py's full_sequence_ratio)
-    ranking_ms: float | None  # None: a peer (its ranking is inside a layer)
+    ranking_ms: float | None  # what ranking adds (gross - reused); None: a peer (its ranking is inside a layer)
     ranking_share: float | None  # ranking_ms / prefill_ms
+    ranking_gross_ms: float | None  # the ranking work as timed, the rows layer K reuses included
+    reused_ms: float | None  # layer K's input norm and key projection of the kept tokens, done by the ranking
     schedule: dict[str, Any]
     ideal_prefill_ms: float | None = None  # the unmodified layers on the same kept tokens (None: not run)
     ideal_decode_ms_per_token: float | None = None
@@ -476,11 +497,11 @@ def _medians(runs: list[Run], new_tokens: int) -> tuple[float, float | None]:
     return statistics.median(r.prefill_s for r in runs), per_token
 
 
-def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: int, ranking_s: float | None,
+def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: int, ranking: RankingTime | None,
               peak: int | None, subject: Subject, ideal: list[Run] | None = None, title: str | None = None
               ) -> MethodResult:
     """The figures of one method from its timed runs (``ideal``: its ideal's); FLOPs from
-    :func:`redundancy.flops.flops_report`; ``ranking_s`` None for a peer."""
+    :func:`redundancy.flops.flops_report`; ``ranking`` None for a peer."""
     batch, length = subject.inputs["input_ids"].shape
     report = flops_report(subject.dims, schedule)
     prefill_s, per_token = _medians(runs, new_tokens)
@@ -499,8 +520,10 @@ def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: in
         predicted_speedup=(report.vanilla_full_sequence + report.vision)
         / (report.full_sequence + report.ranking + report.vision),
         predicted_speedup_lm=1.0 / report.full_sequence_ratio,
-        ranking_ms=None if ranking_s is None else 1e3 * ranking_s,
-        ranking_share=None if ranking_s is None else ranking_s / prefill_s,
+        ranking_ms=None if ranking is None else 1e3 * ranking.added,
+        ranking_share=None if ranking is None else ranking.added / prefill_s,
+        ranking_gross_ms=None if ranking is None else 1e3 * ranking.gross,
+        reused_ms=None if ranking is None else 1e3 * ranking.reused,
         schedule=schedule.record(),
         ideal_prefill_ms=None if ideal_s is None else 1e3 * ideal_s,
         ideal_decode_ms_per_token=None if ideal_token is None else 1e3 * ideal_token,
@@ -692,6 +715,8 @@ def format_report(setup: Setup, results: list[MethodResult]) -> str:
         + "% of pred. = measured / predicted speedup",
         "ideal = vanilla / (unmodified HF layers on the engine's kept tokens: no ranking, one gather per boundary, "
         + "redundancy.staged) time; % of ideal = ideal / engine time; dec. = the same per decoded token",
+        "ranking = what ranking adds to the prefill: its timed work (scores, top-k; with rank_layer=next layer K's "
+        + "norm and keys of every token) minus the rows layer K reuses (JSON: ranking_gross_ms, reused_ms)",
         *([f"peers: {'; '.join(f'{p} = {PEERS[p]}' for p in setup.peers)}"] if setup.peers else []),
         *([setup.note] if setup.note else []),
         f"KV = keys + values of every layer after prefill; peak = {memory}; samples/s = prefill throughput",

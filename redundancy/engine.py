@@ -163,6 +163,10 @@ class Trace:
     """``debias``: the key of the position prior the score is divided by (:mod:`redundancy.priors`)."""
     ranking_seconds: float = 0.0
     """Time spent ranking (scores + top-k) in the last prefill; measured only with ``profile=True``."""
+    reused_seconds: float = 0.0
+    """``profile=True``, ``rank_layer="next"``: the time layer K spends on its input norm and key
+    projection of the kept tokens, which the ranking computed for it (timed by computing them once
+    more). ``ranking_seconds - reused_seconds`` is what ranking adds to the prefill."""
     _boundaries: list[BoundaryRecord] = field(default_factory=list, repr=False)
     _attention: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
     _deferred: list[Callable[[], None]] = field(default_factory=list, repr=False)
@@ -201,7 +205,7 @@ class Trace:
     def reset(self) -> None:
         self.n_image, self._boundaries, self._attention, self._deferred = [], [], {}, []
         self.untouched, self.slots, self.segments = [], [], []
-        self.ranking_seconds = 0.0
+        self.ranking_seconds = self.reused_seconds = 0.0
         self.prefills += 1
 
 
@@ -213,7 +217,8 @@ class _Stopwatch:
         self.trace, self.enabled = trace, enabled
 
     @contextlib.contextmanager
-    def __call__(self, device: torch.device) -> Iterator[None]:
+    def __call__(self, device: torch.device, into: str = "ranking_seconds") -> Iterator[None]:
+        """Time the block into the trace's field ``into``."""
         if not self.enabled:
             yield
             return
@@ -224,7 +229,7 @@ class _Stopwatch:
             yield
         finally:
             sync()
-            self.trace.ranking_seconds += time.perf_counter() - start
+            setattr(self.trace, into, getattr(self.trace, into) + time.perf_counter() - start)
 
 
 # ----------------------------------------------------------- layout helpers
@@ -392,9 +397,7 @@ class _LayerInputs:
 
     def take(self, src: torch.Tensor, hidden: torch.Tensor) -> _LayerInputs:
         """The rows ``src`` ``[batch, m]`` (the kept slots), for the gathered states ``hidden``."""
-        def rows(x: torch.Tensor) -> torch.Tensor:
-            return x.gather(1, src[..., None].expand(-1, -1, x.shape[-1]))
-        return _LayerInputs(hidden, rows(self.normed), rows(self.key_proj))
+        return _LayerInputs(hidden, gather_rows(self.normed, src), gather_rows(self.key_proj, src))
 
 
 @contextlib.contextmanager
@@ -444,16 +447,38 @@ def _to_ordinals(
     return [out[i, :n].clone() for i, n in enumerate(n_image)]
 
 
-def _scatter_slots(states: torch.Tensor, index: torch.Tensor, length: int, identity: bool = False) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ``[batch, m]`` of ``x`` ``[batch, n, d]``: ``x.gather(1, index[..., None].expand(...))``,
+    copied row by row (``index_select`` on the flattened rows, a quarter of the time on a CPU)."""
+    b, n, d = x.shape
+    flat = (index + torch.arange(b, device=index.device)[:, None] * n).reshape(-1)
+    return x.reshape(b * n, d).index_select(0, flat).view(b, index.shape[1], d)
+
+
+def _collected_hidden_states() -> list[Any] | None:
+    """The hidden states HF's output capture is collecting in this call (``output_hidden_states``), or None."""
+    from transformers.utils.output_capturing import _active_collector
+
+    collected = _active_collector.get()
+    return collected.get("hidden_states") if collected else None
+
+
+def _scatter_slots(
+    states: torch.Tensor, index: torch.Tensor, length: int, identity: bool = False, tail: int = 0
+) -> torch.Tensor:
     """``states`` ``[batch, m, d]`` placed at the original positions ``index`` ``[batch, m]``
     of a ``[batch, length, d]`` tensor; slots at ``length`` (relayout padding) are dropped,
     positions no slot holds (dropped tokens) are zeros. ``identity``: ``index`` is known to be
-    ``0..length-1`` (no relayout), so ``states`` is returned as is."""
-    b, m, d = states.shape
+    ``0..length-1`` (no relayout), so ``states`` is returned as is. ``tail``: only the last
+    ``tail`` positions (0: all), e.g. the last token's for next-token logits."""
+    start = length - tail if 0 < tail < length else 0
     if identity:
-        return states
-    out = states.new_zeros(b, length + 1, d)
-    return out.scatter(1, index[..., None].expand(-1, -1, d), states)[:, :length]
+        return states[:, start:]
+    b, m, _ = states.shape
+    slot = torch.full((b, length + 1), m, dtype=torch.long, device=index.device)  # position -> slot (m: none)
+    slot.scatter_(1, index, torch.arange(m, device=index.device).expand(b, m))
+    slot = slot[:, start:length]
+    return gather_rows(states, slot.clamp(max=m - 1)).masked_fill((slot == m)[..., None], 0)
 
 
 def _segment_ids(positions: torch.Tensor) -> torch.Tensor:
@@ -647,6 +672,7 @@ class DropEngine:
 
     def _capture_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._pending["labels"] = kwargs.get("labels")
+        self._pending["logits_to_keep"] = kwargs.get("logits_to_keep")
 
     # ----------------------------------------------------------------- forward
     def _forward(
@@ -698,7 +724,11 @@ class DropEngine:
         else:
             ones = torch.ones(b, length, dtype=torch.bool, device=dev)
             valid = ones if attention_mask is None else attention_mask.bool()
-            hidden, slots = self._prefill(inputs_embeds, valid, pos, cache, pending)
+            # Called for next-token logits only (the outer model's int ``logits_to_keep``, as ``generate``
+            # calls it) and no hidden states collected: only those last positions go back to full length.
+            keep = pending.get("logits_to_keep")
+            tail = keep if isinstance(keep, int) and _collected_hidden_states() is None else 0
+            hidden, slots = self._prefill(inputs_embeds, valid, pos, cache, pending, tail)
             restore = functools.partial(self._to_full, slots=slots, length=length)
         self._restore_hidden_states(restore)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
@@ -711,10 +741,7 @@ class DropEngine:
     def _restore_hidden_states(self, restore: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
         """``output_hidden_states``: HF's hooks collected each layer's output in its stage's
         layout; put them back at their original positions (docs/method.md section 9)."""
-        from transformers.utils.output_capturing import _active_collector
-
-        collected = _active_collector.get()
-        states = collected.get("hidden_states") if collected else None
+        states = _collected_hidden_states()
         if not states or len(states) != self.adapter.num_layers + 1:
             return  # not requested (or a stage replayed by the grid runner, whose layers did not run)
         boundaries = self.schedule.boundaries
@@ -834,9 +861,11 @@ class DropEngine:
         pos: torch.Tensor,
         cache: Cache | None,
         pending: dict[str, Any],
+        tail: int = 0,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run every stage on the prompt; returns the final (normed) states at the original
-        positions and, per stage, the original position of each slot (``length``: padding).
+        positions (``tail``: the last ``tail`` of them; 0: all) and, per stage, the original
+        position of each slot (``length``: padding).
 
         What the host needs (image and query counts, each stage's width, whether it has
         padding) is read once, before the first layer; from the first layer to the last
@@ -950,9 +979,12 @@ class DropEngine:
             first_pos = pos.gather(2, first).amin(0)  # [batch, 1]
             src, valid = self._relayout(keep, plan[s].width)
             all_valid = plan[s].all_valid
-            hidden = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
+            hidden = gather_rows(hidden, src)
             if reuse is not None:
                 reuse = reuse.take(src, hidden)
+                if self._stopwatch.enabled:  # what layer K would have computed itself
+                    with self._stopwatch(dev, "reused_seconds"), torch.no_grad():
+                        adapter.layers[end].self_attn.k_proj(adapter.layers[end].input_layernorm(hidden))
             index = torch.where(valid, index.gather(1, src), length)
             slots.append(index)
             present = present.gather(1, src) & valid
@@ -968,7 +1000,7 @@ class DropEngine:
             self._state = _DecodeState(cache, stages, shifts, masks, next_position=length)
         if self.keep_trace:
             self.trace.slots = [torch.where(i < length, i, -1) for i in slots]
-        return _scatter_slots(hidden, index, length, identity=index is slots[0]), slots
+        return _scatter_slots(hidden, index, length, identity=index is slots[0], tail=tail), slots
 
     def _record_boundary(
         self, layer: int, ratio: float, keep_img: torch.Tensor, scores: torch.Tensor | None,
@@ -1250,7 +1282,8 @@ def apply_schedule(
 
     ``record_attention``: layers at which to record the ranking query's attention
     over the image tokens (computed from the layer's own q/k, any kernel).
-    ``profile``: time the ranking work into ``trace.ranking_seconds`` (synchronises).
+    ``profile``: time the ranking work into ``trace.ranking_seconds`` and the part of it layer K
+    reuses into ``trace.reused_seconds`` (synchronises; computes the reused part once more).
     ``first_stage``: computes the prefill's first stage instead of the engine (the grid
     runner's shared prefix, :mod:`redundancy.grid`).
     ``prior``: the ``debias`` ranker's position prior (a file or a :class:`~redundancy.priors.Prior`);

@@ -73,6 +73,20 @@ section 3): massive activations are hundreds of times the typical value, content
 within a few times it."""
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[batch, heads, n, head_dim]`` after the half-split rotary embedding ``(cos, sin)``
+    ``[batch, n, head_dim]``: the numbers of HF's ``apply_rotary_pos_emb`` (``x cos +
+    rotate_half(x) sin``) bit for bit, computed half by half into one output, so that the whole
+    tensor is not negated and concatenated before it is multiplied (a third of the time on a CPU)."""
+    half = x.shape[-1] // 2
+    c, s = cos[:, None], sin[:, None]
+    first, second = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.sub(first * c[..., :half], second * s[..., :half], out=out[..., :half])
+    torch.add(second * c[..., half:], first * s[..., half:], out=out[..., half:])
+    return out
+
+
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` ``[batch, heads, n, head_dim]`` before the rotary embedding ``(cos, sin)``
     ``[batch, n, head_dim]`` (half-split rotary, ``x' = x cos + rotate_half(x) sin``), in float32:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from redundancy.engine import apply_schedule, gather_rows
 from redundancy.models import adapter_for
 from redundancy.schedule import DropSchedule
 
@@ -68,8 +69,6 @@ def _layout(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def ideal_plan(model: Any, inputs: dict[str, torch.Tensor], schedule: DropSchedule) -> StagePlan:
     """The stages of ``schedule`` with the kept tokens the engine chooses for ``inputs``
     (read from one traced prefill)."""
-    from redundancy.engine import apply_schedule
-
     _layout(model, inputs)
     length = inputs["input_ids"].shape[1]
     layers = adapter_for(model).num_layers
@@ -158,7 +157,7 @@ class _Runner:
             if s == 1 and self._eager_choice is not None:
                 gather = pos = self._eager_choice
             if gather is not None:
-                hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
+                hidden = gather_rows(hidden, gather)
             if s == 0 and self.places is not None:
                 hidden = self._layers(hidden, start, end - 1, pos, cache)
                 hidden = self._eager_rank(hidden, end - 1, pos, cache)

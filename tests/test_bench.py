@@ -81,7 +81,11 @@ def test_preset_reports_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert rows["pdrop"]["stage_counts"] == [16, 8, 4, 2]
     for name in ("fastv", "pdrop", "drop"):
         assert rows[name]["kv_cache_bytes"] < rows["vanilla"]["kv_cache_bytes"]
-        assert rows[name]["predicted_speedup"] > 1 and rows[name]["ranking_ms"] > 0
+        assert rows[name]["predicted_speedup"] > 1 and rows[name]["ranking_gross_ms"] > 0
+        assert rows[name]["ranking_ms"] == pytest.approx(rows[name]["ranking_gross_ms"] - rows[name]["reused_ms"])
+    # PyramidDrop ranks with layer K's modules (rank_layer=next), whose kept rows layer K reuses;
+    # FastV and the single drop rank inside layer K-1's attention call: nothing to reuse.
+    assert rows["pdrop"]["reused_ms"] > 0 and rows["fastv"]["reused_ms"] == rows["drop"]["reused_ms"] == 0
 
 
 def test_llava_next_preset_packs_anyres_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

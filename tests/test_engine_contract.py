@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from redundancy.engine import apply_schedule
+from redundancy.models import adapter_for
 from redundancy.models.factory import build_model, tiny_config
 from redundancy.schedule import DropSchedule, kept_count
 from tests.helpers import n_image_tokens
@@ -203,6 +204,22 @@ class EngineContractTests:
             q = length if step == 0 else 1
             assert [h.shape for h in states] == [(b, q, d)] * (len(kv) + 1)
             assert [a.shape[-2:] for a in attentions] == [(n if step == 0 else 1, n + step) for n in kv]
+
+    def test_next_token_logits_go_back_only_for_the_last_token(self) -> None:
+        """``logits_to_keep=1`` (as ``generate`` prefills): the language model hands back the last
+        token's state only, and the logits equal the last row of the full-length forward's."""
+        model = self.model()
+        batch = self.batch()
+        lengths: list[int] = []
+        hook = adapter_for(model).language_model.register_forward_hook(
+            lambda module, args, out: lengths.append(out.last_hidden_state.shape[1]))
+        try:
+            full = self.run(PYRAMID, batch)
+            last = self.run(PYRAMID, batch, logits_to_keep=1)
+        finally:
+            hook.remove()
+        assert lengths == [batch["input_ids"].shape[1], 1]
+        close(last.logits, full.logits[:, -1:])
 
     # ----------------------------------------------- case 4: padding and caches
     def test_padding_and_cache_lengths_keep_all(self) -> None:

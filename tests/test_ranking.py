@@ -8,6 +8,7 @@ from redundancy.ranking import (
     grid_priority,
     query_attention,
     random_scores,
+    rotate,
     select_top,
     sequence_priority,
     sink_mask,
@@ -83,6 +84,20 @@ def test_unrotate_inverts_the_rotary_embedding() -> None:
         assert not torch.allclose(q_rot.float(), q.float())
         torch.testing.assert_close(unrotate(q_rot, cos, sin), q.float())
         torch.testing.assert_close(unrotate(k_rot, cos, sin), k.float())
+
+
+def test_rotate_equals_hf_rotary_bit_for_bit() -> None:
+    """The ranking's keys: HF's ``apply_rotary_pos_emb`` exactly (float32 and bfloat16, strided
+    input as the projections give it, halves of (cos, sin) that differ as a multimodal rope's may)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        k = torch.randn(2, 7, 3, 16, dtype=dtype).transpose(1, 2)  # [batch, heads, n, head_dim], strided
+        angle = torch.rand(2, 7, 16) * 50
+        cos, sin = torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+        _, expected = apply_rotary_pos_emb(k[:, :1, :1], k, cos, sin)
+        assert torch.equal(rotate(k, cos, sin), expected)
 
 
 def test_sink_mask_threshold_is_relative_to_the_median_image_token() -> None:

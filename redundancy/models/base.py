@@ -26,7 +26,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from redundancy.ranking import Grid, grid_cells, grid_priorities
+from redundancy.ranking import Grid, grid_cells, grid_priorities, rotate
 
 PositionEmbeddings = tuple[torch.Tensor, torch.Tensor]
 HFModule = Any
@@ -154,16 +154,9 @@ class FamilyAdapter:
             k = key_proj.view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Qwen3-style q/k norms
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            cos_q, sin_q = self.gather_position_embeddings(position_embeddings, query_index)
-            rope = self.apply_rotary(attn)
-            # The family's rotary rotates a (query, key) pair; the unused side is one head, not a full copy.
-            q, _ = rope(q, k[:, :1, :1], cos_q, sin_q)
-            _, k = rope(q[:, :1, :1], k, *position_embeddings)
+            q = rotate(q, *self.gather_position_embeddings(position_embeddings, query_index))
+            k = rotate(k, *position_embeddings)
         return RankingProjections(q, k, float(attn.scaling), normed, key_proj)
-
-    @staticmethod
-    def apply_rotary(attn: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
     @staticmethod
     def eager_attention(attn: nn.Module) -> Callable[..., Any]:
