@@ -58,7 +58,8 @@ def export(
     processor = AutoProcessor.from_pretrained(source)
     tmp = target.with_name(name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.bfloat16).save_pretrained(tmp)
+    # HF's @wraps(Module.to) hides the bound self from mypy (typeshed's _Wrapped has no __get__)
+    model.to(torch.bfloat16).save_pretrained(tmp)  # type: ignore[arg-type]
     processor.save_pretrained(tmp)
     for f in tmp.iterdir():
         if f.stat().st_size > 25 * 2**20:
@@ -70,9 +71,9 @@ def export(
     samples = load_dataset(TEST_SET)
     preds = predict(shipped, processor, samples, batch_size=batch_size)
     result = score_predictions(samples, {s.question_id: p for s, p in zip(samples, preds)})
-    with (target / "predictions.jsonl").open("w") as f:
+    with (target / "predictions.jsonl").open("w") as out:
         for s, p in zip(samples, preds):
-            f.write(json.dumps({"question_id": s.question_id, "family": s.family, "prediction": p}) + "\n")
+            out.write(json.dumps({"question_id": s.question_id, "family": s.family, "prediction": p}) + "\n")
     layer_health = health_record(target, samples[:HEALTH_N]) if health else None
     state = json.loads((source / "trainer_state.json").read_text())
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}

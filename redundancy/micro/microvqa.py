@@ -60,7 +60,7 @@ import io
 import json
 import shutil
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from itertools import islice
@@ -448,7 +448,8 @@ class _Bag:
     """Draws items without replacement, reshuffling when empty: near-exact balance on any prefix."""
 
     def __init__(self, items: Sequence[Any]) -> None:
-        self.items, self.left = list(items), []
+        self.items: list[Any] = list(items)
+        self.left: list[Any] = []
 
     def draw(self, rng: np.random.Generator) -> Any:
         if not self.left:
@@ -516,9 +517,10 @@ class _SceneSampler:
     # -- one scene per subtype
 
     def scene(self, rng: np.random.Generator, subtype: str, answer: Any) -> _Scene:
-        build = {"color": self._color, "reading": self._reading, "relation": self._relation,
-                 "neighbor": self._neighbor, "count_shape": self._count_shape,
-                 "count_all": self._count_all}  # fmt: skip
+        build: dict[str, Callable[[np.random.Generator, Any], _Scene]] = {
+            "color": self._color, "reading": self._reading, "relation": self._relation,
+            "neighbor": self._neighbor, "count_shape": self._count_shape,
+            "count_all": self._count_all}  # fmt: skip
         return build[subtype](rng, answer)
 
     def _color(self, rng: np.random.Generator, color: str) -> _Scene:

@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedConfig,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -132,6 +134,7 @@ def build_model(cfg: MicroConfig, tokenizer: PreTrainedTokenizerFast, seed: int 
         vision_feature_layer=-1,  # two vision layers: use the last one
         vision_feature_select_strategy="default",
     )
+    assert isinstance(config, LlavaConfig)  # family="llava" (the default)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(config.text_config, key, getattr(tokenizer, key))
     config.micro = asdict(cfg)
@@ -143,6 +146,14 @@ def build_model(cfg: MicroConfig, tokenizer: PreTrainedTokenizerFast, seed: int 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def text_config(model: LlavaForConditionalGeneration) -> PreTrainedConfig:
+    """The decoder's config. HF types ``LlavaConfig.text_config`` as dict, config or None; a built
+    ``LlavaConfig`` always holds a config there (it turns a dict or None into one)."""
+    text = model.config.text_config
+    assert isinstance(text, PreTrainedConfig)
+    return text
 
 
 def build_micro(
@@ -209,7 +220,7 @@ def shrink(model: LlavaForConditionalGeneration, keep: list[int]) -> LlavaForCon
     model.model.language_model.layers = torch.nn.ModuleList(layers[i] for i in keep)
     for new, layer in enumerate(model.model.language_model.layers):
         layer.self_attn.layer_idx = new
-    text = model.config.text_config
+    text = text_config(model)
     text.num_hidden_layers = len(keep)
     if getattr(text, "layer_types", None):
         text.layer_types = [text.layer_types[i] for i in keep]

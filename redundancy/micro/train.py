@@ -61,7 +61,7 @@ from redundancy.micro.microvqa import (
     patch_targets,
     question_words,
 )
-from redundancy.micro.model import GROWTH, PROMPTS, MicroConfig, build_micro, format_prompt, grow
+from redundancy.micro.model import GROWTH, PROMPTS, MicroConfig, build_micro, format_prompt, grow, text_config
 from redundancy.micro.model import build_model as build_micro_model
 from redundancy.micro.packing import (
     EXTRA_EXCLUDED,
@@ -440,7 +440,7 @@ def build_optimizer(
     tower = list(model.model.vision_tower.parameters())
     ids = set(map(id, tower))
     rest = [p for p in model.parameters() if id(p) not in ids] + (list(head.parameters()) if head else [])
-    groups = [{"params": rest, "scale": 1.0}]
+    groups: list[dict[str, Any]] = [{"params": rest, "scale": 1.0}]
     if stage.vision_lr_scale > 0:
         groups.append({"params": tower, "scale": stage.vision_lr_scale})
     model.model.vision_tower.requires_grad_(stage.vision_lr_scale > 0)
@@ -610,7 +610,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     else:
         micro = dataclasses.replace(shape, layers=cfg.stages[0].layers)
         model, processor = build_micro(micro, vocabulary(shape), seed=cfg.seed)
-    model.to(device).train()
+    # HF's @wraps(Module.to) hides the bound self from mypy (typeshed's _Wrapped has no __get__)
+    model.to(device).train()  # type: ignore[arg-type]
     val = draw(cfg.stages[-1], shape, cfg.seed, 0, cfg.eval_size, split="val")
     log_file = (out / "log.jsonl").open("a")
     # the auxiliary head (TrainConfig.aux_weight), made at the first vqa stage and wherever the targets change
@@ -619,14 +620,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     for si in range(progress["stage"], len(cfg.stages)):
         stage = cfg.stages[si]
-        if stage.layers > model.config.text_config.num_hidden_layers:
+        if stage.layers > text_config(model).num_hidden_layers:
             micro = dataclasses.replace(shape, layers=stage.layers)
             deep = build_micro_model(micro, processor.tokenizer, seed=cfg.seed)
-            model = grow(model, deep, stage.growth).to(device).train()
+            model = grow(model, deep, stage.growth).to(device).train()  # type: ignore[arg-type]  # as above
         vision = stage.kind == "vision"
         head = None
         if vision:
-            head = PatchHead(model.config.text_config.hidden_size, stage.targets, stage.sparse_weight,
+            head = PatchHead(text_config(model).hidden_size, stage.targets, stage.sparse_weight,
                              stage.position_weight).to(device)
         targets = stage.aux_targets or cfg.aux_targets
         if cfg.aux_weight > 0 and not vision and (aux is None or aux.targets != targets):
