@@ -14,7 +14,10 @@ Every method runs the same greedy generation: one prefill (vision tower + LM
 prompt pass with the KV cache, last-token logits, as ``generate`` does) and then
 ``new_tokens`` cached decode steps. Methods are interleaved round by round
 (``warmup`` rounds, then ``repeats`` timed rounds) so that drift on a shared
-machine hits them alike; medians are reported. On CUDA the clock is CUDA events.
+machine hits them alike; times are medians over the rounds, and every ratio (speedups,
+% of ideal) is the median of the per-round ratios, each of two runs made back to back
+in one round, so that a machine whose speed drifts between rounds cancels out of it
+(the JSON keeps every round). On CUDA the clock is CUDA events.
 Peak memory, the ranking time (scores + top-k, timed by the engine) and the
 keep-ratio-1 check come from separate, untimed runs. With ``rank_layer="next"`` the
 ranking computes layer K's input norm and key projection of every token, and layer K
@@ -460,8 +463,9 @@ class Setup:
 
 @dataclass(frozen=True)
 class MethodResult:
-    """One method's figures. Times are medians; speedups are relative to ``vanilla``
-    (None when vanilla was not run); bytes are per batch."""
+    """One method's figures. Times are medians over the rounds; ratios are medians of the per-round
+    ratios (:func:`paired`); speedups are relative to ``vanilla`` (None when vanilla was not run);
+    bytes are per batch."""
 
     method: str
     label: str
@@ -482,6 +486,9 @@ class MethodResult:
     schedule: dict[str, Any]
     ideal_prefill_ms: float | None = None  # the unmodified layers on the same kept tokens (None: not run)
     ideal_decode_ms_per_token: float | None = None
+    rounds: dict[str, list[float]] = field(default_factory=dict)
+    """Per timed round, in order: ``prefill_ms`` and ``decode_ms_per_token`` (and the ideal's,
+    ``ideal_prefill_ms``, ``ideal_decode_ms_per_token``), from which the ratios below are paired."""
     speedup: float | None = None
     percent_of_predicted: float | None = None  # 100 * speedup / predicted_speedup
     decode_speedup: float | None = None
@@ -491,10 +498,21 @@ class MethodResult:
     decode_percent_of_ideal: float | None = None
 
 
-def _medians(runs: list[Run], new_tokens: int) -> tuple[float, float | None]:
-    """Median prefill seconds and decode seconds per token (None without decoding)."""
-    per_token = statistics.median(r.decode_s for r in runs) / new_tokens if new_tokens else None
-    return statistics.median(r.prefill_s for r in runs), per_token
+def _rounds(runs: list[Run], new_tokens: int, prefix: str = "") -> dict[str, list[float]]:
+    """Milliseconds per round: the prefill and (with decoding) the decode time per token."""
+    out = {prefix + "prefill_ms": [1e3 * r.prefill_s for r in runs]}
+    if new_tokens:
+        out[prefix + "decode_ms_per_token"] = [1e3 * r.decode_s / new_tokens for r in runs]
+    return out
+
+
+def paired(numerator: list[float] | None, denominator: list[float] | None) -> float | None:
+    """The median over rounds of ``numerator[i] / denominator[i]``: both timed in round ``i``, back
+    to back, so that a machine whose speed drifts from round to round cancels out of the ratio
+    (the ratio of the two medians does not); None when either is missing."""
+    if not numerator or not denominator:
+        return None
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: int, ranking: RankingTime | None,
@@ -504,8 +522,12 @@ def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: in
     :func:`redundancy.flops.flops_report`; ``ranking`` None for a peer."""
     batch, length = subject.inputs["input_ids"].shape
     report = flops_report(subject.dims, schedule)
-    prefill_s, per_token = _medians(runs, new_tokens)
-    ideal_s, ideal_token = _medians(ideal, new_tokens) if ideal else (None, None)
+    rounds = {**_rounds(runs, new_tokens), **(_rounds(ideal, new_tokens, "ideal_") if ideal else {})}
+    def median(key: str) -> float | None:
+        return statistics.median(rounds[key]) / 1e3 if key in rounds else None
+
+    prefill_s, per_token = statistics.median(rounds["prefill_ms"]) / 1e3, median("decode_ms_per_token")
+    ideal_s, ideal_token = median("ideal_prefill_ms"), median("ideal_decode_ms_per_token")
     return MethodResult(
         method=name,
         label=title or label(schedule),
@@ -527,31 +549,35 @@ def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: in
         schedule=schedule.record(),
         ideal_prefill_ms=None if ideal_s is None else 1e3 * ideal_s,
         ideal_decode_ms_per_token=None if ideal_token is None else 1e3 * ideal_token,
+        rounds=rounds,
     )
 
 
 def against_vanilla(results: list[MethodResult]) -> list[MethodResult]:
-    """The results with their speedups relative to the vanilla row filled in (unchanged without one)."""
+    """The results with their ratios to the vanilla row (and to their ideal) filled in, each the
+    median of the per-round ratios (:func:`paired`); unchanged without a vanilla row."""
     base = next((r for r in results if r.method == "vanilla"), None)
     if base is None:
         return results
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else a / b
+
+    def percent(value: float | None) -> float | None:
+        return None if value is None else 100 * value
 
     out = []
     for r in results:
-        speedup = base.prefill_ms / r.prefill_ms
         vanilla = r.method == "vanilla"  # its own ideal: the unmodified model
-        ideal_ms = r.prefill_ms if vanilla else r.ideal_prefill_ms
-        ideal_tok = r.decode_ms_per_token if vanilla else r.ideal_decode_ms_per_token
-        percent_ideal, percent_decode = ratio(ideal_ms, r.prefill_ms), ratio(ideal_tok, r.decode_ms_per_token)
+        ideal = "" if vanilla else "ideal_"
+        prefill, decode = r.rounds["prefill_ms"], r.rounds.get("decode_ms_per_token")
+        ideal_prefill, ideal_decode = r.rounds.get(ideal + "prefill_ms"), r.rounds.get(ideal + "decode_ms_per_token")
+        speedup = paired(base.rounds["prefill_ms"], prefill)
+        assert speedup is not None
         out.append(replace(
             r, speedup=speedup, percent_of_predicted=100 * speedup / r.predicted_speedup,
-            decode_speedup=ratio(base.decode_ms_per_token, r.decode_ms_per_token),
-            ideal_speedup=ratio(base.prefill_ms, ideal_ms),
-            percent_of_ideal=None if percent_ideal is None else 100 * percent_ideal,
-            ideal_decode_speedup=ratio(base.decode_ms_per_token, ideal_tok),
-            decode_percent_of_ideal=None if percent_decode is None else 100 * percent_decode,
+            decode_speedup=paired(base.rounds.get("decode_ms_per_token"), decode),
+            ideal_speedup=paired(base.rounds["prefill_ms"], ideal_prefill),
+            percent_of_ideal=percent(paired(ideal_prefill, prefill)),
+            ideal_decode_speedup=paired(base.rounds.get("decode_ms_per_token"), ideal_decode),
+            decode_percent_of_ideal=percent(paired(ideal_decode, decode)),
         ))
     return out
 
@@ -710,7 +736,8 @@ def format_report(setup: Setup, results: list[MethodResult]) -> str:
         + f"{setup.keep1_max_logit_diff:.3e}",
         *format_table(results),
         f"prefill = vision tower + LM prompt pass with KV cache; decode = {setup.new_tokens} greedy cached steps; "
-        + f"medians of {setup.repeats} interleaved rounds after {setup.warmup} warm-up{clock}",
+        + f"medians of {setup.repeats} interleaved rounds after {setup.warmup} warm-up{clock}; "
+        + "every ratio is the median of the per-round ratios",
         "FLOPs-pred. = vanilla / method prefill FLOPs (full-sequence LM + ranking + vision, eq. 4, redundancy.flops); "
         + "% of pred. = measured / predicted speedup",
         "ideal = vanilla / (unmodified HF layers on the engine's kept tokens: no ranking, one gather per boundary, "

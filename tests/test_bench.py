@@ -73,6 +73,7 @@ def test_preset_reports_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert row["decode_percent_of_ideal"] == pytest.approx(
             100 * row["ideal_decode_ms_per_token"] / row["decode_ms_per_token"])
         assert row["ideal_speedup"] == pytest.approx(rows["vanilla"]["prefill_ms"] / row["ideal_prefill_ms"])
+        assert row["rounds"]["ideal_prefill_ms"] == [row["ideal_prefill_ms"]]  # one round: median = the round
     assert [line.split()[0] for line in lines[3:8]] == [*FAST["methods"], "fastv_eager"]
     assert "ideal" in lines[2] and "% of ideal" in lines[2] and any(line.startswith("peers:") for line in lines)
     assert rows["fastv_eager"]["kv_cache_bytes"] == rows["fastv"]["kv_cache_bytes"]
@@ -86,6 +87,26 @@ def test_preset_reports_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # PyramidDrop ranks with layer K's modules (rank_layer=next), whose kept rows layer K reuses;
     # FastV and the single drop rank inside layer K-1's attention call: nothing to reuse.
     assert rows["pdrop"]["reused_ms"] > 0 and rows["fastv"]["reused_ms"] == rows["drop"]["reused_ms"] == 0
+
+
+def test_ratios_are_medians_of_the_per_round_ratios() -> None:
+    """Each ratio pairs the two runs of one round: with the machine three times slower in the
+    second round, the engine at 90-99% of its ideal in every round reads as the middle round's
+    93.3%, not as the ratio of the two medians (99 / 100 = 99%)."""
+    def result(method: str, **rounds: list[float]) -> bench.MethodResult:
+        return bench.MethodResult(
+            method=method, label=method, stage_counts=[], prefill_ms=0.0, decode_ms_per_token=None, kv_cache_bytes=0,
+            peak_bytes=None, prefill_samples_per_s=0.0, prefill_tokens_per_s=0.0, decode_tokens_per_s=None,
+            predicted_speedup=2.0, predicted_speedup_lm=2.0, ranking_ms=None, ranking_share=None,
+            ranking_gross_ms=None, reused_ms=None, schedule={}, rounds=rounds)
+
+    vanilla = result("vanilla", prefill_ms=[100.0, 300.0, 200.0])
+    pdrop = result("pdrop", prefill_ms=[50.0, 150.0, 100.0], ideal_prefill_ms=[45.0, 140.0, 99.0])
+    rows = {r.method: r for r in bench.against_vanilla([vanilla, pdrop])}
+    assert rows["pdrop"].percent_of_ideal == pytest.approx(100 * 140 / 150)
+    assert rows["pdrop"].speedup == pytest.approx(2.0) and rows["pdrop"].percent_of_predicted == pytest.approx(100)
+    assert rows["pdrop"].ideal_speedup == pytest.approx(300 / 140)
+    assert rows["vanilla"].percent_of_ideal == 100 and rows["pdrop"].decode_speedup is None
 
 
 def test_llava_next_preset_packs_anyres_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
