@@ -19,6 +19,7 @@ from redundancy.loading import TEST_SET, load_model
 from redundancy.ranking import sink_mask
 from redundancy.results import load_results, load_samples
 from redundancy.schedule import DropSchedule
+from tests.helpers import ROOT
 from tests.test_grid import save_tiny_micro
 from tests.test_sweep import tiny
 
@@ -141,3 +142,16 @@ def test_layouts_of_each_family() -> None:
     assert (layout.crops[: base[0] * base[1]] == 0).all()
     newline = layout.crops[base[0] * base[1]:].reshape(high)[:, -1]
     assert (newline == -1).all() and layout.crops.max() >= 1
+
+
+def test_every_committed_study_point_has_its_spatial_counts() -> None:
+    """Issue 29: every point of the published study carries where its kept image tokens lie (rows
+    and columns of each image grid, per boundary, over every question it answered)."""
+    rows = load_results(ROOT / "results" / "sweep")
+    assert len(rows) > 1000
+    missing = rows[rows["spatial"].isna()]
+    assert missing.empty, f"{len(missing)} points without spatial counts, e.g. {missing['point'].tolist()[:3]}"
+    for method, n, counts in zip(rows["method"], rows["n"], rows["spatial"]):
+        assert counts["questions"] == n and counts["image"]["rows"] and counts["image"]["cols"]
+        assert (len(counts["boundaries"]) > 0) == (method != "vanilla")
+        assert all(b["rows"] and b["cols"] for b in counts["boundaries"])
