@@ -523,22 +523,19 @@ def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: in
     batch, length = subject.inputs["input_ids"].shape
     report = flops_report(subject.dims, schedule)
     rounds = {**_rounds(runs, new_tokens), **(_rounds(ideal, new_tokens, "ideal_") if ideal else {})}
-    def median(key: str) -> float | None:
-        return statistics.median(rounds[key]) / 1e3 if key in rounds else None
-
-    prefill_s, per_token = statistics.median(rounds["prefill_ms"]) / 1e3, median("decode_ms_per_token")
-    ideal_s, ideal_token = median("ideal_prefill_ms"), median("ideal_decode_ms_per_token")
+    ms = {key: statistics.median(values) for key, values in rounds.items()}  # medians, milliseconds
+    prefill_s, token_ms = ms["prefill_ms"] / 1e3, ms.get("decode_ms_per_token")
     return MethodResult(
         method=name,
         label=title or label(schedule),
         stage_counts=list(report.stage_counts),
-        prefill_ms=1e3 * prefill_s,
-        decode_ms_per_token=None if per_token is None else 1e3 * per_token,
+        prefill_ms=ms["prefill_ms"],
+        decode_ms_per_token=token_ms,
         kv_cache_bytes=runs[-1].kv_bytes,
         peak_bytes=peak,
         prefill_samples_per_s=batch / prefill_s,
         prefill_tokens_per_s=batch * length / prefill_s,
-        decode_tokens_per_s=None if per_token is None else batch / per_token,
+        decode_tokens_per_s=None if token_ms is None else 1e3 * batch / token_ms,
         predicted_speedup=(report.vanilla_full_sequence + report.vision)
         / (report.full_sequence + report.ranking + report.vision),
         predicted_speedup_lm=1.0 / report.full_sequence_ratio,
@@ -547,8 +544,8 @@ def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: in
         ranking_gross_ms=None if ranking is None else 1e3 * ranking.gross,
         reused_ms=None if ranking is None else 1e3 * ranking.reused,
         schedule=schedule.record(),
-        ideal_prefill_ms=None if ideal_s is None else 1e3 * ideal_s,
-        ideal_decode_ms_per_token=None if ideal_token is None else 1e3 * ideal_token,
+        ideal_prefill_ms=ms.get("ideal_prefill_ms"),
+        ideal_decode_ms_per_token=ms.get("ideal_decode_ms_per_token"),
         rounds=rounds,
     )
 

@@ -593,7 +593,7 @@ class DropEngine:
             self._undo.append(lambda: delattr(lm, "forward"))
             hooks = [
                 self.adapter.multimodal.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
-                self.model.register_forward_pre_hook(self._capture_labels, with_kwargs=True),
+                self.model.register_forward_pre_hook(self._capture_outer, with_kwargs=True),
             ]
             self._undo.extend(h.remove for h in hooks)
             if self.schedule.ranker == "vision_cls":
@@ -670,7 +670,8 @@ class DropEngine:
             if kwargs.get(name) is not None or name not in self._pending:
                 self._pending[name] = kwargs.get(name)
 
-    def _capture_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _capture_outer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """What only the outer model's call carries: the labels (training) and ``logits_to_keep``."""
         self._pending["labels"] = kwargs.get("labels")
         self._pending["logits_to_keep"] = kwargs.get("logits_to_keep")
 
