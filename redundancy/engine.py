@@ -236,11 +236,8 @@ class _Stopwatch:
 class _QueryProbe:
     """Attention of the query rows over all keys, computed inside a layer's attention."""
 
-    def __init__(
-        self, index: torch.Tensor, weight: torch.Tensor, visible: torch.Tensor, stopwatch: _Stopwatch | None = None,
-        keep_inputs: bool = False,
-    ) -> None:
-        self.index, self.weight, self.visible, self.stopwatch = index, weight, visible, stopwatch
+    def __init__(self, rows: _QueryRows, stopwatch: _Stopwatch | None = None, keep_inputs: bool = False) -> None:
+        self.rows, self.stopwatch = rows, stopwatch
         self.keep_inputs = keep_inputs
         self.result: torch.Tensor | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor, float] | None = None
@@ -252,11 +249,15 @@ class _QueryProbe:
         # without the probe and must save the same tensors as the first pass.
         with timing, torch.no_grad():
             # query [batch, heads, n, head_dim] -> the query rows [batch, heads, n_query, head_dim]
-            idx = self.index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1])
-            if self.keep_inputs:
-                self.inputs = (query.detach().gather(2, idx), key.detach(), scaling)
+            index = self.rows.index
+            if index is None:
+                rows = query.detach()[:, :, -1:]
             else:
-                self.result = query_attention(query.gather(2, idx), key, self.visible, self.weight, scaling)
+                rows = query.detach().gather(2, index[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1]))
+            if self.keep_inputs:
+                self.inputs = (rows, key.detach(), scaling)
+            else:
+                self.result = query_attention(rows, key, self.rows.visible, self.rows.weight, scaling)
 
 
 @dataclass(frozen=True)
@@ -340,18 +341,43 @@ class _DecodeState:
     next_position: int  # HF's default position for the next token (first layer's cache length)
 
 
-def _query_rows(
-    query: torch.Tensor, valid: torch.Tensor, nq: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices ``[batch, nq]``, weights and key visibility ``[batch, nq, n]`` of the query
-    rows marked in ``query`` ``[batch, n]`` (``nq``: the most rows any sample has)."""
+@dataclass(frozen=True)
+class _QueryRows:
+    """The ranking query rows of one stage's layout ``[batch, n]``."""
+
+    index: torch.Tensor | None  # [batch, nq] their slots; None: one row per sample, the last slot
+    weight: torch.Tensor | None  # [batch, nq] summing to 1 per sample; None: one row per sample
+    visible: torch.Tensor | None  # [batch, nq, n] the keys each row sees; None: every key
+
+
+def _query_rows(query: torch.Tensor, valid: torch.Tensor, nq: int, last: bool, all_valid: bool) -> _QueryRows:
+    """The query rows marked in ``query`` ``[batch, n]`` (``nq``: the most rows any sample has).
+    ``last`` (known on the host): every sample's one query row is the last slot, which then
+    sees every valid key; nothing is sorted or built (``all_valid``: no padding, no mask)."""
+    if last:
+        return _QueryRows(None, None, None if all_valid else valid[:, None, :])
     n = query.shape[1]
     nq = min(nq, n)  # a stage narrower than the first stage's query rows (``mean``: image rows dropped)
     counts = query.sum(1)
     order = torch.sort((~query).to(torch.int8), dim=1, stable=True).indices[:, :nq]
     weight = (torch.arange(nq, device=query.device)[None] < counts[:, None]).float() / counts.clamp(min=1)[:, None]
     visible = (torch.arange(n, device=query.device)[None, None, :] <= order[:, :, None]) & valid[:, None, :]
-    return order, weight, visible
+    return _QueryRows(order, weight, visible)
+
+
+@dataclass(frozen=True)
+class _Host:
+    """What the prefill reads of the prompt on the host, once, before the first layer."""
+
+    n_image: list[int]  # image tokens per row
+    n_valid: list[int]  # real (not padding) tokens per row
+    n_query: list[int]  # ranking query rows per row
+    query_on_image: list[int]  # per row, 1 where its query is an image token
+    ends_in_text: bool
+    """Every row ends in a real text token: never dropped, and each relayout puts the kept tokens
+    at the end of the rows, so in every stage the last slot holds it."""
+    query_at_end: bool
+    """Every row's one query row is that last token (inference's ``last``)."""
 
 
 @dataclass(frozen=True)
@@ -451,6 +477,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` ``[batch, m]`` of ``x`` ``[batch, n, d]``: ``x.gather(1, index[..., None].expand(...))``,
     copied row by row (``index_select`` on the flattened rows, a quarter of the time on a CPU)."""
     b, n, d = x.shape
+    if b == 1:
+        return x.reshape(n, d).index_select(0, index.reshape(-1)).view(1, index.shape[1], d)
     flat = (index + torch.arange(b, device=index.device)[:, None] * n).reshape(-1)
     return x.reshape(b * n, d).index_select(0, flat).view(b, index.shape[1], d)
 
@@ -888,10 +916,8 @@ class DropEngine:
                 )
             is_img = torch.zeros(b, length, dtype=torch.bool, device=dev)
         query, on_image = self._query_mask(is_img, valid, pending.get("labels"))
-        # The prefill's one read of the prompt's layout on the host.
-        n_image, n_valid, n_query, query_on_image = torch.stack(
-            [is_img.sum(1), valid.sum(1), query.sum(1), on_image.long()]
-        ).tolist()
+        host = self._read_layout(is_img, valid, query, on_image)
+        n_image, n_valid, n_query, ends_in_text = host.n_image, host.n_valid, host.n_query, host.ends_in_text
         self.trace.reset()
         self.trace.n_image = n_image
         if sched.ranker == "random":
@@ -905,7 +931,7 @@ class DropEngine:
         # Rows that keep every image token: no image, or an attention ranker whose query is an image token.
         untouched = [n == 0 for n in n_image]
         if sched.ranker in ATTENTION_RANKERS:
-            untouched = [u or bool(q) for u, q in zip(untouched, query_on_image)]
+            untouched = [u or bool(q) for u, q in zip(untouched, host.query_on_image)]
         self.trace.untouched = untouched
         dropping = needs_images and not all(untouched)
         plan = _plan_layouts(sched.ratios, n_image, n_valid, untouched, length, dropping)
@@ -922,15 +948,19 @@ class DropEngine:
         valids: list[torch.Tensor] = []
         offsets: list[torch.Tensor] = []
         # Offsets are read on component 0 (the sequence axis) at the last token.
-        last_pos0 = pos[0].gather(1, self._last_valid(valid)[:, None])[:, 0]
+        last_pos = functools.partial(self._last_position, ends_in_text=ends_in_text)
+        last_pos0 = last_pos(pos, valid)
         nq = max(n_query)  # query tokens are never dropped: the count holds in every stage
-        rank_rows = _query_rows(query, valid, nq) if dropping or self.record_layers else None
+        query_at_end = host.query_at_end
+        rank_rows = (
+            _query_rows(query, valid, nq, query_at_end, all_valid) if dropping or self.record_layers else None
+        )
         reuse: _LayerInputs | None = None
         for s in range(len(starts) - 1):
             start, end = starts[s], starts[s + 1]
             probes: dict[int, list[_QueryProbe]] = {}
             recorders = (
-                {li: _QueryProbe(*rank_rows) for li in self.record_layers if start <= li < end} if rank_rows else {}
+                {li: _QueryProbe(rank_rows) for li in self.record_layers if start <= li < end} if rank_rows else {}
             )
             for li, probe in recorders.items():
                 probes.setdefault(li, []).append(probe)
@@ -941,7 +971,7 @@ class DropEngine:
                 scorer = None if deferred else recorders.get(end - 1)
                 if scorer is None:
                     assert rank_rows is not None  # made wherever the schedule drops
-                    scorer = _QueryProbe(*rank_rows, stopwatch=self._stopwatch, keep_inputs=deferred)
+                    scorer = _QueryProbe(rank_rows, stopwatch=self._stopwatch, keep_inputs=deferred)
                     probes.setdefault(end - 1, []).append(scorer)
             if s == 0 and self.first_stage is not None:  # shared-prefix hook (redundancy.grid)
                 hidden, pe = self.first_stage(self, hidden, start, end, valid, pos, cache, probes, all_valid)
@@ -951,7 +981,7 @@ class DropEngine:
             reuse = None
             if cache is not None:
                 if s == 0 or (sched.positions != "keep" and plan[s - 1].drops):
-                    offsets.append(pos[0].gather(1, self._last_valid(valid)[:, None])[:, 0] - last_pos0)
+                    offsets.append(last_pos(pos, valid) - last_pos0)
                 stages.append(_Stage(start, end, len(offsets) - 1, all_valid))
                 valids.append(valid)
             for li, probe in recorders.items():
@@ -976,9 +1006,8 @@ class DropEngine:
             if windows is not None:  # pool: each kept token takes the mean of its window
                 hidden = pool_states(hidden, windows[s], ordinal, present)
             keep = valid & (~present | keep_img)
-            first = valid.long().argmax(1, keepdim=True)[None].expand(pos.shape[0], -1, -1)
-            first_pos = pos.gather(2, first).amin(0)  # [batch, 1]
-            src, valid = self._relayout(keep, plan[s].width)
+            first_pos = self._first_position(pos, valid, all_valid) if sched.positions != "keep" else None
+            src, valid = self._relayout(keep, plan[s].width, plan[s].all_valid)
             all_valid = plan[s].all_valid
             hidden = gather_rows(hidden, src)
             if reuse is not None:
@@ -992,7 +1021,7 @@ class DropEngine:
             ordinal = ordinal.gather(1, src)
             query = query.gather(1, src) & valid
             pos = self._positions(pos.gather(2, src[None].expand(pos.shape[0], -1, -1)), valid, present, first_pos)
-            rank_rows = _query_rows(query, valid, nq)
+            rank_rows = _query_rows(query, valid, nq, query_at_end, all_valid)
 
         hidden = adapter.language_model.norm(hidden)
         if cache is not None:
@@ -1001,6 +1030,8 @@ class DropEngine:
             self._state = _DecodeState(cache, stages, shifts, masks, next_position=length)
         if self.keep_trace:
             self.trace.slots = [torch.where(i < length, i, -1) for i in slots]
+        if tail == 1 and ends_in_text:  # the last slot holds the last token
+            return hidden[:, -1:], slots
         return _scatter_slots(hidden, index, length, identity=index is slots[0], tail=tail), slots
 
     def _record_boundary(
@@ -1023,9 +1054,34 @@ class DropEngine:
         self.trace._attention[layer] = _to_ordinals(probe.result, ordinal, present, n_image)
 
     @staticmethod
+    def _read_layout(is_img: torch.Tensor, valid: torch.Tensor, query: torch.Tensor, on_image: torch.Tensor) -> _Host:
+        """The prefill's one read of the prompt's layout on the host (``[batch, n]`` masks)."""
+        n_image, n_valid, n_query, query_on_image, ends_in_text, query_last = torch.stack(
+            [is_img.sum(1), valid.sum(1), query.sum(1), on_image.long(), valid[:, -1] & ~is_img[:, -1], query[:, -1]]
+        ).tolist()
+        ends = all(ends_in_text)
+        return _Host(n_image, n_valid, n_query, query_on_image, ends, ends and max(n_query) == 1 and all(query_last))
+
+    @staticmethod
     def _last_valid(valid: torch.Tensor) -> torch.Tensor:
         n = valid.shape[1]
         return (valid * torch.arange(1, n + 1, device=valid.device)).argmax(1)
+
+    def _last_position(self, pos: torch.Tensor, valid: torch.Tensor, ends_in_text: bool) -> torch.Tensor:
+        """``[batch]`` the sequence position (component 0) of each row's last token
+        (``ends_in_text``: the last slot, known on the host)."""
+        if ends_in_text:
+            return pos[0, :, -1]
+        return pos[0].gather(1, self._last_valid(valid)[:, None])[:, 0]
+
+    @staticmethod
+    def _first_position(pos: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> torch.Tensor:
+        """``[batch, 1]`` the smallest position component of each row's first token
+        (``all_valid``: the first slot, known on the host)."""
+        if all_valid:
+            return pos[:, :, :1].amin(0)
+        first = valid.long().argmax(1, keepdim=True)[None].expand(pos.shape[0], -1, -1)
+        return pos.gather(2, first).amin(0)
 
     def _query_mask(
         self, is_img: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None
@@ -1066,7 +1122,7 @@ class DropEngine:
         hidden: torch.Tensor,
         pe: tuple[torch.Tensor, torch.Tensor],
         scorer: _QueryProbe | None,
-        rank_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        rank_rows: _QueryRows | None,
         ordinal: torch.Tensor,
         present: torch.Tensor,
         controls: torch.Tensor | None,
@@ -1085,7 +1141,7 @@ class DropEngine:
                     assert scorer.inputs is not None  # the branch above took the probe without inputs
                     q, k, scaling = scorer.inputs
                 else:  # rank_layer == "next": layer K's norm and q/k on the states leaving layer K-1
-                    proj = self.adapter.ranking_qk(boundary, hidden, pe, rank_rows[0])
+                    proj = self.adapter.ranking_qk(boundary, hidden, pe, rank_rows.index)
                     q, k, scaling = proj.query, proj.key, proj.scaling
                     if not torch.is_grad_enabled():
                         reuse = _LayerInputs(hidden, proj.normed, proj.key_proj)
@@ -1105,7 +1161,7 @@ class DropEngine:
         scaling: float,
         hidden: torch.Tensor,
         pe: tuple[torch.Tensor, torch.Tensor],
-        rank_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        rank_rows: _QueryRows,
         present: torch.Tensor,
     ) -> torch.Tensor:
         """``[batch, n]`` attention score of the query rows ``query`` over ``key`` (after rotary)
@@ -1114,14 +1170,14 @@ class DropEngine:
         ranking layer (``hidden``) are sinks (:func:`~redundancy.ranking.sink_mask`) out of the
         softmax and drop them first / keep them first (:func:`~redundancy.ranking.sink_scores`)."""
         ranker = self.schedule.ranker
-        index, weight, visible = rank_rows
+        visible = rank_rows.visible
         if ranker == "norope":
-            query = unrotate(query, *self.adapter.gather_position_embeddings(pe, index))
+            query = unrotate(query, *self.adapter.gather_position_embeddings(pe, rank_rows.index))
             key = unrotate(key, *pe)
         sinks = sink_mask(hidden, present) if ranker in _SINK_RANKERS else None
         if sinks is not None:
-            visible = visible & ~sinks[:, None, :]
-        att = query_attention(query, key, visible, weight, scaling)
+            visible = ~sinks[:, None, :] if visible is None else visible & ~sinks[:, None, :]
+        att = query_attention(query, key, visible, rank_rows.weight, scaling)
         return att if sinks is None else sink_scores(att, sinks, keep=ranker == "nosink_keep")
 
     def _control_scores(self, n_image: list[int], pending: dict[str, Any], device: torch.device) -> torch.Tensor | None:
@@ -1184,10 +1240,14 @@ class DropEngine:
         return table.to(device)
 
     @staticmethod
-    def _relayout(keep: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _relayout(keep: torch.Tensor, m: int, all_valid: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Source slot of each new slot ``[batch, m]`` (kept tokens in order, rows
-        left-padded to ``m``, the most any row keeps) and the new validity mask."""
+        left-padded to ``m``, the most any row keeps) and the new validity mask
+        (``all_valid``: every row keeps ``m``, known on the host)."""
         b, n = keep.shape
+        if all_valid:  # the kept slots in order, row by row (a fixed size: no device read)
+            src = torch.nonzero_static(keep, size=b * m)[:, 1].view(b, m)
+            return src, torch.ones(b, m, dtype=torch.bool, device=keep.device)
         count = keep.sum(1)
         slot = (m - count)[:, None] + keep.long().cumsum(1) - 1
         target = torch.where(keep, slot, m)
@@ -1197,13 +1257,14 @@ class DropEngine:
         return torch.where(valid, src[:, :m], 0), valid
 
     def _positions(
-        self, kept_positions: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor, start: torch.Tensor
+        self, kept_positions: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor, start: torch.Tensor | None
     ) -> torch.Tensor:
         """Position ids ``[components, batch, m]`` of the kept tokens under the schedule's
         policy; ``compact`` renumbers (the family's rule) from ``start`` ``[batch, 1]``, the
         stage's first position before the drop."""
         if self.schedule.positions == "keep":
             return kept_positions
+        assert start is not None  # computed wherever positions are renumbered
         return self.adapter.compact_positions(kept_positions, valid, is_image, start)
 
     # ------------------------------------------------------------------ decode

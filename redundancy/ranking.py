@@ -26,8 +26,8 @@ _ROW_CHUNK = 256  # query rows scored at once: [batch, heads, 256, keys] float32
 def query_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
-    visible: torch.Tensor,
-    weights: torch.Tensor,
+    visible: torch.Tensor | None,
+    weights: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
     """Attention paid by the selected query rows to every key, averaged over heads and rows.
@@ -35,22 +35,26 @@ def query_attention(
     Args:
         query: ``[batch, heads, n_query, head_dim]`` query rows (after rotary).
         keys: ``[batch, kv_heads, n_key, head_dim]`` keys (after rotary).
-        visible: ``[batch, n_query, n_key]`` bool, which keys each query row may see.
-        weights: ``[batch, n_query]`` row weights summing to 1 per sample (0 for padding rows).
+        visible: ``[batch, n_query, n_key]`` bool, which keys each query row may see; ``None``:
+            every key (one query row at the last slot of an unpadded row).
+        weights: ``[batch, n_query]`` row weights summing to 1 per sample (0 for padding rows);
+            ``None``: the rows weigh alike.
         scaling: softmax temperature, ``1 / sqrt(head_dim)`` for the models here.
 
     Returns:
         ``[batch, n_key]`` float32 attention; each row sums to 1 over visible keys.
     """
-    nq = query.shape[2]
+    b, h, nq, dh = query.shape
     if nq > _ROW_CHUNK:  # many rows (``mean``): bounded memory, the same sum chunk by chunk
+        if weights is None:
+            weights = query.new_full((b, nq), 1.0 / nq, dtype=torch.float32)
         parts = [
-            query_attention(query[:, :, i : i + _ROW_CHUNK], keys, visible[:, i : i + _ROW_CHUNK],
+            query_attention(query[:, :, i : i + _ROW_CHUNK], keys,
+                            None if visible is None else visible[:, i : i + _ROW_CHUNK],
                             weights[:, i : i + _ROW_CHUNK], scaling)
             for i in range(0, nq, _ROW_CHUNK)
         ]
         return torch.stack(parts).sum(0)
-    b, h, _, dh = query.shape
     kvh = keys.shape[1]
     groups = h // kvh
     with torch.no_grad():
@@ -58,11 +62,14 @@ def query_attention(
         k = keys.detach().float()
         logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [batch, kv_heads, groups*query, key]
         logits = logits.view(b, kvh, groups, nq, -1)
-        # Rows with no visible key (padding rows) get weight 0; keep them finite.
-        vis = visible[:, None, None, :, :]
-        logits = logits.masked_fill(~vis, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # [batch, kv_heads, groups, query, key]
+        if visible is not None:  # rows with no visible key (padding rows) get weight 0; keep them finite
+            logits = logits.masked_fill(~visible[:, None, None, :, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # [batch, kv_heads, groups, query, key]
+        if visible is not None:
+            probs = probs.nan_to_num(0.0)
         per_row = probs.mean(dim=(1, 2))  # [batch, query, key]
+        if weights is None:
+            return per_row.mean(dim=1)
         return (per_row * weights.float()[:, :, None]).sum(dim=1)
 
 

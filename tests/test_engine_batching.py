@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from redundancy import engine
 from redundancy.engine import apply_schedule
 from redundancy.schedule import DropSchedule
 from tests.helpers import make_batch, select_rows, tiny_model
@@ -58,3 +61,40 @@ def test_next_layout_reaches_the_uniform_control_under_generate() -> None:
         generate_kept = trace.boundaries[0].kept
     for fwd, gen in zip(forward_kept, generate_kept):
         assert torch.equal(fwd, gen)
+
+
+def _general_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn off every shortcut the prefill takes from what it knows on the host (the query row
+    at the last slot, rows ending in a text token, layouts without padding, a batch of one):
+    the general tensor paths run instead."""
+    read = engine.DropEngine._read_layout
+    monkeypatch.setattr(engine.DropEngine, "_read_layout", staticmethod(
+        lambda *masks: dataclasses.replace(read(*masks), ends_in_text=False, query_at_end=False)
+    ))
+    relayout, first = engine.DropEngine._relayout, engine.DropEngine._first_position
+    monkeypatch.setattr(engine.DropEngine, "_relayout", staticmethod(lambda keep, m, _: relayout(keep, m, False)))
+    monkeypatch.setattr(engine.DropEngine, "_first_position", staticmethod(lambda p, v, _: first(p, v, False)))
+    monkeypatch.setattr(engine, "gather_rows", lambda x, i: x.gather(1, i[..., None].expand(-1, -1, x.shape[-1])))
+
+
+@pytest.mark.parametrize(("family", "schedule"), [CASES[0], CASES[1], CASES[2], CASES[6]])
+@pytest.mark.parametrize("rows", [[(3, 6)], [(3, 6), (1, 4), (2, 2)]], ids=["one", "padded"])
+def test_host_shortcuts_give_the_general_paths_numbers(
+    monkeypatch: pytest.MonkeyPatch, family: str, schedule: DropSchedule, rows: list[tuple[int, int]]
+) -> None:
+    model = tiny_model(family, "mistral", "sdpa", torch.float64)
+    sizes = [(28, 56), (56, 56), (56, 28)][: len(rows)] if family == "llava_next" else None
+    batch = make_batch(model, rows, image_hw=sizes, seed=1)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor]]]:
+        with torch.no_grad(), apply_schedule(model, schedule) as trace:
+            logits = model(**batch, logits_to_keep=1).logits
+            gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
+            return logits, gen, [b.kept for b in trace.boundaries]
+
+    fast = run()
+    with monkeypatch.context() as patch:
+        _general_paths(patch)
+        general = run()
+    assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+    assert all(torch.equal(a, b) for fa, ga in zip(fast[2], general[2]) for a, b in zip(fa, ga))

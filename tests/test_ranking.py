@@ -125,6 +125,22 @@ def test_sink_scores_stay_finite_so_counts_hold() -> None:
     assert select_top(kept, cand, torch.tensor([1])).tolist() == [[False, False, False, True]]
 
 
+def test_query_attention_without_mask_or_weights_is_the_masked_sum_bit_for_bit() -> None:
+    """``visible=None`` (every key) and ``weights=None`` (rows alike): the numbers of the
+    all-visible mask with equal weights, to the bit for one row (the engine's last-token query)."""
+    torch.manual_seed(1)
+    b, h, kvh, n, dh = 2, 4, 2, 9, 8
+    q, k = torch.randn(b, h, 1, dh), torch.randn(b, kvh, n, dh)
+    every = torch.ones(b, 1, n, dtype=torch.bool)
+    one = torch.ones(b, 1)
+    assert torch.equal(query_attention(q, k, None, None, dh**-0.5), query_attention(q, k, every, one, dh**-0.5))
+    q3 = torch.randn(b, h, 3, dh)
+    torch.testing.assert_close(
+        query_attention(q3, k, None, None, dh**-0.5),
+        query_attention(q3, k, every.expand(b, 3, n), torch.full((b, 3), 1 / 3), dh**-0.5),
+    )
+
+
 def test_query_attention_in_row_chunks_is_the_same(monkeypatch) -> None:
     """Many query rows (``mean``) are scored in chunks; the weighted sum does not change."""
     import redundancy.ranking as ranking
@@ -140,3 +156,5 @@ def test_query_attention_in_row_chunks_is_the_same(monkeypatch) -> None:
     torch.testing.assert_close(query_attention(q, k, visible, weight, dh**-0.5), whole)
     monkeypatch.setattr(ranking, "_ROW_CHUNK", 1)
     torch.testing.assert_close(query_attention(q, k, visible, weight, dh**-0.5), whole)
+    alike = query_attention(q, k, None, torch.full((b, 7), 1 / 7), dh**-0.5)  # no mask, rows alike, chunked
+    torch.testing.assert_close(query_attention(q, k, None, None, dh**-0.5), alike)

@@ -127,9 +127,11 @@ class FamilyAdapter:
         rank = valid.long().cumsum(1) - 1
         return torch.where(valid, start + rank, 0)[None].expand_as(kept)
 
-    def gather_position_embeddings(self, emb: PositionEmbeddings, index: torch.Tensor) -> PositionEmbeddings:
-        """Select rows ``index`` ``[batch, k]`` of the per-token ``(cos, sin)``."""
+    def gather_position_embeddings(self, emb: PositionEmbeddings, index: torch.Tensor | None) -> PositionEmbeddings:
+        """Select rows ``index`` ``[batch, k]`` of the per-token ``(cos, sin)`` (``None``: the last row)."""
         cos, sin = emb
+        if index is None:
+            return cos[..., -1:, :], sin[..., -1:, :]
         idx = index[..., None].expand(*index.shape, cos.shape[-1])
         return cos.gather(-2, idx), sin.gather(-2, idx)
 
@@ -139,16 +141,19 @@ class FamilyAdapter:
         layer_idx: int,
         hidden: torch.Tensor,
         position_embeddings: PositionEmbeddings,
-        query_index: torch.Tensor,
+        query_index: torch.Tensor | None,
     ) -> RankingProjections:
-        """Queries of the rows ``query_index`` and keys of every token, made with
+        """Queries of the rows ``query_index`` (``None``: the last row) and keys of every token, made with
         layer ``layer_idx``'s input norm and q/k projections (official PyramidDrop
         ranking), and the norm's and key projection's outputs that layer can reuse."""
         layer = self.layers[layer_idx]
         attn = layer.self_attn
         with torch.no_grad():
             normed = layer.input_layernorm(hidden)  # [batch, n, d]
-            rows = normed.gather(1, query_index[..., None].expand(*query_index.shape, normed.shape[-1]))
+            if query_index is None:
+                rows = normed[:, -1:]
+            else:
+                rows = normed.gather(1, query_index[..., None].expand(*query_index.shape, normed.shape[-1]))
             key_proj = attn.k_proj(normed)  # [batch, n, kv_heads * head_dim]
             q = attn.q_proj(rows).view(*rows.shape[:-1], -1, attn.head_dim).transpose(1, 2)
             k = key_proj.view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)
