@@ -13,11 +13,11 @@ random-initialised model of that shape (timing needs no trained weights).
 Every method runs the same greedy generation: one prefill (vision tower + LM
 prompt pass with the KV cache, last-token logits, as ``generate`` does) and then
 ``new_tokens`` cached decode steps. Methods are interleaved round by round
-(``warmup`` rounds, then ``repeats`` timed rounds) so that drift on a shared
-machine hits them alike; times are medians over the rounds, and every ratio (speedups,
-% of ideal) is the median of the per-round ratios, each of two runs made back to back
-in one round, so that a machine whose speed drifts between rounds cancels out of it
-(the JSON keeps every round). On CUDA the clock is CUDA events.
+(``warmup`` rounds, then ``repeats`` timed rounds; every other round runs them in the
+reverse order) so that drift on a shared machine hits them alike; times are medians over
+the rounds, and every ratio (speedups, % of ideal) is the median of the per-round ratios,
+each of two runs made back to back in one round, so that a machine whose speed drifts
+between rounds cancels out of it (the JSON keeps every round). On CUDA the clock is CUDA events.
 Peak memory, the ranking time (scores + top-k, timed by the engine) and the
 keep-ratio-1 check come from separate, untimed runs. With ``rank_layer="next"`` the
 ranking computes layer K's input norm and key projection of every token, and layer K
@@ -56,17 +56,19 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+import redundancy
 from redundancy.cli import launch, run_entry
 from redundancy.data import load_dataset
 from redundancy.engine import apply_schedule
 from redundancy.evaluate import prompts
 from redundancy.flops import flops_report
-from redundancy.loading import TEST_SET, load_model, resolve, resolve_device, resolve_dtype
+from redundancy.loading import TEST_SET, git_revision, load_model, resolve, resolve_device, resolve_dtype
 from redundancy.models.factory import Family, build_model, config_from_dims
 from redundancy.models.llava_next import next_image_layout
 from redundancy.presets import DEFAULT_N_TEXT, PRESETS, ModelDims, get_preset
 from redundancy.schedule import METHOD_SPECS, DropSchedule, check_ratio
 from redundancy.staged import StagePlan, fastv_eager_plan, ideal_plan, staged
+from redundancy.stats import median_ratio
 from redundancy.validate import available_memory, check_device, check_threads, check_weights, check_writable
 
 # The CPU stand-in: the micro-LLaVA's depth and image-token count, narrow width.
@@ -344,13 +346,15 @@ def variants(subject: Subject, schedules: dict[str, DropSchedule], cfg: BenchCon
 
 
 def time_rounds(subject: Subject, variants: dict[str, Variant], cfg: BenchConfig) -> dict[str, list[Run]]:
-    """``warmup`` then ``repeats`` rounds; each round runs every variant once, in order."""
+    """``warmup`` then ``repeats`` rounds; each round runs every variant once, in order, and the
+    next round in the reverse order (no variant always follows the same one)."""
     clock = Clock(subject.model.device)
     runs: dict[str, list[Run]] = {name: [] for name in variants}
     rounds = cfg.warmup + cfg.repeats
     with tqdm(total=rounds * len(variants), desc="bench rounds", unit="run", disable=not cfg.progress) as bar:
         for round_ in range(rounds):
-            for name, install in variants.items():
+            order = list(variants.items())
+            for name, install in order[::-1] if round_ % 2 else order:
                 bar.set_postfix_str(f"round {round_ + 1}/{rounds}{' (warm-up)' if round_ < cfg.warmup else ''} {name}")
                 with install():
                     run_ = generate_greedy(subject.model, subject.inputs, cfg.new_tokens, clock)
@@ -459,13 +463,16 @@ class Setup:
     peers: tuple[str, ...] = ()
     note: str = ""  # why the ideal / peer columns are missing, if they are
     torch_version: str = torch.__version__
+    version: str = redundancy.__version__
+    git: str = field(default_factory=git_revision)  # the code that measured (``+dirty``: with local changes)
+    order: str = "alternating"  # every other round runs the variants in reverse order
 
 
 @dataclass(frozen=True)
 class MethodResult:
     """One method's figures. Times are medians over the rounds; ratios are medians of the per-round
-    ratios (:func:`paired`); speedups are relative to ``vanilla`` (None when vanilla was not run);
-    bytes are per batch."""
+    ratios (:func:`redundancy.stats.median_ratio`); speedups are relative to ``vanilla`` (None when
+    vanilla was not run); bytes are per batch."""
 
     method: str
     label: str
@@ -506,15 +513,6 @@ def _rounds(runs: list[Run], new_tokens: int, prefix: str = "") -> dict[str, lis
     return out
 
 
-def paired(numerator: list[float] | None, denominator: list[float] | None) -> float | None:
-    """The median over rounds of ``numerator[i] / denominator[i]``: both timed in round ``i``, back
-    to back, so that a machine whose speed drifts from round to round cancels out of the ratio
-    (the ratio of the two medians does not); None when either is missing."""
-    if not numerator or not denominator:
-        return None
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
-
-
 def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: int, ranking: RankingTime | None,
               peak: int | None, subject: Subject, ideal: list[Run] | None = None, title: str | None = None
               ) -> MethodResult:
@@ -552,7 +550,7 @@ def summarise(name: str, schedule: DropSchedule, runs: list[Run], new_tokens: in
 
 def against_vanilla(results: list[MethodResult]) -> list[MethodResult]:
     """The results with their ratios to the vanilla row (and to their ideal) filled in, each the
-    median of the per-round ratios (:func:`paired`); unchanged without a vanilla row."""
+    median of the per-round ratios (:func:`redundancy.stats.median_ratio`); unchanged without a vanilla row."""
     base = next((r for r in results if r.method == "vanilla"), None)
     if base is None:
         return results
@@ -566,15 +564,15 @@ def against_vanilla(results: list[MethodResult]) -> list[MethodResult]:
         ideal = "" if vanilla else "ideal_"
         prefill, decode = r.rounds["prefill_ms"], r.rounds.get("decode_ms_per_token")
         ideal_prefill, ideal_decode = r.rounds.get(ideal + "prefill_ms"), r.rounds.get(ideal + "decode_ms_per_token")
-        speedup = paired(base.rounds["prefill_ms"], prefill)
+        speedup = median_ratio(base.rounds["prefill_ms"], prefill)
         assert speedup is not None
         out.append(replace(
             r, speedup=speedup, percent_of_predicted=100 * speedup / r.predicted_speedup,
-            decode_speedup=paired(base.rounds.get("decode_ms_per_token"), decode),
-            ideal_speedup=paired(base.rounds["prefill_ms"], ideal_prefill),
-            percent_of_ideal=percent(paired(ideal_prefill, prefill)),
-            ideal_decode_speedup=paired(base.rounds.get("decode_ms_per_token"), ideal_decode),
-            decode_percent_of_ideal=percent(paired(ideal_decode, decode)),
+            decode_speedup=median_ratio(base.rounds.get("decode_ms_per_token"), decode),
+            ideal_speedup=median_ratio(base.rounds["prefill_ms"], ideal_prefill),
+            percent_of_ideal=percent(median_ratio(ideal_prefill, prefill)),
+            ideal_decode_speedup=median_ratio(base.rounds.get("decode_ms_per_token"), ideal_decode),
+            decode_percent_of_ideal=percent(median_ratio(ideal_decode, decode)),
         ))
     return out
 

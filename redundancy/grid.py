@@ -45,6 +45,7 @@ from redundancy.evaluate import batches, prompts
 from redundancy.models import adapter_for
 from redundancy.schedule import DropSchedule
 from redundancy.spatial import BoundaryStates, question_diagnostics
+from redundancy.stats import median_ratio
 
 
 @dataclass
@@ -337,23 +338,57 @@ def run_grid(
     return results, stats
 
 
+@dataclass(frozen=True)
+class PrefillTiming:
+    """A schedule's prefill timed against the unmodified model's in the same rounds."""
+
+    ms: float
+    """Median wall milliseconds of the schedule's prefill over the rounds."""
+    vanilla_ms: float
+    """Median wall milliseconds of the unmodified model's prefill (no engine) over the same rounds."""
+    speedup: float
+    """Median over the rounds of the unmodified model's time over the schedule's (1 for vanilla)."""
+    rounds: int
+
+
 def time_prefill(
     model: Any, processor: Any, samples: Sequence[Sample], schedule: DropSchedule, *, repeats: int = 3, warmup: int = 1
-) -> float:
-    """Median wall milliseconds of one prefill (vision tower, language model, first logits) of
-    ``samples`` as one batch under ``schedule``, unshared; synchronised on CUDA."""
+) -> PrefillTiming:
+    """One prefill (vision tower, language model, first logits) of ``samples`` as one batch under
+    ``schedule``, unshared, and one of the unmodified model, back to back in each of ``warmup +
+    repeats`` rounds (which goes first alternates); synchronised on CUDA. A vanilla schedule is the
+    unmodified model itself, timed once per round."""
     device = next(model.parameters()).device
     inputs = encode(processor, samples, device)
-    times = []
-    with torch.no_grad(), apply_schedule(model, schedule, trace=False):
-        for step in range(warmup + repeats):
+
+    def once(install: Callable[[], contextlib.AbstractContextManager[Any]]) -> float:
+        with install():
             _sync(device)
             start = time.perf_counter()
             model(**inputs, use_cache=True, logits_to_keep=1)
             _sync(device)
+            return 1e3 * (time.perf_counter() - start)
+
+    plain = contextlib.nullcontext
+    point = plain if schedule.is_vanilla else functools.partial(apply_schedule, model, schedule, trace=False)
+    times: list[float] = []
+    vanilla: list[float] = []
+    with torch.no_grad():
+        for step in range(warmup + repeats):
+            if schedule.is_vanilla:
+                ms = base = once(plain)
+            elif step % 2:
+                ms = once(point)
+                base = once(plain)
+            else:
+                base = once(plain)
+                ms = once(point)
             if step >= warmup:
-                times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+                times.append(ms)
+                vanilla.append(base)
+    speedup = median_ratio(vanilla, times)
+    assert speedup is not None  # repeats >= 1
+    return PrefillTiming(statistics.median(times), statistics.median(vanilla), speedup, repeats)
 
 
 def _sync(device: torch.device) -> None:

@@ -8,6 +8,7 @@ table, notebook or the claims table shows is computed here.
     holm([c1, c2, c3])                    # the same comparisons with Holm-adjusted p-values
     seeded_summary({0: s0, 1: s1}, ref)   # a seeded control: mean and spread over seeds, each seed
                                           #   against the reference (attention ranking)
+    median_ratio(vanilla_ms, method_ms)   # a speedup from interleaved timing rounds
 
 Scores are per-question values in [0, 1] (exact match: 0/1; VQA accuracy: soft), given as a
 :class:`pandas.Series` indexed by question id (paired by id) or as aligned sequences.
@@ -110,6 +111,15 @@ def paired(a: Scores, b: Scores) -> tuple[np.ndarray, np.ndarray]:
     if not len(x):
         raise ValueError("paired scores: no questions")
     return x, y
+
+
+def median_ratio(numerator: Sequence[float] | None, denominator: Sequence[float] | None) -> float | None:
+    """The median over timing rounds of ``numerator[i] / denominator[i]``, both timed in round ``i``
+    back to back, so that a machine whose speed drifts from round to round cancels out of the ratio
+    (the ratio of the two medians does not); None when either is missing."""
+    if not numerator or not denominator:
+        return None
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def is_binary(values: np.ndarray) -> bool:

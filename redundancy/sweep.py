@@ -50,7 +50,7 @@ from redundancy.data import Sample, load_dataset, metric_for, score
 from redundancy.data import evaluate as score_predictions
 from redundancy.distributed import Processes, processes
 from redundancy.flops import TERA, full_sequence_flops, image_part_flops
-from redundancy.grid import SampleResult, run_grid, time_prefill
+from redundancy.grid import PrefillTiming, SampleResult, run_grid, time_prefill
 from redundancy.loading import TEST_SET, git_revision, load_model, resolve, resolve_device, resolve_dtype
 from redundancy.locks import PointLocks
 from redundancy.presets import ModelDims
@@ -355,8 +355,18 @@ def point_config(cfg: SweepConfig, schedule: DropSchedule) -> dict[str, Any]:
     return out
 
 
+def prefill_columns(prefill: PrefillTiming | None, batch_size: int) -> dict[str, Any]:
+    """A row's timing: the point's prefill, the unmodified model's timed in the same rounds and the
+    paired speedup (None without timing)."""
+    if prefill is None:
+        return dict.fromkeys(("prefill_ms", "prefill_vanilla_ms", "prefill_speedup", "prefill_rounds",
+                              "prefill_batch"))
+    return {"prefill_ms": prefill.ms, "prefill_vanilla_ms": prefill.vanilla_ms, "prefill_speedup": prefill.speedup,
+            "prefill_rounds": prefill.rounds, "prefill_batch": batch_size}
+
+
 def build_row(ctx: _Context, schedule: DropSchedule, key: str, records: list[dict[str, Any]], model: Any,
-              prefill_ms: float | None) -> dict[str, Any]:
+              prefill: PrefillTiming | None) -> dict[str, Any]:
     cfg = ctx.cfg
     preds = {r["question_id"]: r["prediction"] for r in records}
     result = score_predictions(ctx.samples, preds, ctx.metric)
@@ -377,7 +387,7 @@ def build_row(ctx: _Context, schedule: DropSchedule, key: str, records: list[dic
         "accuracy": result["accuracy"], "ci_low": low, "ci_high": high, "ci_level": CI_LEVEL, "ci_method": ci_method,
         "n": result["n"], "missing": result["missing"], "per_family": result["per_family"],
         **flops_summary(model.config, schedule, records),
-        "prefill_ms": prefill_ms, "prefill_batch": cfg.timing.batch_size if prefill_ms is not None else None,
+        **prefill_columns(prefill, cfg.timing.batch_size),
         "wall_s": sum(r["seconds"] for r in records),
         "shared_prefix": any(r.get("shared_prefix", False) for r in records),
         "prior": next((r["prior"] for r in records if r.get("prior")), None),  # debias: the prior's key
@@ -490,7 +500,7 @@ class _PointWriter:
             return
         timing, schedule = self.ctx.cfg.timing, self.schedules[j]
         recs = sorted(self.records[j], key=lambda r: self.order[r["question_id"]])
-        prefill = None
+        prefill: PrefillTiming | None = None
         if timing.repeats:
             prefill = time_prefill(self.model, self.processor, self.ctx.samples[: timing.batch_size], schedule,
                                    repeats=timing.repeats, warmup=timing.warmup)

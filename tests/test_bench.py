@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import types
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,17 @@ def test_ratios_are_medians_of_the_per_round_ratios() -> None:
     assert rows["pdrop"].speedup == pytest.approx(2.0) and rows["pdrop"].percent_of_predicted == pytest.approx(100)
     assert rows["pdrop"].ideal_speedup == pytest.approx(300 / 140)
     assert rows["vanilla"].percent_of_ideal == 100 and rows["pdrop"].decode_speedup is None
+
+
+def test_rounds_alternate_the_order_of_the_variants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No variant always runs right after the same one: every other round runs them in reverse."""
+    seen: list[str] = []
+    monkeypatch.setattr(bench, "generate_greedy", lambda *_: bench.Run(0.1, 0.2, 0))
+    variants = {name: (lambda name=name: (seen.append(name), contextlib.nullcontext())[1]) for name in "abc"}
+    subject = types.SimpleNamespace(model=types.SimpleNamespace(device=torch.device("cpu")), inputs={})
+    cfg = bench.BenchConfig(warmup=1, repeats=2, progress=False)
+    runs = bench.time_rounds(subject, variants, cfg)  # type: ignore[arg-type]
+    assert "".join(seen) == "abccbaabc" and all(len(r) == 2 for r in runs.values())
 
 
 def test_llava_next_preset_packs_anyres_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,8 @@ from redundancy import sweep
 from redundancy.distributed import Processes
 from tests.helpers import ROOT, save_tiny_micro, tiny
 
-TIMING = {"created", "wall_s", "seconds", "prefill_ms", "processes", "threads"}  # may differ between runs
+# may differ between runs
+TIMING = {"created", "wall_s", "seconds", "prefill_ms", "prefill_vanilla_ms", "prefill_speedup", "processes", "threads"}
 
 
 def test_shard_takes_every_worlds_batch() -> None:

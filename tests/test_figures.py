@@ -77,7 +77,8 @@ def add_point(store: ResultStore, model: str, schedule: DropSchedule, quality: f
         "accuracy": sum(scores) / len(scores), "ci_low": low, "ci_high": high, "ci_level": 0.95, "n": len(scores),
         "per_family": per_family, "image_tflops": VANILLA_TFLOPS * tokens / N_IMAGE,
         "full_tflops": VANILLA_TFLOPS * (tokens + 10) / N_IMAGE, "avg_image_tokens": tokens,
-        "flops_convention": "eq4: synthetic", "prefill_ms": 5.0 + tokens / 10, "prefill_batch": 1,
+        "flops_convention": "eq4: synthetic", "prefill_ms": 5.0 + tokens / 10,
+        "prefill_speedup": 50.0 / (5.0 + tokens / 10), "prefill_batch": 1,
         "device": "cpu", "accelerator": None,
     }
     store.finish(key, row, records)
@@ -286,8 +287,11 @@ def test_inference_and_lambda_tables(world: dict[str, Any], tmp_path: Path) -> N
     # 8 of 40 answers lost, none gained: exact McNemar p = 2 / 2**8, Holm over the two rows: x2
     assert table.frame["Holm p"].iloc[1] == f"{2 * 2 / 2**8:.2g}" and any("Holm" in note for note in table.notes)
     assert "Holm p" not in inference_table(world["rows"], model=world["vanilla"]).frame  # no per-sample records
-    for name in ("image TFLOPs", "vs vanilla", "prefill ms", "accuracy %", "color %", "count %", "n"):
+    for name in ("image TFLOPs", "vs vanilla", "prefill ms", "prefill speedup", "accuracy %", "color %", "count %",
+                 "n"):
         assert name in table.frame
+    assert list(table.frame["prefill speedup"]) == pytest.approx(list(50.0 / table.frame["prefill ms"]))
+    assert any("prefill speedup" in note for note in table.notes)
     assert table.frame["vs vanilla"].iloc[0] == pytest.approx(1.0)
     assert table.frame["accuracy %"].iloc[0] == pytest.approx(100 * (0.8 + 0.6) / 2)
     assert any("prefill ms" in note for note in table.notes)

@@ -11,6 +11,7 @@ from redundancy.data import Sample, load_dataset
 from redundancy.evaluate import predict
 from redundancy.grid import SharedPrefix, encode, generate_chunk, run_grid, time_prefill
 from redundancy.loading import TEST_SET, load_model
+from redundancy.models import adapter_for
 from redundancy.schedule import DropSchedule
 from tests.helpers import save_tiny_micro
 
@@ -109,6 +110,18 @@ def test_replay_refuses_other_inputs(micro: tuple[Any, Any], samples: list[Sampl
     assert all(torch.equal(a.logits, b.logits) for a, b in zip(got, ref))  # type: ignore[arg-type]
 
 
-def test_time_prefill(micro: tuple[Any, Any], samples: list[Sample]) -> None:
+def test_time_prefill_pairs_each_round_with_the_unmodified_model(micro: tuple[Any, Any], samples: list[Sample]) -> None:
     model, processor = micro
-    assert time_prefill(model, processor, samples[:1], DropSchedule.drop(2, 0.5), repeats=2, warmup=0) > 0
+    lm = adapter_for(model).language_model
+    engaged: list[bool] = []  # per prefill: did the drop engine run it
+    hook = model.register_forward_pre_hook(lambda *_: engaged.append("forward" in lm.__dict__))
+    try:
+        timing = time_prefill(model, processor, samples[:1], DropSchedule.drop(2, 0.5), repeats=2, warmup=1)
+        assert engaged == [False, True, True, False, False, True]  # which goes first alternates
+        assert timing.rounds == 2 and timing.ms > 0 and timing.vanilla_ms > 0 and timing.speedup > 0
+        engaged.clear()
+        vanilla = time_prefill(model, processor, samples[:1], DropSchedule.vanilla(), repeats=3, warmup=0)
+        assert engaged == [False] * 3  # the unmodified model, once per round
+        assert vanilla.speedup == 1.0 and vanilla.ms == vanilla.vanilla_ms
+    finally:
+        hook.remove()

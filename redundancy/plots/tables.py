@@ -119,7 +119,7 @@ def inference_table(
     picked = pick_points(rows, points, "inference table")
     van = rows[rows["method"] == "vanilla"]
     base = float(van["image_tflops"].iloc[0]) if len(van) else None
-    latency = picked[["prefill_ms"]].rename(columns={"prefill_ms": "prefill ms"})
+    latency = pd.DataFrame({"prefill ms": picked["prefill_ms"], "prefill speedup": column(picked, "prefill_speedup")})
     frame = pd.concat([picked[["point"]].rename(columns={"point": "method"}), cost_columns(picked, base), latency,
                        accuracy_columns(picked), paired_columns(picked, samples)], axis=1)
     notes = flops_note(picked) + paired_note(frame)
@@ -131,6 +131,11 @@ def inference_table(
         where = sorted({a if isinstance(a, str) else str(d) for a, d in places})
         batch = sorted({int(b) for b in column(timed, "prefill_batch").dropna()})
         notes.append(f"prefill ms: median of timed unshared prefills of {batch} sample(s) on {', '.join(where)}.")
+        if column(timed, "prefill_speedup").notna().any():
+            notes.append("prefill speedup: each round times the point's prefill and the unmodified model's (no "
+                         "engine; vanilla's row is that model) back "
+                         "to back (which goes first alternates); the median over the rounds of their ratio "
+                         "(redundancy.stats.median_ratio), so that a machine whose speed drifts cancels out.")
     title = f"Inference comparison: {picked['model'].iloc[0]} on {picked['data'].iloc[0]}"
     return Table(title, frame.reset_index(drop=True), notes)
 
@@ -221,7 +226,7 @@ def format_value(value: Any, name: str) -> str:
             return f"{value:.4g}"
         if name == "n":
             return str(int(value))
-        return f"{value:.2f}" if name in ("vs vanilla", "lambda") else f"{value:.1f}"
+        return f"{value:.2f}" if name in ("vs vanilla", "lambda", "prefill speedup") else f"{value:.1f}"
     return str(value)
 
 
