@@ -78,7 +78,7 @@ def add_point(store: ResultStore, model: str, schedule: DropSchedule, quality: f
         "per_family": per_family, "image_tflops": VANILLA_TFLOPS * tokens / N_IMAGE,
         "full_tflops": VANILLA_TFLOPS * (tokens + 10) / N_IMAGE, "avg_image_tokens": tokens,
         "flops_convention": "eq4: synthetic", "prefill_ms": 5.0 + tokens / 10,
-        "prefill_speedup": 50.0 / (5.0 + tokens / 10), "prefill_batch": 1,
+        "prefill_vanilla_ms": 50.0, "prefill_speedup": 50.0 / (5.0 + tokens / 10), "prefill_batch": 1,
         "device": "cpu", "accelerator": None,
     }
     store.finish(key, row, records)
@@ -291,6 +291,7 @@ def test_inference_and_lambda_tables(world: dict[str, Any], tmp_path: Path) -> N
                  "n"):
         assert name in table.frame
     assert list(table.frame["prefill speedup"]) == pytest.approx(list(50.0 / table.frame["prefill ms"]))
+    assert list(table.frame["vanilla ms, same rounds"]) == [50.0] * 3
     assert any("prefill speedup" in note for note in table.notes)
     assert table.frame["vs vanilla"].iloc[0] == pytest.approx(1.0)
     assert table.frame["accuracy %"].iloc[0] == pytest.approx(100 * (0.8 + 0.6) / 2)

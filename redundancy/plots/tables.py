@@ -119,7 +119,10 @@ def inference_table(
     picked = pick_points(rows, points, "inference table")
     van = rows[rows["method"] == "vanilla"]
     base = float(van["image_tflops"].iloc[0]) if len(van) else None
-    latency = pd.DataFrame({"prefill ms": picked["prefill_ms"], "prefill speedup": column(picked, "prefill_speedup")})
+    latency = pd.DataFrame({
+        "prefill ms": picked["prefill_ms"], "vanilla ms, same rounds": column(picked, "prefill_vanilla_ms"),
+        "prefill speedup": column(picked, "prefill_speedup"),
+    })
     frame = pd.concat([picked[["point"]].rename(columns={"point": "method"}), cost_columns(picked, base), latency,
                        accuracy_columns(picked), paired_columns(picked, samples)], axis=1)
     notes = flops_note(picked) + paired_note(frame)
@@ -133,9 +136,10 @@ def inference_table(
         notes.append(f"prefill ms: median of timed unshared prefills of {batch} sample(s) on {', '.join(where)}.")
         if column(timed, "prefill_speedup").notna().any():
             notes.append("prefill speedup: each round times the point's prefill and the unmodified model's (no "
-                         "engine; vanilla's row is that model) back "
-                         "to back (which goes first alternates); the median over the rounds of their ratio "
-                         "(redundancy.stats.median_ratio), so that a machine whose speed drifts cancels out.")
+                         "engine; vanilla's row is that model; its median is 'vanilla ms, same rounds') back to back "
+                         "(which goes first alternates); the median over the rounds of their ratio "
+                         "(redundancy.stats.median_ratio), so that a machine whose speed drifts between points "
+                         "cancels out: compare speedups across rows, not prefill ms.")
     title = f"Inference comparison: {picked['model'].iloc[0]} on {picked['data'].iloc[0]}"
     return Table(title, frame.reset_index(drop=True), notes)
 
