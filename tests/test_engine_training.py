@@ -13,30 +13,8 @@ import torch.nn.functional as F
 from redundancy.engine import apply_schedule
 from redundancy.models.factory import build_model, tiny_config
 from redundancy.schedule import DropSchedule
+from tests.checks import IGNORE, with_answers
 from tests.reference import make_sample, reference_loss  # noqa: F401
-
-IGNORE = -100
-
-
-def with_answers(model, ids, spans, seed):
-    """Append answer spans to a prompt: ``spans`` is a list of ``(question_len, answer_len)``;
-    the first question is the prompt's own text, later ones are added before their answer.
-    Returns ``(input_ids [1, L], labels [1, L], answer positions)``."""
-    gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.text_config.vocab_size
-    tokens = ids[0].tolist()
-    labels = [IGNORE] * len(tokens)
-    answer = []
-    for i, (q, a) in enumerate(spans):
-        if i > 0:
-            new = torch.randint(3, vocab - 1, (q,), generator=gen).tolist()
-            tokens += new
-            labels += [IGNORE] * q
-        new = torch.randint(3, vocab - 1, (a,), generator=gen).tolist()
-        answer += range(len(tokens), len(tokens) + a)
-        tokens += new
-        labels += new
-    return torch.tensor([tokens]), torch.tensor([labels]), answer
 
 
 def fresh_model(family, text):

@@ -17,8 +17,8 @@ from redundancy.loading import load_model
 from redundancy.priors import Prior, calibrate, load_prior, prior_key, save_prior
 from redundancy.results import checkpoint_fingerprint
 from redundancy.schedule import DropSchedule
+from tests.helpers import save_tiny_micro
 from tests.reference import make_sample, tiny_model
-from tests.test_grid import save_tiny_micro
 
 FASTV = DropSchedule.fastv(K=2, R=0.5, ranker="debias")
 

@@ -18,6 +18,10 @@ from redundancy.presets import get_preset
 from redundancy.priors import Prior, calibrate, ranking_layers
 from redundancy.ranking import SINK_NORM_RATIO, grid_cells, grid_priority, pool_windows
 from redundancy.schedule import RANKERS, DropSchedule, kept_count
+from tests.checks import ATOL, check_row, compare, run_engine, with_answers
+from tests.qwen_reference import compact_reference, hf_language_inputs, qwen_model
+from tests.qwen_reference import make_sample as qwen_sample
+from tests.qwen_reference import reference_run as qwen_reference
 from tests.reference import (
     SINK_RATIO,
     attention_row,
@@ -28,11 +32,6 @@ from tests.reference import (
     reference_run,
     tiny_model,
 )
-from tests.test_engine_qwen2_vl import compact_reference, hf_language_inputs, qwen_model
-from tests.test_engine_qwen2_vl import make_sample as qwen_sample
-from tests.test_engine_qwen2_vl import reference_run as qwen_reference
-from tests.test_engine_reference import ATOL, check_row, compare, run_engine
-from tests.test_engine_training import with_answers
 
 NEW = ("mean", "norope", "nosink", "nosink_keep")  # attention rankers; vision_cls is tested on its own
 PDROP = dict(layers=(1, 2, 3), lam=0.5)
@@ -588,7 +587,7 @@ def test_shared_grid_equals_separate_runs(tmp_path, monkeypatch) -> None:
     from redundancy.loading import TEST_SET, load_model
 
     try:
-        from tests.test_grid import save_tiny_micro
+        from tests.helpers import save_tiny_micro
     except ImportError:
         from test_grid import save_tiny_micro
 

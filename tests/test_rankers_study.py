@@ -37,7 +37,7 @@ def test_positions_only_for_rows_of_the_shipped_test_set() -> None:
 def test_rankers_experiment_is_every_ranker_at_equal_flops() -> None:
     from redundancy import sweep
     from redundancy.schedule import RANKERS
-    from tests.test_sweep import config
+    from tests.helpers import sweep_config as config
 
     cfg = config("experiment=rankers")
     assert cfg.study and cfg.out == "results/sweep" and sweep.spatial_enabled(cfg)
@@ -54,7 +54,7 @@ def test_rankers_experiment_is_every_ranker_at_equal_flops() -> None:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from redundancy.results import load_results, load_samples
-    from tests.test_claims import rankers_world
+    from tests.worlds import rankers_world
 
     root = rankers_world(tmp_path_factory.mktemp("rankers") / "sweep")
     return {"root": root.parent, "rows": load_results(root), "samples": load_samples(root)}

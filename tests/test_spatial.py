@@ -19,9 +19,7 @@ from redundancy.loading import TEST_SET, load_model
 from redundancy.ranking import sink_mask
 from redundancy.results import load_results, load_samples
 from redundancy.schedule import DropSchedule
-from tests.helpers import ROOT
-from tests.test_grid import save_tiny_micro
-from tests.test_sweep import tiny
+from tests.helpers import ROOT, save_tiny_micro, tiny
 
 SIDE = 4  # the tiny micro-LLaVA: 32 px images, 8 px patches
 RATIO = 1.04  # a sink threshold the tiny random model's states reach (the real one, 20, finds none there)
