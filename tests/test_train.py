@@ -15,8 +15,8 @@ from redundancy.loading import SHIPPED
 from redundancy.micro.export import trained_method
 from redundancy.micro.microvqa import PATCH_TARGETS
 from redundancy.micro.model import MicroConfig, build_micro, build_model, grow, grow_sources, shrink
+from redundancy.micro.patch_head import PatchHead, vision_batch, vision_loss
 from redundancy.micro.train import (
-    PatchHead,
     Stage,
     TrainConfig,
     check_config,
@@ -25,8 +25,6 @@ from redundancy.micro.train import (
     run,
     stage_batch,
     step_loss,
-    vision_batch,
-    vision_loss,
     vocabulary,
 )
 from redundancy.schedule import DropSchedule, FastVSpec, MethodSpec, PDropSpec
@@ -491,7 +489,6 @@ def test_unknown_stage_kind_fails(tmp_path: Path) -> None:
 
 
 def test_sparse_weight_adds_the_loss_on_glyph_and_centre_patches() -> None:
-    from redundancy.micro.train import PatchHead, vision_batch, vision_loss
 
     model, processor = build_micro(_micro(2), vocabulary(SHAPE))
     stage = Stage(**{**EASY, "families": {"color": 0.0, "count": 0.0, "reading": 1.0, "spatial": 0.0}})
@@ -514,7 +511,7 @@ def test_sparse_weight_adds_the_loss_on_glyph_and_centre_patches() -> None:
 
 
 def test_position_weight_scales_the_squared_error_of_object_centres() -> None:
-    from redundancy.micro.train import PatchHead, patch_accuracy, vision_batch, vision_loss
+    from redundancy.micro.patch_head import patch_accuracy
 
     model, processor = build_micro(_micro(2), vocabulary(SHAPE))
     batch = vision_batch(processor, draw(Stage(**EASY), SHAPE, 0, 0, 8), SHAPE, ["color", "x", "y"])
