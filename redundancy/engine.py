@@ -492,16 +492,18 @@ def _collected_hidden_states() -> list[Any] | None:
 
 
 def _scatter_slots(
-    states: torch.Tensor, index: torch.Tensor, length: int, identity: bool = False, tail: int = 0
+    states: torch.Tensor, index: torch.Tensor, length: int, identity: bool = False, tail: int = 0,
+    ends_in_text: bool = False,
 ) -> torch.Tensor:
     """``states`` ``[batch, m, d]`` placed at the original positions ``index`` ``[batch, m]``
     of a ``[batch, length, d]`` tensor; slots at ``length`` (relayout padding) are dropped,
     positions no slot holds (dropped tokens) are zeros. ``identity``: ``index`` is known to be
     ``0..length-1`` (no relayout), so ``states`` is returned as is. ``tail``: only the last
-    ``tail`` positions (0: all), e.g. the last token's for next-token logits."""
+    ``tail`` positions (0: all), e.g. the last token's for next-token logits. ``ends_in_text``:
+    every row's last slot holds position ``length - 1`` (known on the host), so a tail of one is that slot."""
     start = length - tail if 0 < tail < length else 0
-    if identity:
-        return states[:, start:]
+    if identity or (tail == 1 and ends_in_text):
+        return states[:, start:] if identity else states[:, -1:]
     b, m, _ = states.shape
     slot = torch.full((b, length + 1), m, dtype=torch.long, device=index.device)  # position -> slot (m: none)
     slot.scatter_(1, index, torch.arange(m, device=index.device).expand(b, m))
@@ -948,8 +950,7 @@ class DropEngine:
         valids: list[torch.Tensor] = []
         offsets: list[torch.Tensor] = []
         # Offsets are read on component 0 (the sequence axis) at the last token.
-        last_pos = functools.partial(self._last_position, ends_in_text=ends_in_text)
-        last_pos0 = last_pos(pos, valid)
+        last_pos0 = self._last_position(pos, valid, ends_in_text)
         nq = max(n_query)  # query tokens are never dropped: the count holds in every stage
         query_at_end = host.query_at_end
         rank_rows = (
@@ -981,7 +982,7 @@ class DropEngine:
             reuse = None
             if cache is not None:
                 if s == 0 or (sched.positions != "keep" and plan[s - 1].drops):
-                    offsets.append(last_pos(pos, valid) - last_pos0)
+                    offsets.append(self._last_position(pos, valid, ends_in_text) - last_pos0)
                 stages.append(_Stage(start, end, len(offsets) - 1, all_valid))
                 valids.append(valid)
             for li, probe in recorders.items():
@@ -1030,9 +1031,8 @@ class DropEngine:
             self._state = _DecodeState(cache, stages, shifts, masks, next_position=length)
         if self.keep_trace:
             self.trace.slots = [torch.where(i < length, i, -1) for i in slots]
-        if tail == 1 and ends_in_text:  # the last slot holds the last token
-            return hidden[:, -1:], slots
-        return _scatter_slots(hidden, index, length, identity=index is slots[0], tail=tail), slots
+        return _scatter_slots(hidden, index, length, identity=index is slots[0], tail=tail,
+                              ends_in_text=ends_in_text), slots
 
     def _record_boundary(
         self, layer: int, ratio: float, keep_img: torch.Tensor, scores: torch.Tensor | None,

@@ -369,26 +369,21 @@ def time_prefill(
             _sync(device)
             return 1e3 * (time.perf_counter() - start)
 
-    plain = contextlib.nullcontext
-    point = plain if schedule.is_vanilla else functools.partial(apply_schedule, model, schedule, trace=False)
-    times: list[float] = []
-    vanilla: list[float] = []
+    runs: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {"vanilla": contextlib.nullcontext}
+    if not schedule.is_vanilla:
+        runs["point"] = functools.partial(apply_schedule, model, schedule, trace=False)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for step in range(warmup + repeats):
-            if schedule.is_vanilla:
-                ms = base = once(plain)
-            elif step % 2:
-                ms = once(point)
-                base = once(plain)
-            else:
-                base = once(plain)
-                ms = once(point)
-            if step >= warmup:
-                times.append(ms)
-                vanilla.append(base)
-    speedup = median_ratio(vanilla, times)
+            order = list(runs.items())
+            for name, install in order[::-1] if step % 2 else order:
+                ms = once(install)
+                if step >= warmup:
+                    times[name].append(ms)
+    point, vanilla = times.get("point", times["vanilla"]), times["vanilla"]
+    speedup = median_ratio(vanilla, point)
     assert speedup is not None  # repeats >= 1
-    return PrefillTiming(statistics.median(times), statistics.median(vanilla), speedup, repeats)
+    return PrefillTiming(statistics.median(point), statistics.median(vanilla), speedup, repeats)
 
 
 def _sync(device: torch.device) -> None:
